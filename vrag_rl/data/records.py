@@ -1,0 +1,132 @@
+"""Question and page records of a page corpus, and their parquet files.
+
+A corpus directory holds ``pages/{doc}_{page}.jpg``, ``pages.parquet`` (one row per page image) and
+``qa.parquet`` (one row per question). In ``qa.parquet`` ``gold_pages`` is ``list<string>`` and
+``answer_box`` is a nullable ``struct<page_id: string, x0: int32, y0: int32, x1: int32, y1: int32>``:
+the pixel box, in the raw page image, that tightly holds the rendered answer (null when unknown).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+AnswerBox = tuple[str, int, int, int, int]  # (page_id, x0, y0, x1, y1), x1/y1 exclusive
+
+QA_SCHEMA = pa.schema(
+    [
+        ("qid", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("gold_pages", pa.list_(pa.string())),
+        (
+            "answer_box",
+            pa.struct(
+                [
+                    ("page_id", pa.string()),
+                    ("x0", pa.int32()),
+                    ("y0", pa.int32()),
+                    ("x1", pa.int32()),
+                    ("y1", pa.int32()),
+                ]
+            ),
+        ),
+        ("category", pa.string()),
+        ("entity", pa.string()),
+        ("data_source", pa.string()),
+    ]
+)
+
+PAGES_SCHEMA = pa.schema(
+    [
+        ("page_id", pa.string()),
+        ("doc", pa.string()),
+        ("page", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("kind", pa.string()),
+        ("file", pa.string()),  # relative to the corpus directory
+    ]
+)
+
+
+@dataclass(frozen=True)
+class QARecord:
+    qid: str
+    question: str
+    answer: str
+    gold_pages: list[str]
+    answer_box: AnswerBox | None
+    category: str
+    entity: str
+    data_source: str
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    page_id: str  # "{doc}_{page}"
+    doc: str
+    page: int  # 1-based
+    width: int
+    height: int
+    kind: str
+    file: str  # as stored: relative to the corpus directory; load_pages resolves it
+
+
+def page_id(doc: str, page: int) -> str:
+    return f"{doc}_{page}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same directory, so ``path`` is either absent or complete."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; corpus files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def write_qa(records: list[QARecord], path: Path) -> None:
+    rows = []
+    for r in records:
+        box = None
+        if r.answer_box is not None:
+            box = dict(zip(("page_id", "x0", "y0", "x1", "y1"), r.answer_box))
+        rows.append({**r.__dict__, "gold_pages": list(r.gold_pages), "answer_box": box})
+    _atomic_write_table(pa.Table.from_pylist(rows, schema=QA_SCHEMA), path)
+
+
+def write_pages(pages: list[PageRecord], path: Path) -> None:
+    _atomic_write_table(pa.Table.from_pylist([p.__dict__ for p in pages], schema=PAGES_SCHEMA), path)
+
+
+def load_qa(corpus_dir: str | Path) -> list[QARecord]:
+    out = []
+    for row in pq.read_table(Path(corpus_dir) / "qa.parquet", schema=QA_SCHEMA).to_pylist():
+        box = row["answer_box"]
+        if box is not None:
+            box = (box["page_id"], box["x0"], box["y0"], box["x1"], box["y1"])
+        out.append(QARecord(**{**row, "answer_box": box}))
+    return out
+
+
+def load_pages(corpus_dir: str | Path) -> list[PageRecord]:
+    """Page rows with ``file`` resolved to a path under ``corpus_dir``."""
+    corpus_dir = Path(corpus_dir)
+    rows = pq.read_table(corpus_dir / "pages.parquet", schema=PAGES_SCHEMA).to_pylist()
+    return [PageRecord(**{**row, "file": str(corpus_dir / row["file"])}) for row in rows]

@@ -1,0 +1,1 @@
+"""Rewards: retrieval NDCG (ndcg), rule answer metrics (answer), LLM judge (judge), their combination (score)."""

@@ -1,0 +1,218 @@
+"""LLM judge for answers, over any OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint.
+
+The judge sees the question, the reference answer(s) and the prediction and must reply True or False.
+Endpoint faults never raise and never hang: every outcome comes back as a ``JudgeResult`` whose
+``status`` says what happened, after a bounded number of attempts with capped exponential backoff.
+
+Waiting is bounded as follows: connecting, sending and each socket read time out after ``timeout_s``,
+and the body is read against a deadline of ``timeout_s`` from the start of the attempt (so a server
+that trickles bytes is cut off) and at most ``max_response_bytes`` long. A server that trickles the
+*headers* is limited only by the per-read timeout and the HTTP parser's header-size limit.
+"""
+
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import httpx
+
+DEFAULT_PROMPT = (
+    "You are grading an answer to a question about a collection of documents.\n\n"
+    "Question: {question}\n"
+    "Reference answer: {reference}\n"
+    "Predicted answer: {prediction}\n\n"
+    "The predicted answer is correct if it states the same thing as the reference answer; it may be worded "
+    "differently or contain extra information, as long as it contains the reference's meaning and does not "
+    "contradict it. If several reference answers are listed (separated by ' | '), matching any one is enough.\n"
+    "Reply with exactly one word: True or False."
+)
+
+# Statuses of a JudgeResult. Only "ok" carries a verdict.
+OK = "ok"
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+HTTP_ERROR = "http_error"
+BAD_RESPONSE = "bad_response"  # body is not JSON, too large, or not the chat-completions schema
+UNPARSEABLE = "unparseable"  # the reply text is not a clear True/False
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str  # e.g. "http://127.0.0.1:8000/v1"
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 30.0
+    max_retries: int = 3  # attempts = 1 + max_retries at most
+    backoff_s: float = 0.5  # first wait; doubles per retry, capped, with jitter in [50%, 100%]
+    backoff_cap_s: float = 8.0
+    max_in_flight: int = 16  # concurrent requests per client, across all threads
+    temperature: float = 0.0
+    max_tokens: int = 16
+    max_response_bytes: int = 1 << 20
+    prompt_template: str = DEFAULT_PROMPT  # fields: {question}, {reference}, {prediction}
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.timeout_s <= 0 or self.backoff_s < 0 or self.backoff_cap_s < 0:
+            raise ValueError("timeout_s must be > 0, backoff_s and backoff_cap_s >= 0")
+        if self.max_retries < 0 or self.max_in_flight < 1 or self.max_tokens < 1 or self.max_response_bytes < 1:
+            raise ValueError("max_retries must be >= 0; max_in_flight, max_tokens, max_response_bytes >= 1")
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    correct: bool | None  # None unless status == "ok"
+    status: str
+    detail: str
+    attempts: int
+
+
+class JudgeItem(NamedTuple):
+    question: str
+    reference: str | Sequence[str]
+    prediction: str
+
+
+def build_prompt(template: str, question: str, reference: str | Sequence[str], prediction: str) -> str:
+    refs = reference if isinstance(reference, str) else " | ".join(reference)
+    return template.format(question=question, reference=refs, prediction=prediction)
+
+
+_POSITIVE = {"true", "yes", "correct"}
+_NEGATIVE = {"false", "no", "incorrect", "wrong"}
+_CONTRADICTS = {True: {"false", "no"}, False: {"true", "yes"}}
+_LABELS = {"answer", "final", "verdict", "judgment", "judgement", "result", "output", "grade"}
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def parse_verdict(content: str) -> bool | None:
+    """True/False from the judge's reply, or None when it is not clear.
+
+    Case, punctuation and markdown are ignored, as are a leading label ("Answer:", "Verdict:") and a
+    ``<think>`` block. The first word must be true/yes/correct or false/no/incorrect/wrong — yes/no are
+    accepted because chat models often use them despite the instruction. A reply that also contains the
+    opposite true/false or yes/no word ("True or False", "True, no ... ") is ambiguous: None.
+    """
+    words = re.findall(r"[a-z]+", _THINK_BLOCK.sub(" ", content).lower())
+    while words and words[0] in _LABELS:
+        words.pop(0)
+    if not words:
+        return None
+    if words[0] in _POSITIVE:
+        verdict = True
+    elif words[0] in _NEGATIVE:
+        verdict = False
+    else:
+        return None
+    return None if _CONTRADICTS[verdict] & set(words[1:]) else verdict
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    correct: bool | None
+    status: str
+    detail: str
+    retryable: bool
+
+
+def _snippet(data: bytes | str, limit: int = 200) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class JudgeClient:
+    """Thread-safe judge client; one ``httpx.Client`` with a connection pool sized to ``max_in_flight``."""
+
+    def __init__(self, cfg: JudgeConfig) -> None:
+        self.cfg = cfg
+        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        limits = httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight)
+        self._http = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), limits=limits)
+        # Callers queue here rather than in httpx's pool, whose wait counts against timeout_s and would
+        # fail healthy requests with PoolTimeout when many callers share the client.
+        self._in_flight = threading.BoundedSemaphore(cfg.max_in_flight)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "JudgeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def judge(self, question: str, reference: str | Sequence[str], prediction: str) -> JudgeResult:
+        prompt = build_prompt(self.cfg.prompt_template, question, reference, prediction)
+        payload = {
+            "model": self.cfg.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
+        attempts = 0
+        while True:
+            attempts += 1
+            with self._in_flight:
+                outcome = self._attempt(payload)
+            if not outcome.retryable or attempts > self.cfg.max_retries:
+                return JudgeResult(outcome.correct, outcome.status, outcome.detail, attempts)
+            delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.backoff_cap_s)
+            time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: a batch hitting a 429 must not retry in lockstep
+
+    def judge_batch(self, items: Sequence[JudgeItem | tuple[str, str | Sequence[str], str]]) -> list[JudgeResult]:
+        """Judge many items concurrently (at most ``max_in_flight`` requests at once); results keep input order."""
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.cfg.max_in_flight, len(items))) as pool:
+            return list(pool.map(lambda item: self.judge(*item), items))
+
+    def _attempt(self, payload: dict) -> _Attempt:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        try:
+            with self._http.stream("POST", self._url, json=payload, headers=self._headers) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > self.cfg.max_response_bytes:
+                        return _Attempt(None, BAD_RESPONSE, f"body over {self.cfg.max_response_bytes} bytes", False)
+                    if time.monotonic() > deadline:
+                        return _Attempt(None, TIMEOUT, f"body not complete within {self.cfg.timeout_s}s", True)
+                status_code = response.status_code
+        except httpx.TimeoutException as err:
+            return _Attempt(None, TIMEOUT, f"{type(err).__name__}: {err}", True)
+        except httpx.TransportError as err:  # refused, reset, closed mid-response, protocol violation
+            return _Attempt(None, CONNECTION_ERROR, f"{type(err).__name__}: {err}", True)
+        except httpx.HTTPError as err:  # e.g. a body that fails content-encoding decoding
+            return _Attempt(None, BAD_RESPONSE, f"{type(err).__name__}: {err}", True)
+        if status_code != 200:
+            # 429 and 5xx are the server asking to come back later; other codes will not change.
+            retryable = status_code == 429 or status_code >= 500
+            return _Attempt(None, HTTP_ERROR, f"HTTP {status_code}: {_snippet(bytes(body))}", retryable)
+        return _read_completion(bytes(body))
+
+
+def _read_completion(body: bytes) -> _Attempt:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        # Usually a body cut short by an overloaded server or proxy: worth another attempt.
+        return _Attempt(None, BAD_RESPONSE, f"not JSON: {_snippet(body)}", True)
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        # Valid JSON in the wrong shape is a server contract mismatch; repeating will not fix it.
+        return _Attempt(None, BAD_RESPONSE, f"no choices[0].message.content string: {_snippet(body)}", False)
+    verdict = parse_verdict(content)
+    if verdict is None:
+        return _Attempt(None, UNPARSEABLE, f"reply is not a clear True/False: {_snippet(content)}", False)
+    return _Attempt(verdict, OK, _snippet(content), False)
