@@ -6,7 +6,9 @@ BIN     := $(VENV)/bin
 TARGET  ?= cpu        # cpu | gpu: which dependency set `make env` installs
 STAMP   := $(VENV)/.installed-$(strip $(TARGET))
 
-.PHONY: env demo test
+ASSETS  := .cache/assets
+
+.PHONY: env demo test assets
 env: $(STAMP)
 
 # torch goes in first and is then held by a constraint: a plain resolve would pull a multi-GB CUDA build
@@ -30,5 +32,15 @@ $(STAMP): pyproject.toml Makefile
 demo: env
 	$(BIN)/python -m vrag_rl.main
 
-test: env
+# Test assets from Debian's packages: tesseract (OCR) and poppler, and real PDFs with charts and tables.
+assets: $(ASSETS)/.done
+$(ASSETS)/.done:
+	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq tesseract-ocr tesseract-ocr-eng poppler-utils >/dev/null; }
+	mkdir -p $(ASSETS)/deb $(ASSETS)/pdf
+	cd $(ASSETS)/deb && apt-get download -qq gnuplot-doc 2>/dev/null && dpkg -x gnuplot-doc_*.deb x
+	cp $(ASSETS)/deb/x/usr/share/doc/gnuplot/gnuplot.pdf $(ASSETS)/pdf/
+	touch $@
+
+test: env assets
 	$(BIN)/python -m pytest -q tests

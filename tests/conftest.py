@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests use local model directories only; no hub look-ups or usage reports leave the machine.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
 import vrag_rl  # noqa: F401  (installs the torchvision import hook before anything imports transformers)
 from vrag_rl.models.tiny import TinyConfig, build_tiny_models
 

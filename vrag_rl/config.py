@@ -9,6 +9,7 @@ config is turned into objects at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
@@ -16,6 +17,8 @@ from vrag_rl.agent.images import ImageBudget
 from vrag_rl.agent.prompt import PromptConfig
 from vrag_rl.data.expert import VARIANTS
 from vrag_rl.reward.score import RewardConfig
+
+BUNDLED_CORPUS = str(Path(__file__).resolve().parents[1] / "data" / "synthetic-small")
 
 
 @dataclass
@@ -26,7 +29,7 @@ class ModelsConfig:
 
 @dataclass
 class DemoConfig:
-    corpus: str = "data/synthetic-small"  # a corpus directory (pages/, qa.parquet)
+    corpus: str = BUNDLED_CORPUS  # a corpus directory (pages/, qa.parquet); default: the bundled one
     num_questions: int = 8
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     max_length: int = 4096  # tokens per trajectory
