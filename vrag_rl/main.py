@@ -1,6 +1,6 @@
 """The main job: ``python -m vrag_rl.main`` (Hydra; override any key on the command line).
 
-Today it runs the foundation pipeline end to end on CPU in about a minute, with real components only:
+Today it runs the foundation pipeline end to end on CPU in a minute or two, with real components only:
 
 1. build the tiny model kit (tokenizer, processor, Qwen2.5-VL policy, ColQwen2 retriever), or reuse it;
 2. load the page corpus (default: the bundled synthetic corpus in data/synthetic-small);

@@ -4,10 +4,13 @@ A corpus directory holds ``pages/{doc}_{page}.jpg``, ``pages.parquet`` (one row 
 ``qa.parquet`` (one row per question). In ``qa.parquet`` ``gold_pages`` is ``list<string>`` and
 ``answer_box`` is a nullable ``struct<page_id: string, x0: int32, y0: int32, x1: int32, y1: int32>``:
 the pixel box, in the raw page image, that tightly holds the rendered answer (null when unknown).
+In ``pages.parquet`` ``file`` is relative to the corpus directory, ``source`` says where the page came from (an
+ingested file's absolute path, or the generator) and ``checksum`` is the sha256 of the page image file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +54,8 @@ PAGES_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("kind", pa.string()),
         ("file", pa.string()),  # relative to the corpus directory
+        ("source", pa.string()),  # where the page came from: an input file's absolute path, or a generator
+        ("checksum", pa.string()),  # sha256 (hex) of the page image file's bytes
     ]
 )
 
@@ -76,10 +81,16 @@ class PageRecord:
     height: int
     kind: str
     file: str  # as stored: relative to the corpus directory; load_pages resolves it
+    source: str
+    checksum: str  # sha256 hex of the image file; readers can detect a changed or damaged page
 
 
 def page_id(doc: str, page: int) -> str:
     return f"{doc}_{page}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -111,8 +122,10 @@ def write_qa(records: list[QARecord], path: Path) -> None:
     _atomic_write_table(pa.Table.from_pylist(rows, schema=QA_SCHEMA), path)
 
 
-def write_pages(pages: list[PageRecord], path: Path) -> None:
-    _atomic_write_table(pa.Table.from_pylist([p.__dict__ for p in pages], schema=PAGES_SCHEMA), path)
+def write_pages(pages: list[PageRecord], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``metadata`` goes into the parquet schema's key-value metadata (the ingester keeps its resume state there)."""
+    schema = PAGES_SCHEMA.with_metadata(metadata) if metadata else PAGES_SCHEMA
+    _atomic_write_table(pa.Table.from_pylist([p.__dict__ for p in pages], schema=schema), path)
 
 
 def load_qa(corpus_dir: str | Path) -> list[QARecord]:

@@ -18,13 +18,13 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
-from vrag_rl.data.records import PageRecord, QARecord, atomic_write_bytes, page_id, write_pages, write_qa
+from vrag_rl.data.records import PageRecord, QARecord, atomic_write_bytes, page_id, sha256_hex, write_pages, write_qa
 from vrag_rl.data.render import Box, PageCanvas, Word
 
 GENERATOR_VERSION = 1  # bump when the same config would render different pages or records
@@ -68,9 +68,10 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class SyntheticPage:
-    record: PageRecord  # ``file`` relative to the corpus directory
+    record: PageRecord  # ``file`` relative to the corpus directory; ``checksum`` that of ``jpeg``
     image: Image.Image
     questions: list[QARecord]  # the questions whose answer is printed on this page
+    jpeg: bytes  # the page file's content
 
 
 # ---- names -------------------------------------------------------------------------------------------------
@@ -277,8 +278,10 @@ class _DocWriter:
             for k, (q, a, box) in enumerate(qa, 1)
         ]
         w, h = self.cfg.page_size
-        record = PageRecord(pid, self.doc, number, w, h, kind, f"pages/{pid}.jpg")
-        return SyntheticPage(record, canvas.image, questions)
+        jpeg = encode_jpeg(canvas.image, self.cfg.jpeg_quality)
+        source = f"synthetic:seed={self.cfg.seed}"
+        record = PageRecord(pid, self.doc, number, w, h, kind, f"pages/{pid}.jpg", source, sha256_hex(jpeg))
+        return SyntheticPage(record, canvas.image, questions, jpeg)
 
     def _text(self, c: PageCanvas, nth: int, number: int) -> list[tuple[str, str, Box]]:
         c.title(f"{self.entity}: {_TEXT_TITLES[nth]}")
@@ -389,9 +392,11 @@ def write_corpus(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = Tru
     total = cfg.num_docs * cfg.pages_per_doc
     for sp in tqdm(generate(cfg), total=total, unit="page", desc="synthetic pages", disable=not progress):
         path = out / sp.record.file
-        if not path.exists():
-            atomic_write_bytes(path, encode_jpeg(sp.image, cfg.jpeg_quality))
-        pages.append(sp.record)
+        if path.exists():  # complete (written atomically) and kept: the manifest describes the file on disk
+            pages.append(replace(sp.record, checksum=sha256_hex(path.read_bytes())))
+        else:
+            atomic_write_bytes(path, sp.jpeg)
+            pages.append(sp.record)
         questions.extend(sp.questions)
     write_pages(pages, out / "pages.parquet")
     write_qa(questions, out / "qa.parquet")

@@ -1,0 +1,433 @@
+"""Ingest PDFs and images into a page corpus: ``pages/{doc}_{page}.jpg`` (pages 1-based) plus ``pages.parquet``.
+
+    python -m vrag_rl.retrieval.ingest SRC... --out CORPUS [--dpi 144] [--max-side 2048] [--max-pages N]
+
+SRC are files or directories (walked recursively, hidden entries skipped); all inputs are processed in the
+sorted order of their absolute paths. PDFs are rendered by PDFium at ``dpi``; every page, rendered or read
+from an image, is scaled down to at most ``max_side`` pixels on its longer side and stored as an RGB JPEG.
+Multi-frame TIFFs give one page per frame. Manifest rows have kind "pdf" or "image", the absolute source path
+and the sha256 of the JPEG file; rows are sorted by (doc, page).
+
+Document names: ``doc`` is the file stem with each run of characters outside ``[A-Za-z0-9._-]`` replaced by
+``-``. A name belongs to the first source that yields a page, compared case-insensitively (corpora get copied
+to case-insensitive file systems): a source already in this corpus's manifest, else the first in sorted order.
+Any later source with the same name is a *name clash*: reported and skipped (rename the file to ingest it).
+
+Resuming: the manifest's parquet metadata records, per source, the sha256 of the source file and the render
+settings. A rerun reuses a page when both are unchanged and the page file's sha256 still equals the manifest
+checksum; everything else is rendered again. Files are written to a temporary file and ``os.replace``d, and
+the manifest is rewritten every ``checkpoint_seconds`` and at the end, so a killed run loses only the pages
+after its last checkpoint; the next run deletes temporary files left by a kill. Documents of earlier runs
+that are not among the inputs stay in the corpus; page images no manifest row refers to (pages past a lowered
+``max_pages``, or of a source that changed) are deleted at the end of a run. One ingest at a time per corpus.
+
+Bad inputs (see ``REASONS``) are listed in the summary and in ``CORPUS/ingest_report.json`` and skipped; a
+bad page of a PDF or multi-frame TIFF skips that page only. Images of more than ``max_pixels`` pixels are
+refused before decoding (decompression bombs). The exit code is 0 when any page was ingested, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pypdfium2 as pdfium
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from vrag_rl.data.records import PAGES_SCHEMA, PageRecord, atomic_write_bytes, page_id, sha256_hex, write_pages
+from vrag_rl.data.synthetic import encode_jpeg
+
+PDF_SUFFIXES = frozenset({".pdf"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+REASONS = (
+    "not found", "unsupported type", "unreadable", "empty file", "name clash", "corrupt PDF", "encrypted PDF",
+    "empty PDF", "corrupt image", "truncated image", "decompression bomb", "page file missing",
+)  # fmt: skip
+STATE_KEY = "vrag_rl.ingest"  # parquet metadata key of the resume state
+STATE_VERSION = 1
+_PDFIUM_ERRORS = {
+    pdfium.raw.FPDF_ERR_FILE: "file not found or could not be opened",
+    pdfium.raw.FPDF_ERR_FORMAT: "not in PDF format or corrupted",
+    pdfium.raw.FPDF_ERR_PASSWORD: "password required or incorrect password",
+    pdfium.raw.FPDF_ERR_SECURITY: "unsupported security scheme",
+}
+Render = Callable[[int], Image.Image]  # 0-based page index -> RGB image within max_side
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    dpi: float = 144.0
+    max_side: int = 2048
+    max_pages: int | None = None  # per document: the first N pages
+    max_pixels: int = 89_478_485  # larger images are decompression bombs (Pillow's default limit)
+    jpeg_quality: int = 90
+    checkpoint_seconds: float = 30.0  # how often the manifest is rewritten during a run
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dpi <= 2400:
+            raise ValueError(f"dpi must be in [1, 2400], got {self.dpi}")
+        if not 16 <= self.max_side <= 65_000:  # JPEG cannot hold more than 65535 pixels a side
+            raise ValueError(f"max_side must be in [16, 65000], got {self.max_side}")
+        if self.max_pages is not None and self.max_pages < 1:
+            raise ValueError(f"max_pages must be at least 1, got {self.max_pages}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"jpeg_quality must be in [1, 95], got {self.jpeg_quality}")
+        if self.checkpoint_seconds < 0:
+            raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
+
+    def render_settings(self) -> dict:
+        """The settings that change a page's pixels: pages made under other settings are rendered again."""
+        return {"dpi": self.dpi, "max_side": self.max_side, "jpeg_quality": self.jpeg_quality}
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    reason: str  # one of REASONS
+    detail: str = ""
+    page: int | None = None  # 1-based, when only this page of the source was skipped
+
+
+@dataclass
+class IngestResult:
+    out_dir: str
+    pages_written: int = 0
+    pages_reused: int = 0
+    docs: list[str] = field(default_factory=list)  # documents of this run's inputs with at least one page
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.pages_written + self.pages_reused > 0
+
+    def summary(self) -> str:
+        lines = [
+            f"ingested {len(self.docs)} documents into {self.out_dir}: "
+            f"{self.pages_written} pages written, {self.pages_reused} reused"
+        ]
+        if self.problems:
+            lines.append(f"skipped {len(self.problems)}:")
+            for p in self.problems:
+                where = f"{p.source} (page {p.page})" if p.page is not None else p.source
+                lines.append(f"  {p.reason:<18} {where}: {p.detail}")
+        return "\n".join(lines)
+
+
+class BadInput(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def doc_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "doc"
+
+
+def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[Path], list[Problem]]:
+    """Files named by ``sources`` (directories walked, ``exclude`` and hidden entries skipped), sorted."""
+    found: set[Path] = set()
+    problems = []
+    for s in sources:
+        path = Path(os.path.abspath(s))  # not resolve(): a symlink's own name is the document name
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = [d for d in dirs if not d.startswith(".") and Path(root, d) != exclude]
+                found.update(Path(root, f) for f in files if not f.startswith("."))
+        elif path.exists():
+            found.add(path)
+        else:
+            problems.append(Problem(str(path), "not found", "no such file or directory"))
+    return sorted(found, key=str), problems
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    w, h = image.size
+    if max(w, h) <= max_side:
+        return image
+    s = max_side / max(w, h)
+    return image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # Pillow's 8-bit conversion clips these modes instead of rescaling: a 16-bit scan would come out white.
+        a = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if a.max() <= 65535 else float(a.max())
+        image = Image.fromarray(np.clip(a / top * 255, 0, 255).round().astype(np.uint8))
+    if image.has_transparency_data:  # transparent areas become white paper, not black
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _image_error(err: Exception) -> BadInput:
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return BadInput("decompression bomb", str(err))
+    if isinstance(err, OSError) and "truncated" in str(err):
+        return BadInput("truncated image", str(err))
+    return BadInput("corrupt image", f"{type(err).__name__}: {err}")
+
+
+@contextmanager
+def _pixel_guard(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb check at our limit, its warning (limit to twice the limit) made an error."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+@contextmanager
+def _open_image(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, Render]]:
+    # Pillow raises many exception types on malformed files; every one of them means a bad input here.
+    with _pixel_guard(cfg.max_pixels):
+        try:
+            image = Image.open(path)
+            frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1  # other formats: frame 1
+        except Exception as err:
+            raise _image_error(err) from err
+
+    def render(i: int) -> Image.Image:
+        with _pixel_guard(cfg.max_pixels):
+            try:
+                image.seek(i)
+                if image.size[0] * image.size[1] > cfg.max_pixels:  # TIFF frames are not checked by Pillow
+                    raise Image.DecompressionBombError(f"frame of {image.size[0]}x{image.size[1]} pixels")
+                rgb = _to_rgb(ImageOps.exif_transpose(image))  # phone photos of pages are stored rotated
+            except Exception as err:
+                raise _image_error(err) from err
+        return _fit(rgb, cfg.max_side)
+
+    try:
+        yield frames, render
+    finally:
+        image.close()
+
+
+@contextmanager
+def _open_pdf(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, Render]]:
+    # PDFium's own loader, not PdfDocument(path): that one reports a 0-page PDF as a load failure with a stale
+    # error code (whatever failed before, e.g. "incorrect password") and leaks the handle.
+    raw = pdfium.raw.FPDF_LoadDocument(os.fsencode(path) + b"\0", None)
+    if not raw:
+        code = pdfium.raw.FPDF_GetLastError()
+        detail = f"PDFium: {_PDFIUM_ERRORS.get(code, 'unknown error')} (code {code})"
+        locked = code in (pdfium.raw.FPDF_ERR_PASSWORD, pdfium.raw.FPDF_ERR_SECURITY)
+        raise BadInput("encrypted PDF" if locked else "corrupt PDF", detail)
+    pdf = pdfium.PdfDocument(raw)
+
+    def render(i: int) -> Image.Image:
+        try:
+            page = pdf[i]
+            try:
+                w, h = page.get_size()
+                # ceil(side * scale) is the bitmap side; the 0.5 keeps a capped side at max_side, not one above
+                scale = min(cfg.dpi / 72, (cfg.max_side - 0.5) / max(w, h))
+                image = page.render(scale=scale, fill_color=(255, 255, 255, 255), draw_annots=True).to_pil()
+            finally:
+                page.close()
+        except (pdfium.PdfiumError, ValueError, ZeroDivisionError) as err:
+            raise BadInput("corrupt PDF", f"page {i + 1}: {err}") from err
+        return _fit(image.convert("RGB"), cfg.max_side)
+
+    try:
+        pdf.init_forms()  # so filled-in form fields are drawn; must precede any page access
+        yield len(pdf), render
+    finally:
+        pdf.close()
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temporary files of a killed run (``atomic_write_bytes`` names them ``.{name}.*.tmp``)."""
+    for d in (out, out / "pages"):
+        for f in d.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+
+
+def _checksum_ok(path: Path, checksum: str) -> bool:
+    return path.is_file() and _file_sha256(path) == checksum
+
+
+class _Corpus:
+    """The manifest being built: rows by doc and page, the resume state by source, name owners."""
+
+    def __init__(self, out: Path, cfg: IngestConfig, result: IngestResult) -> None:
+        self.out, self.cfg, self.result = out, cfg, result
+        self.old: dict[str, PageRecord] = {}  # by page id, as found at the start
+        self.state: dict[str, dict] = {}
+        path = out / "pages.parquet"
+        if path.exists():
+            try:
+                table = pq.read_table(path, schema=PAGES_SCHEMA)
+                meta = json.loads((pq.read_schema(path).metadata or {}).get(STATE_KEY.encode(), b"{}"))
+            except Exception as err:
+                msg = f"{path} is not a readable page manifest ({err}); move it away to start afresh"
+                raise ValueError(msg) from err
+            self.old = {r["page_id"]: PageRecord(**r) for r in table.to_pylist()}
+            if meta.get("version") == STATE_VERSION:
+                self.state = meta["sources"]
+        self.rows: dict[str, dict[int, PageRecord]] = {}
+        for r in self.old.values():
+            self.rows.setdefault(r.doc, {})[r.page] = r
+        self.owners = {r.doc.casefold(): r.source for r in self.old.values()}
+        self.last_write = time.monotonic()
+
+    def write(self, force: bool = True) -> None:
+        if not force and time.monotonic() - self.last_write < self.cfg.checkpoint_seconds:
+            return
+        records = [r for doc in sorted(self.rows) for _, r in sorted(self.rows[doc].items())]
+        live = {r.source for r in records}
+        state = {"version": STATE_VERSION, "sources": {s: v for s, v in self.state.items() if s in live}}
+        write_pages(records, self.out / "pages.parquet", metadata={STATE_KEY: json.dumps(state, sort_keys=True)})
+        self.last_write = time.monotonic()
+
+    def add_source(self, path: Path, bar: tqdm) -> None:
+        """Render (or reuse) the pages of one input; raises BadInput when the whole input is unusable."""
+        source, doc, suffix = str(path), doc_name(path), path.suffix.lower()
+        opener = _open_pdf if suffix in PDF_SUFFIXES else _open_image if suffix in IMAGE_SUFFIXES else None
+        if opener is None or not path.is_file():
+            raise BadInput("unsupported type", f"not a PDF or {'/'.join(sorted(IMAGE_SUFFIXES))} file")
+        if self.owners.get(doc.casefold(), source) != source:
+            raise BadInput("name clash", f"document name {doc!r} belongs to {self.owners[doc.casefold()]}")
+        try:
+            empty, source_state = path.stat().st_size == 0, {"sha256": _file_sha256(path)}
+        except OSError as err:
+            raise BadInput("unreadable", str(err)) from err
+        if empty:
+            raise BadInput("empty file", "zero bytes")
+        source_state["settings"] = self.cfg.render_settings()
+        with opener(path, self.cfg) as (count, render):
+            if count == 0:
+                raise BadInput("empty PDF", "the document has no pages")
+            count = min(count, self.cfg.max_pages or count)
+            unchanged = self.state.get(source) == source_state
+            self.state[source], pages = source_state, {}
+            self.rows[doc] = pages  # replaces the rows of an earlier run, page by page below
+            bar.total += count
+            bar.set_postfix_str(doc)
+            for number in range(1, count + 1):
+                pid = page_id(doc, number)
+                old, file = self.old.get(pid), f"pages/{pid}.jpg"
+                if unchanged and old and old.source == source and _checksum_ok(self.out / file, old.checksum):
+                    pages[number] = old
+                    self.result.pages_reused += 1
+                else:
+                    try:
+                        image = render(number - 1)
+                    except BadInput as err:
+                        self.result.problems.append(Problem(source, err.reason, err.detail, number))
+                        continue
+                    data = encode_jpeg(image, self.cfg.jpeg_quality)
+                    atomic_write_bytes(self.out / file, data)
+                    kind = "pdf" if opener is _open_pdf else "image"
+                    pages[number] = PageRecord(pid, doc, number, *image.size, kind, file, source, sha256_hex(data))
+                    self.result.pages_written += 1
+                bar.update()
+                self.write(force=False)
+        if pages:
+            self.result.docs.append(doc)
+            self.owners[doc.casefold()] = source  # claimed once a page is in: broken files block no name
+        else:
+            del self.rows[doc]
+
+    def drop_missing_pages(self) -> None:
+        """Rows of earlier runs whose image file is gone (this run did not render their source)."""
+        for doc in list(self.rows):
+            for number, r in list(self.rows[doc].items()):
+                if not (self.out / r.file).is_file():
+                    self.result.problems.append(Problem(r.source, "page file missing", r.file, number))
+                    del self.rows[doc][number]
+            if not self.rows[doc]:
+                del self.rows[doc]
+
+    def remove_orphans(self) -> None:
+        """Page images no row refers to, e.g. pages past a lowered --max-pages or of a changed source."""
+        kept = {(self.out / r.file).resolve() for pages in self.rows.values() for r in pages.values()}
+        for f in (self.out / "pages").glob("*.jpg"):
+            if f.resolve() not in kept:
+                f.unlink()
+
+
+def ingest(
+    sources: Sequence[str | Path], out_dir: str | Path, cfg: IngestConfig = IngestConfig(), progress: bool = True
+) -> IngestResult:
+    out = Path(os.path.abspath(out_dir))
+    (out / "pages").mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(out)
+    result = IngestResult(str(out))
+    corpus = _Corpus(out, cfg, result)
+    files, result.problems = collect_inputs(sources, exclude=out)
+    bar = tqdm(total=0, unit="page", desc="ingest", disable=not progress)
+    try:
+        for path in files:
+            try:
+                corpus.add_source(path, bar)
+            except BadInput as err:
+                result.problems.append(Problem(str(path), err.reason, err.detail))
+        corpus.drop_missing_pages()
+    finally:  # also on Ctrl-C: the pages finished so far stay in the manifest
+        bar.close()
+        corpus.write()
+    corpus.remove_orphans()
+    report = {**asdict(result), "settings": cfg.render_settings(), "ok": result.ok}
+    atomic_write_bytes(out / "ingest_report.json", json.dumps(report, indent=2).encode())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = IngestConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m vrag_rl.retrieval.ingest",
+        description="Turn PDFs and images into a page corpus (pages/*.jpg + pages.parquet).",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="PDF or image files, or directories to walk")
+    p.add_argument("--out", required=True, help="corpus directory (created; an existing corpus is resumed/extended)")
+    p.add_argument("--dpi", type=float, default=d.dpi, help="PDF render resolution")
+    p.add_argument("--max-side", type=int, default=d.max_side, help="cap on the longer page side, in pixels")
+    p.add_argument("--max-pages", type=int, default=None, help="ingest only the first N pages of each document")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are rejected as bombs")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
+    p.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        cfg = IngestConfig(
+            args.dpi, args.max_side, args.max_pages, args.max_pixels, args.jpeg_quality, args.checkpoint_seconds
+        )
+    except ValueError as err:
+        p.error(str(err))
+    result = ingest(args.sources, args.out, cfg, progress=not args.no_progress)
+    print(result.summary())
+    print(f"report: {Path(result.out_dir) / 'ingest_report.json'}")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
