@@ -1,0 +1,165 @@
+"""Retrieval benchmark: colpali-engine's scorer vs our exact MaxSim vs our FAISS + rerank, on synthetic corpora.
+
+    python bench/retrieval.py                       # 10k and 100k pages
+    python bench/retrieval.py --pages 10000         # one size
+
+For each corpus size, in one run: a clustered synthetic multi-vector corpus (vrag_rl.retrieval.synthetic_vectors,
+d=128) is written as a sharded index (float16 vectors, per-shard IVF over every token vector), then the same
+batch of queries is answered by
+  * colpali-engine's ``score_multi_vector`` (brute force, the baseline; timed on a subset of the pages, given
+    as float32 tensors, and scaled linearly to the corpus: its cost is linear in the pages),
+  * our exact mode (MaxSim over every page),
+  * our approximate mode (FAISS candidates, exact rerank),
+with queries/s, speed-ups, recall@10 of approximate against exact, and the exact mode's achieved FLOP/s against
+this machine's fp32 matrix-multiply peak measured in the same run. Timings are the best of ``--repeats`` runs
+(the machine may be shared). Results go to stdout and, as JSON, to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vrag_rl  # noqa: E402,F401  (torchvision shim before colpali-engine imports it)
+from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex  # noqa: E402
+from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec  # noqa: E402
+
+# Tokens per page by corpus size. ColQwen2 gives ~700 per page; 100k pages x 700 x 128 x 2 bytes would be
+# 18 GB of float16 vectors before any FAISS index: more than a shared 24 GB machine holds, so 100k uses 256.
+DEFAULT_TOKENS = {10_000: 700, 100_000: 256}
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def matmul_peak(repeats: int = 5, n: int = 4096) -> float:
+    """fp32 GFLOP/s of a large square matrix product: this machine's practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def machine() -> dict:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    return {
+        "cpu": fields.get("Model name", "?").strip(),
+        "cpus": fields.get("CPU(s)", "?").strip(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dict:
+    spec = SyntheticSpec(n_pages=n_pages, tokens=tokens, tokens_jitter=tokens // 16, seed=0)
+    corpus = SyntheticCorpus(spec)
+    nlist = args.nlist or (1024 if n_pages * tokens <= 10_000 * 700 else 2048)
+    cfg = IndexConfig(shard_size=args.shard_size or -(-n_pages // 2), dtype="float16", approx="ivf", nlist=nlist,
+                      ivf_codec=args.ivf_codec, k_tokens=args.k_tokens, n_rerank=args.n_rerank)  # fmt: skip
+    print(f"\n== {n_pages} pages x ~{tokens} tokens, d={spec.dim}: building index ({cfg.ivf_codec}, "
+          f"nlist={cfg.nlist or 'auto'}, {-(-n_pages // cfg.shard_size)} shards)", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    index = MultiVectorIndex.create(workdir / f"index-{n_pages}", corpus.pages(), "synthetic", spec.dim, cfg,
+                                    total=n_pages, progress=True)  # fmt: skip
+    build_s = time.perf_counter() - t0
+    n_tokens = sum(s["n_tokens"] for s in index.manifest["shards"])
+    queries, _ = corpus.queries(args.queries, tokens=args.query_tokens)
+    lq = max(len(q) for q in queries)
+    flops = 2 * n_tokens * spec.dim * len(queries) * lq  # one multiply-add per (page token, query token, dim)
+
+    index.search(queries[:1], 10)  # warm up allocations and threads
+    exact_s = best_time(lambda: index.search(queries, 10, "exact"), args.repeats)
+    exact = index.search(queries, 10, "exact")
+    index.search(queries[:1], 10, "approx")
+    approx_runs = []  # a small speed / recall trade-off curve over nprobe
+    for nprobe in args.nprobe:
+        approx_s = best_time(lambda: index.search(queries, 10, "approx", nprobe=nprobe), args.repeats)
+        approx = index.search(queries, 10, "approx", nprobe=nprobe)
+        recall = float(np.mean([len({p for p, _ in a} & {p for p, _ in e}) / 10 for a, e in zip(approx, exact)]))
+        approx_runs.append({"nprobe": nprobe, "qps": len(queries) / approx_s, "vs_exact": exact_s / approx_s,
+                            "recall_at_10": recall})  # fmt: skip
+
+    # Baseline: colpali-engine's scorer on a subset of pages (float32, as it expects), scaled to the corpus.
+    from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
+
+    subset = min(n_pages, args.baseline_pages)
+    pages = [corpus.page(i) for i in range(subset)]
+    subset_tokens = sum(len(p) for p in pages)
+    base_s = best_time(lambda: BaseVisualRetrieverProcessor.score_multi_vector(queries, pages, device="cpu"),
+                       args.repeats) * n_tokens / subset_tokens  # fmt: skip
+    del pages, index
+    shutil.rmtree(workdir / f"index-{n_pages}")
+
+    q = len(queries)
+    result = {
+        "pages": n_pages, "tokens_per_page": tokens, "tokens_total": n_tokens, "dim": spec.dim,
+        "queries": q, "query_tokens": lq, "build_s": round(build_s, 1),
+        "baseline_qps": q / base_s, "exact_qps": q / exact_s, "exact_vs_baseline": base_s / exact_s,
+        "exact_gflops": flops / exact_s / 1e9, "peak_gflops": peak, "exact_of_peak": flops / exact_s / 1e9 / peak,
+        "approx": approx_runs, "baseline_subset_pages": subset,
+        "config": {k: getattr(cfg, k) for k in ("shard_size", "dtype", "ivf_codec", "nlist", "k_tokens", "n_rerank")},
+    }  # fmt: skip
+    print(f"baseline (colpali-engine)  {result['baseline_qps']:8.3f} q/s   (build {build_s:.0f} s)")
+    print(f"exact                      {result['exact_qps']:8.3f} q/s  {result['exact_vs_baseline']:5.1f}x baseline  "
+          f"{result['exact_gflops']:.0f} GFLOP/s = {100 * result['exact_of_peak']:.0f}% of {peak:.0f} peak")  # fmt: skip
+    for r in approx_runs:
+        print(f"approx nprobe={r['nprobe']:<3}         {r['qps']:8.3f} q/s  {r['vs_exact']:5.1f}x exact     "
+              f"recall@10 {r['recall_at_10']:.3f}", flush=True)  # fmt: skip
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pages", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--tokens", type=int, nargs="+", help="tokens per page, one per --pages value (default 700 at "
+                   "10k, 256 at 100k: memory)")  # fmt: skip
+    p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--query-tokens", type=int, default=20, help="ColQwen2 text queries: ~10 words + 10 augmentation tokens")
+    p.add_argument("--baseline-pages", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--shard-size", type=int, default=0, help="default: two shards")
+    p.add_argument("--ivf-codec", default="SQ8", help="SQ8: 1 byte per dimension (Flat needs 4x the memory)")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists per shard (default 1024, 2048 above 7M tokens)")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--k-tokens", type=int, default=IndexConfig.k_tokens)
+    p.add_argument("--n-rerank", type=int, default=IndexConfig.n_rerank)
+    p.add_argument("--workdir", default=None, help="where index files go (removed after each size)")
+    p.add_argument("--out", default=str(Path(__file__).with_name("retrieval-results.json")))
+    args = p.parse_args()
+    tokens = args.tokens or [DEFAULT_TOKENS.get(n, 700 if n <= 10_000 else 256) for n in args.pages]
+    if len(tokens) != len(args.pages):
+        p.error("give one --tokens value per --pages value")
+
+    info = machine()
+    peak = matmul_peak()
+    print(f"{info['cpu']} ({info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads), "
+          f"{info['date']}; fp32 matmul peak {peak:.0f} GFLOP/s")  # fmt: skip
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vrag-bench-"))
+    results = [run_size(n, t, args, peak, workdir) for n, t in zip(args.pages, tokens)]
+    Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=1))
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()

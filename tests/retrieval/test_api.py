@@ -1,0 +1,302 @@
+"""The HTTP search API, against a running uvicorn on 127.0.0.1: contract, modes, pages, validation, traversal."""
+
+import base64
+import dataclasses
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from vrag_rl.data.records import load_pages, write_pages
+from vrag_rl.retrieval.api import Limits, create_app
+from vrag_rl.retrieval.index import MultiVectorIndex
+from vrag_rl.retrieval.ocr import OCR_FILE, OCR_SCHEMA
+from vrag_rl.retrieval.service import Retriever
+
+LIMITS = Limits(max_batch=8, max_query_chars=200, max_top_k=20, max_image_bytes=300_000, max_image_pixels=4_000_000,
+                max_body_bytes=1_000_000)
+QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "word4 odd"]
+
+
+@pytest.fixture(scope="module")
+def corpus(bundled_corpus, tmp_path_factory) -> Path:
+    """The bundled corpus, known OCR texts, and two manifest pages whose files lie outside the corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("api")
+    secret = (bundled_corpus / "pages" / "doc0001_1.jpg").read_bytes()
+    (root / "secret.jpg").write_bytes(secret)
+    out = root / "corpus"
+    shutil.copytree(bundled_corpus, out)
+    pages = [dataclasses.replace(p, file=str(Path(p.file).relative_to(out))) for p in load_pages(out)]
+    os.symlink(root / "secret.jpg", out / "pages" / "evil_1.jpg")
+    evil = dataclasses.replace(pages[0], doc="evil", checksum=hashlib.sha256(secret).hexdigest())
+    evil = [dataclasses.replace(evil, page_id="evil_1", file="pages/evil_1.jpg"),
+            dataclasses.replace(evil, page_id="evil_2", page=2, file="../secret.jpg")]
+    write_pages(pages + evil, out / "pages.parquet")
+    texts = [f"word{i} {'even' if i % 2 == 0 else 'odd'}" for i in range(len(pages))]
+    rows = [{"page_id": p.page_id, "checksum": "", "text": t, "status": "ok", "error": ""} for p, t in zip(pages, texts)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=OCR_SCHEMA), out / OCR_FILE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def api_index(corpus, bundled_index, embedder, tmp_path_factory) -> Path:
+    """The bundled index plus the two out-of-corpus pages: the server refuses an index that is not current."""
+    out = tmp_path_factory.mktemp("index") / "index"
+    shutil.copytree(bundled_index, out)
+    MultiVectorIndex.load(out).add_pages(corpus, ["evil_1", "evil_2"], embedder, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def retriever(corpus, api_index, embedder) -> Retriever:
+    return Retriever(corpus, api_index, embedder)
+
+
+@pytest.fixture(scope="module")
+def server(retriever):
+    """uvicorn serving the app from a thread, on a loopback socket bound to a free port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(retriever, LIMITS), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def raw_get(base: str, target: str) -> tuple[int, bytes, str]:
+    """A GET with the request target sent byte for byte (httpx would normalise '..' segments away)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp.getheader("content-type", "")
+    finally:
+        conn.close()
+
+
+def test_get_search_matches_reference_contract(client, retriever):
+    r = client.get("/search", params={"queries": QUERIES})
+    assert r.status_code == 200
+    body = r.json()
+    want = retriever.search(QUERIES, top_k=10)  # the reference returns 10 pages per query
+    assert isinstance(body, list) and len(body) == len(QUERIES)
+    for got, hits in zip(body, want):
+        assert got == [{"idx": i, "image_file": h.image_path} for i, h in enumerate(hits)]
+        assert all(set(x) == {"idx", "image_file"} and Path(x["image_file"]).is_file() for x in got)
+    r = client.get("/search", params={"queries": QUERIES[:1], "top_k": 3})
+    assert [x["image_file"] for x in r.json()[0]] == [h.image_path for h in want[0][:3]]
+
+
+@pytest.mark.parametrize("mode", ["visual", "text", "hybrid"])
+def test_post_search_modes(client, retriever, mode):
+    r = client.post("/search", json={"queries": QUERIES, "top_k": 4, "mode": mode})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image_results"] == []
+    for got, hits in zip(body["results"], retriever.search(QUERIES, 4, mode), strict=True):
+        want = [{"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)]
+        assert got == want
+    if mode == "text":
+        assert body["results"][2][0]["page_id"] == retriever.page_ids[4]
+
+
+def test_post_image_query(client, retriever, bundled_corpus):
+    data = (bundled_corpus / "pages" / "doc0002_3.jpg").read_bytes()
+    payload = {"queries": ["revenue"], "image_queries": [b64(data), "data:image/jpeg;base64," + b64(data)], "top_k": 3}
+    r = client.post("/search", json=payload)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = retriever.search_by_image([Image.open(io.BytesIO(data)).convert("RGB")], 3)[0]
+    for got in body["image_results"]:
+        assert [(x["page_id"], x["score"]) for x in got] == [(h.page_id, h.score) for h in want]
+        assert got[0]["page_id"] == "doc0002_3"
+    assert [x["page_id"] for x in body["results"][0]] == [h.page_id for h in retriever.search(["revenue"], 3)[0]]
+
+
+def test_pages_are_served_byte_for_byte(client, corpus):
+    for pid in ["doc0000_1", "doc0007_3"]:
+        r = client.get(f"/pages/{pid}")
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "image/jpeg"
+        assert r.content == (corpus / "pages" / f"{pid}.jpg").read_bytes()
+
+
+def test_health(client):
+    assert client.get("/health").json() == {"status": "ok", "pages": 26, "modes": ["visual", "text", "hybrid"]}
+
+
+def tiny_png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "payload, status, detail",
+    [
+        ({"queries": ["q"] * 9}, 422, "limit is 8"),
+        ({"queries": ["q"] * 5, "image_queries": ["x"] * 4}, 422, "limit is 8"),
+        ({"queries": ["x" * 201]}, 422, "limit is 200"),
+        ({"queries": ["ok", "   "]}, 422, "query 1 is empty"),
+        ({"queries": []}, 422, "no queries"),
+        ({"queries": ["q"], "top_k": 0}, 422, "top_k"),
+        ({"queries": ["q"], "top_k": 21}, 422, "top_k"),
+        ({"queries": ["q"], "mode": "bm25"}, 422, None),
+        ({"queries": "q"}, 422, None),
+        ({"queries": ["q"], "topk": 3}, 422, None),
+        ({"image_queries": ["not base64!"]}, 400, "not valid base64"),
+        ({"image_queries": [b64(b"GIF89a not really")]}, 400, "not a decodable image"),
+        ({"image_queries": [b64(b"")]}, 400, "not a decodable image"),
+        ({"image_queries": [b64(tiny_png(3000, 3000))]}, 413, "pixels"),
+        ({"image_queries": ["A" * 400_004]}, 413, "300000 bytes"),
+    ],
+)
+def test_post_validation(client, payload, status, detail):
+    r = client.post("/search", json=payload)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+    if detail:
+        assert detail in r.json()["detail"]
+
+
+def test_truncated_image_is_400(client, bundled_corpus):
+    data = (bundled_corpus / "pages" / "doc0000_1.jpg").read_bytes()
+    r = client.post("/search", json={"image_queries": [b64(data[: len(data) // 2])]})
+    assert r.status_code == 400 and "not a decodable image" in r.json()["detail"]
+
+
+def test_get_validation(client):
+    cases = [
+        ({}, 422),
+        ({"queries": ["q"] * 9}, 422),
+        ({"queries": ["x" * 201]}, 422),
+        ({"queries": ["q"], "top_k": 0}, 422),
+        ({"queries": ["q"], "top_k": "many"}, 422),
+        ({"queries": [""]}, 422),
+    ]
+    for params, status in cases:
+        r = client.get("/search", params=params)
+        assert r.status_code == status, (params, r.text)
+        assert "detail" in r.json()
+
+
+def test_body_limits(client):
+    big = json.dumps({"queries": ["q"], "pad": "x" * 1_100_000})
+    r = client.post("/search", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "body over" in r.json()["detail"]
+
+    def chunks():  # no content-length: the limit must hold while streaming
+        for _ in range(12):
+            yield b" " * 100_000
+        yield b'{"queries": ["q"]}'
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "body over" in r.json()["detail"]
+    r = client.post("/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_text_mode_without_text_index_is_400(client, retriever, monkeypatch):
+    monkeypatch.setattr(retriever, "text_index", None)
+    r = client.post("/search", json={"queries": ["q"], "mode": "text"})
+    assert r.status_code == 400 and "text index" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "target, statuses",
+    [
+        ("/pages/..%2Fpages.parquet", {404}),  # decoded to a second path segment: no such route
+        ("/pages/%2e%2e%2fpages.parquet", {404}),
+        ("/pages/..%5C..%5Cpages.parquet", {400}),
+        ("/pages/%2Fetc%2Fpasswd", {404}),
+        ("/pages/..", {400, 404}),
+        ("/pages/%2e%2e", {400}),
+        ("/pages/.hidden", {400}),
+        ("/pages/doc0000_1%00", {400}),
+        ("/pages/doc0000_1.jpg", {404}),
+        ("/pages/pages.parquet", {404}),
+        ("/pages/pages%2Fdoc0000_1.jpg", {404}),
+        ("/pages/../pages.parquet", {404}),
+        ("/pages/doc9999_1", {404}),
+        ("/pages/evil_1", {403}),  # a manifest page symlinked out of the corpus
+        ("/pages/evil_2", {403}),  # a manifest entry pointing out of the corpus
+    ],
+)
+def test_page_traversal_is_refused(server, target, statuses):
+    status, body, ctype = raw_get(server, target)
+    assert status in statuses, (target, status, body)
+    assert not body.startswith(b"\xff\xd8")  # never a JPEG (the secret outside the corpus is one)
+    assert ctype == "application/json" and "detail" in json.loads(body)
+
+
+def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
+    """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the Retriever."""
+    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(corpus), "--index", str(api_index),
+           "--model", str(tiny_dirs["retriever"]), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "server exited:\n" + "".join(lines)
+            lines.append(line)
+            m = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                break
+        else:
+            pytest.fail("server did not start in 120 s:\n" + "".join(lines))
+        base = f"http://127.0.0.1:{m.group(1)}"
+        r = httpx.get(base + "/search", params={"queries": QUERIES[:2], "top_k": 5}, timeout=60)
+        want = retriever.search(QUERIES[:2], 5)
+        assert r.json() == [[{"idx": i, "image_file": h.image_path} for i, h in enumerate(hits)] for hits in want]
+        r = httpx.post(base + "/search", json={"queries": ["word2"], "mode": "hybrid", "top_k": 2}, timeout=60)
+        assert r.status_code == 200  # text modes from CORPUS/ocr.parquet, found without a flag
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cli_refuses_a_stale_index(bundled_corpus, api_index, tiny_dirs):
+    """The api index holds two pages the bundled corpus lacks: the server must not start on it."""
+    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(bundled_corpus), "--index", str(api_index),
+           "--model", str(tiny_dirs["retriever"]), "--port", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "stale" in out.stderr and "removed" in out.stderr and "Uvicorn running" not in out.stderr

@@ -1,0 +1,169 @@
+"""The retriever on Ray: index shards spread over actors, one front that embeds once and merges top-k.
+
+Topology: each ``ShardActor`` loads a contiguous group of the index's shards
+(``MultiVectorIndex.load(dir, shards=[...])``). ``DistributedRetriever`` embeds a batch of queries once,
+puts the embeddings in the object store, asks every shard actor for its local top-k and merges them by
+score with ties broken by index order — the rule of ``MultiVectorIndex.search`` itself, so the
+single-process ``Retriever`` and this one give the same lists. ``start_retriever_actor`` runs that
+front as an actor too, for callers (rollout workers) that should share one retriever instead of each
+loading the model.
+
+Fault tolerance: shard actors are created with ``max_restarts`` (Ray starts a dead actor again, which
+reloads its shards) and ``max_task_retries`` (Ray resubmits calls that were in flight when it died). On
+top of that the front resubmits a shard's call itself when Ray still reports the actor dead or
+unavailable (its restart under way, or Ray's retries used up), a bounded number of times. A shard actor
+killed in the middle of a batch therefore costs time, never a query.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+from torch import Tensor
+
+from vrag_rl.retrieval.bm25 import BM25Index
+from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
+from vrag_rl.retrieval.index import MultiVectorIndex
+from vrag_rl.retrieval.service import BaseRetriever, IndexMode, as_embedder
+from vrag_rl.retrieval.types import rank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    num_shard_actors: int = 2  # capped at the index's shard count
+    num_cpus: float = 0.5  # per shard actor; fractional, so they fit next to the trainers on small machines
+    max_restarts: int = -1  # -1: Ray restarts a dead shard actor without limit
+    max_task_retries: int = 3  # Ray's resubmissions of a call that was in flight when its actor died
+    retries: int = 5  # the front's own resubmissions after Ray gave up on a call
+    retry_wait_s: float = 1.0  # between the front's resubmissions (a restart takes seconds: imports, load)
+    search_delay_s: float = 0.0  # test knob: each shard search sleeps this long, so a test can kill one mid-batch
+
+
+class ShardActor:
+    """Holds some of the index's shards and answers top-k over them. Threaded (see ``options``) so that
+    ``stats`` answers while a search runs; searches only read the index."""
+
+    def __init__(self, index_dir: str, shards: list[int], fingerprint: str | None, search_delay_s: float = 0.0):
+        self.shards = list(shards)
+        self.index = MultiVectorIndex.load(index_dir, shards=self.shards, expected_fingerprint=fingerprint)
+        self.search_delay_s = search_delay_s
+        self._lock = threading.Lock()
+        self._started = 0
+        self._finished = 0
+
+    def search(self, embeddings: list[Tensor], top_k: int, mode: IndexMode) -> list[list[tuple[str, float]]]:
+        with self._lock:
+            self._started += 1
+        if self.search_delay_s:
+            time.sleep(self.search_delay_s)
+        out = self.index.search(embeddings, top_k, mode)
+        with self._lock:
+            self._finished += 1
+        return out
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "pid": os.getpid(),
+                "shards": self.shards,
+                "num_pages": len(self.index.page_ids),
+                "started": self._started,
+                "finished": self._finished,
+            }
+
+
+def shard_groups(num_shards: int, num_actors: int) -> list[list[int]]:
+    """Contiguous, near-equal groups of shard numbers, one per actor (never an empty group)."""
+    if num_shards < 1:
+        raise ValueError("the index has no shards")
+    return [g.tolist() for g in np.array_split(np.arange(num_shards), min(num_actors, num_shards))]
+
+
+class DistributedRetriever(BaseRetriever):
+    """``Retriever`` with the visual index spread over Ray shard actors; the embedder runs in this process.
+
+    Needs a running Ray (``ray.init``). Same constructor as ``Retriever`` plus ``actors``.
+    """
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        index_dir: str | Path,
+        embedder: EmbedderConfig | PageEmbedder,
+        text_index: BM25Index | str | Path | None = None,
+        index_mode: IndexMode = "exact",
+        fusion_depth: int = 50,
+        rrf_k: int = 60,
+        actors: ActorConfig = ActorConfig(),
+    ):
+        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k)
+        self.cfg = actors
+        index_dir = str(Path(index_dir).resolve())  # actors may run with another working directory
+        remote = ray.remote(ShardActor).options(
+            num_cpus=actors.num_cpus,
+            max_restarts=actors.max_restarts,
+            max_task_retries=actors.max_task_retries,
+            max_concurrency=2,
+        )
+        fingerprint = self.embedder.fingerprint
+        # The manifest alone (no shards): fails here, before any actor starts, on a stale index or another
+        # model's, and gives the index order that breaks score ties exactly as the single-process index does.
+        manifest = MultiVectorIndex.load(
+            index_dir, shards=[], expected_fingerprint=fingerprint, corpus_dir=self.catalog.root
+        )
+        self._tie_order = {pid: i for i, pid in enumerate(manifest.all_page_ids)}
+        groups = shard_groups(manifest.num_shards, actors.num_shard_actors)
+        self.shard_actors = [remote.remote(index_dir, g, fingerprint, actors.search_delay_s) for g in groups]
+        self.shard_stats()  # wait until every actor has loaded its shards (their load errors surface here)
+
+    def _call_all(self, submit) -> list:
+        """``submit(actor)`` on every shard actor in parallel; a call whose actor died is resubmitted."""
+        refs = [submit(a) for a in self.shard_actors]
+        out = []
+        for actor, ref in zip(self.shard_actors, refs):
+            for attempt in range(self.cfg.retries + 1):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except RayActorError as err:  # ActorDiedError, ActorUnavailableError
+                    if attempt == self.cfg.retries:
+                        raise
+                    log.warning(
+                        "shard actor call failed (%s); resubmitting (%d/%d)",
+                        type(err).__name__, attempt + 1, self.cfg.retries,
+                    )
+                    time.sleep(self.cfg.retry_wait_s)
+                    ref = submit(actor)
+        return out
+
+    def _visual_topk(self, embeddings: list[Tensor], top_k: int) -> list[list[tuple[str, float]]]:
+        emb_ref = ray.put(embeddings)  # one copy in the object store, read by every shard actor
+        per_actor = self._call_all(lambda a: a.search.remote(emb_ref, top_k, self.index_mode))
+        # per_actor[a][q]: actor a's top-k for query q; a page lives in one shard, so no page comes twice.
+        merged = [[h for hits in per_query for h in hits] for per_query in zip(*per_actor)]
+        return [rank(hits, self._tie_order, top_k) for hits in merged]
+
+    def shard_stats(self) -> list[dict]:
+        """Per shard actor: pid, shards, page count, searches started and finished (since its last start)."""
+        return self._call_all(lambda a: a.stats.remote())
+
+
+def start_retriever_actor(*args, num_cpus: float = 0.5, **kwargs):
+    """A ``DistributedRetriever`` running as a Ray actor (arguments as for ``DistributedRetriever``).
+
+    Call ``ray.get(handle.search.remote(queries, top_k, mode))``. Pass the ``EmbedderConfig``, not a loaded
+    embedder: the actor loads the model itself. If the front actor dies, Ray restarts it (it starts fresh
+    shard actors; the old ones die with their owner) and resubmits the calls that were in flight.
+    """
+    remote = ray.remote(DistributedRetriever).options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=3)
+    return remote.remote(*args, **kwargs)

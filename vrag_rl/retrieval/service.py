@@ -1,0 +1,196 @@
+"""The retriever as one in-process object: text, image and hybrid search over a page corpus.
+
+``Retriever`` ties together the corpus manifest (``pages.parquet``), the visual multi-vector index and
+its embedder, and optionally a BM25 index over the pages' OCR text. Results are ``Hit`` lists ranked by
+score with ties broken by the index's page order (corpus order at build time), so two runs, and the
+sharded Ray version in ``actor.py``, give the same list. ``page_path`` is the only way a page id
+becomes a file path, and it refuses anything that is not a manifest page whose file lies inside the
+corpus directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+from torch import Tensor
+
+from vrag_rl.data.records import load_pages
+from vrag_rl.retrieval.bm25 import BM25Index
+from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
+from vrag_rl.retrieval.fusion import reciprocal_rank_fusion
+from vrag_rl.retrieval.index import MultiVectorIndex
+from vrag_rl.retrieval.ocr import OCR_FILE, load_ocr
+from vrag_rl.retrieval.types import Hit
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["visual", "text", "hybrid"]
+MODES: tuple[str, ...] = ("visual", "text", "hybrid")
+IndexMode = Literal["exact", "approx"]
+
+
+class PageCatalog:
+    """The corpus manifest: page ids in corpus order and their files, resolved only inside the corpus."""
+
+    def __init__(self, corpus_dir: str | Path):
+        self.root = Path(corpus_dir).resolve()
+        if not (self.root / "pages.parquet").is_file():
+            raise FileNotFoundError(f"{self.root} has no pages.parquet: not a page corpus (see retrieval.ingest)")
+        pages = load_pages(self.root)
+        self.page_ids: list[str] = [p.page_id for p in pages]
+        if len(set(self.page_ids)) != len(self.page_ids):
+            raise ValueError(f"{self.root}/pages.parquet lists a page id twice")
+        # load_pages joins the stored file to the corpus directory; kept unresolved here, checked on use.
+        self._files: dict[str, Path] = {p.page_id: Path(p.file) for p in pages}
+
+    def __contains__(self, page_id: object) -> bool:
+        return isinstance(page_id, str) and page_id in self._files
+
+    def page_path(self, page_id: str) -> Path:
+        """The page image of a manifest page id.
+
+        Raises KeyError for ids not in the manifest (whatever they look like: ``..``, slashes and absolute
+        paths are simply not page ids), ValueError when the file resolves outside the corpus (a symlink or
+        a manifest entry pointing elsewhere), FileNotFoundError when the file is gone.
+        """
+        if page_id not in self:
+            raise KeyError(f"unknown page id {page_id!r}")
+        path = self._files[page_id].resolve(strict=True)
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"page {page_id!r} resolves outside the corpus {self.root}")
+        return path
+
+    def hits(self, ranked: list[tuple[str, float]]) -> list[Hit]:
+        return [Hit(pid, float(score), str(self._files[pid])) for pid, score in ranked]
+
+
+def load_text_index(corpus_dir: Path, text_index: BM25Index | str | Path | None) -> BM25Index | None:
+    """A BM25 index given as an object or a saved file; otherwise built from CORPUS/ocr.parquet when present."""
+    if isinstance(text_index, BM25Index):
+        return text_index
+    if text_index is not None:
+        return BM25Index.load(text_index)
+    if not (corpus_dir / OCR_FILE).is_file():
+        return None
+    rows = load_ocr(corpus_dir)  # failed pages have empty text: indexed, never matched
+    index = BM25Index()
+    index.build([r.page_id for r in rows], [r.text for r in rows])
+    return index
+
+
+class BaseRetriever(ABC):
+    """Search logic shared by the in-process and the Ray retriever; subclasses supply the visual top-k."""
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        embedder: PageEmbedder,
+        text_index: BM25Index | str | Path | None = None,
+        index_mode: IndexMode = "exact",
+        fusion_depth: int = 50,
+        rrf_k: int = 60,
+    ):
+        if index_mode not in ("exact", "approx"):
+            raise ValueError(f"index_mode must be 'exact' or 'approx', got {index_mode!r}")
+        self.catalog = PageCatalog(corpus_dir)
+        self.embedder = embedder
+        self.text_index = load_text_index(self.catalog.root, text_index)
+        if self.text_index is not None:
+            self._check_foreign("text index", self.text_index.page_ids)
+        self.index_mode = index_mode
+        self.fusion_depth = fusion_depth  # how deep each ranking goes before fusion: deeper = steadier fusion
+        self.rrf_k = rrf_k
+
+    @property
+    def page_ids(self) -> list[str]:
+        return self.catalog.page_ids
+
+    def page_path(self, page_id: str) -> Path:
+        return self.catalog.page_path(page_id)
+
+    @abstractmethod
+    def _visual_topk(self, embeddings: list[Tensor], top_k: int) -> list[list[tuple[str, float]]]:
+        """Per query embedding, the top-k (page_id, score) of the visual index, ties in index order."""
+
+    def _check_foreign(self, what: str, page_ids: list[str]) -> None:
+        foreign = [pid for pid in page_ids if pid not in self.catalog]
+        if foreign:
+            raise ValueError(
+                f"the {what} holds {len(foreign)} pages that are not in the corpus {self.catalog.root} "
+                f"(e.g. {foreign[:3]}): it was built from another corpus or an older manifest"
+            )
+
+    def search(self, queries: list[str], top_k: int = 5, mode: Mode = "visual") -> list[list[Hit]]:
+        """Ranked pages per text query: ``visual`` (ColQwen2 MaxSim), ``text`` (BM25 over OCR) or
+        ``hybrid`` (reciprocal rank fusion of both rankings)."""
+        if isinstance(queries, str):
+            raise TypeError("queries must be a list of strings, not one string")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not queries:
+            return []
+        if mode != "visual" and self.text_index is None:
+            raise ValueError(
+                f"mode {mode!r} needs a text index: OCR the corpus (python -m vrag_rl.retrieval.ocr) or pass one"
+            )
+        if mode == "visual":
+            ranked = self._visual_topk(self.embedder.embed_queries(queries), top_k)
+        elif mode == "text":
+            ranked = self.text_index.search(queries, top_k)  # BM25 breaks ties in corpus order
+        else:
+            depth = max(top_k, self.fusion_depth)
+            visual = self._visual_topk(self.embedder.embed_queries(queries), depth)
+            text = self.text_index.search(queries, depth)
+            ranked = [self._fuse(v, t, top_k) for v, t in zip(visual, text)]
+        return [self.catalog.hits(r) for r in ranked]
+
+    def search_by_image(self, images: list[Image.Image], top_k: int = 5) -> list[list[Hit]]:
+        """Ranked pages per query image (a page, a crop, a photo), by the same visual index."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not images:
+            return []
+        ranked = self._visual_topk(self.embedder.embed_images(list(images)), top_k)
+        return [self.catalog.hits(r) for r in ranked]
+
+    def _fuse(self, visual: list[tuple[str, float]], text: list[tuple[str, float]], top_k: int):
+        # Exact RRF; its tie rule (best rank reached, visual before text) is deterministic on its own.
+        rankings = [[pid for pid, _ in visual], [pid for pid, _ in text]]
+        return reciprocal_rank_fusion(rankings, k=self.rrf_k, top_k=top_k)
+
+
+def as_embedder(embedder: EmbedderConfig | PageEmbedder) -> PageEmbedder:
+    """Load the model of a config; an already loaded embedder is used as is (shared, not loaded twice)."""
+    return embedder if isinstance(embedder, PageEmbedder) else PageEmbedder(embedder)
+
+
+class Retriever(BaseRetriever):
+    """Single-process retriever: the whole visual index in this process.
+
+    ``embedder``: the ``EmbedderConfig`` of the model the index was built with, or that model already loaded.
+    """
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        index_dir: str | Path,
+        embedder: EmbedderConfig | PageEmbedder,
+        text_index: BM25Index | str | Path | None = None,
+        index_mode: IndexMode = "exact",
+        fusion_depth: int = 50,
+        rrf_k: int = 60,
+    ):
+        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k)
+        # A stale index (pages added, removed or changed since it was built) or another model's fails here.
+        self.index = MultiVectorIndex.load(
+            index_dir, expected_fingerprint=self.embedder.fingerprint, corpus_dir=self.catalog.root
+        )
+
+    def _visual_topk(self, embeddings: list[Tensor], top_k: int) -> list[list[tuple[str, float]]]:
+        return self.index.search(embeddings, top_k, self.index_mode)

@@ -1,0 +1,195 @@
+"""On-disk format of the multi-vector index: config, manifest, shard files, checksums (see index.py).
+
+Every file is written through a temporary name and renamed; the manifest is written last, so an index
+directory is complete exactly when its manifest exists, and ``add`` never exposes half-written shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vrag_rl.data.records import atomic_write_bytes
+from vrag_rl.retrieval import approx
+from vrag_rl.retrieval.maxsim import Chunk, plan_chunks
+
+FORMAT = "vrag-rl.multivector-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    shard_size: int = 4096  # pages per shard
+    dtype: str = "float16"  # storage of token vectors: float16 or float32 (scoring is always float32)
+    approx: str = "ivf"  # FAISS index per shard for approximate mode: "ivf", "hnsw" or "none"
+    nlist: int = 0  # IVF lists per shard; 0 = about sqrt(n_tokens), a power of two
+    ivf_codec: str = "Flat"  # FAISS codec of IVF lists: Flat (exact float32), SQ8 (4x smaller), PQ16, ...
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    nprobe: int = 16  # search-time settings below; search() can override them per call
+    ef_search: int = 64
+    k_tokens: int = 512  # FAISS neighbours per query token: a page has many near-identical tokens, so
+    # a small k is used up by the best page alone (k=64 found 22% of the exact top 10 at 700 tokens per page)
+    n_rerank: int = 128  # candidate pages per query and shard scored exactly
+    chunk_tokens: int = 8192  # token rows per matrix product: its similarity block stays in cache
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.approx not in ("ivf", "hnsw", "none"):
+            raise ValueError(f"approx must be 'ivf', 'hnsw' or 'none', got {self.approx!r}")
+        if min(self.nprobe, self.ef_search, self.k_tokens, self.n_rerank, self.chunk_tokens) < 1:
+            raise ValueError("nprobe, ef_search, k_tokens, n_rerank and chunk_tokens must be >= 1")
+
+
+class StaleIndexError(RuntimeError):
+    """The index cannot serve: ``reason`` is missing, version, fingerprint, checksum or corpus."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"[{reason}] {message}")
+        self.reason = reason
+
+
+def page_checksum(record) -> str:
+    """sha256 of the page image: the corpus manifest's ``checksum`` when it has one, else the file's bytes."""
+    if getattr(record, "checksum", ""):
+        return record.checksum
+    return hashlib.sha256(Path(record.file).read_bytes()).hexdigest()
+
+
+def pages_checksum(pages: list[list[str]]) -> str:
+    return hashlib.sha256("".join(f"{pid}\t{cs}\n" for pid, cs in pages).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_npy(path: Path, array: np.ndarray) -> str:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+        np.save(f, array)
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+@dataclass
+class Shard:
+    id: int
+    vectors: Tensor  # (n_tokens, dim), storage dtype
+    positions: np.ndarray  # global page position of each stored page
+    offsets: np.ndarray  # (n_pages + 1,) token offsets
+    chunks: list[Chunk]
+    faiss_index: object | None
+
+    @property
+    def n_pages(self) -> int:
+        return len(self.positions)
+
+
+def write_shards(out_dir: Path, manifest: dict, pages: Iterable[tuple[str, str, Tensor]], total, progress) -> None:
+    """Append shards of ``shard_size`` pages to ``out_dir`` and to ``manifest`` (not written here)."""
+    cfg = IndexConfig(**manifest["config"])
+    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    known = {pid for pid, _ in manifest["pages"]}
+    batch: list[tuple[str, str, np.ndarray]] = []  # vectors already in the storage dtype
+
+    def flush():
+        shard_id = len(manifest["shards"])
+        first = len(manifest["pages"])
+        lengths = np.array([len(v) for _, _, v in batch], dtype=np.int64)
+        perm = np.argsort(lengths, kind="stable")  # equal lengths side by side: long MaxSim runs
+        vectors = np.concatenate([batch[i][2] for i in perm])
+        table = np.stack([first + perm, lengths[perm]], axis=1).astype(np.int64)
+        stem = f"shard_{shard_id:05d}"
+        entry = {"id": shard_id, "n_pages": len(batch), "n_tokens": int(lengths.sum()),
+                 "vectors": f"{stem}.vectors.npy", "pages": f"{stem}.pages.npy", "faiss": None, "sha256": {}}  # fmt: skip
+        entry["sha256"]["vectors"] = save_npy(out_dir / entry["vectors"], vectors)
+        entry["sha256"]["pages"] = save_npy(out_dir / entry["pages"], table)
+        if cfg.approx != "none":
+            entry["faiss"] = f"{stem}.faiss"
+            entry["sha256"]["faiss"] = approx.build_and_save(vectors, cfg, out_dir / entry["faiss"], progress)
+        manifest["shards"].append(entry)
+        manifest["pages"] += [[pid, cs] for pid, cs, _ in batch]
+        batch.clear()
+
+    from tqdm.auto import tqdm
+
+    for pid, checksum, vectors in tqdm(pages, total=total, desc="index pages", unit="page", disable=not progress):
+        if pid in known:
+            raise ValueError(f"page {pid!r} is already indexed or given twice")
+        known.add(pid)
+        v = vectors.detach().float().cpu()
+        if v.ndim != 2 or v.shape[1] != manifest["dim"] or len(v) == 0:
+            raise ValueError(f"page {pid}: expected (n_tokens >= 1, {manifest['dim']}) vectors, got {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"page {pid}: embedding has NaN/inf values")
+        batch.append((pid, checksum, v.numpy().astype(dtype)))
+        if len(batch) == cfg.shard_size:
+            flush()
+    if batch:
+        flush()
+    manifest["corpus_checksum"] = pages_checksum(manifest["pages"])
+
+
+def write_manifest(index_dir: Path, manifest: dict) -> None:
+    atomic_write_bytes(index_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(index_dir: Path) -> dict:
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        raise StaleIndexError("missing", f"no index at {index_dir} ({MANIFEST} not found); build one first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StaleIndexError("checksum", f"{path} is not valid JSON ({err}): the index is damaged") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise StaleIndexError("version", f"{path}: format {manifest.get('format')!r} version "
+                              f"{manifest.get('format_version')!r}, this code reads {FORMAT!r} version "
+                              f"{FORMAT_VERSION}: rebuild the index")  # fmt: skip
+    if pages_checksum(manifest["pages"]) != manifest["corpus_checksum"]:
+        raise StaleIndexError("checksum", f"{path}: page list does not match its checksum (edited by hand?)")
+    return manifest
+
+
+def load_shard(index_dir: Path, manifest: dict, shard_id: int, verify: bool, device: str) -> Shard:
+    entry = manifest["shards"][shard_id]
+    cfg = IndexConfig(**manifest["config"])
+    for kind in ("vectors", "pages", "faiss"):
+        if entry[kind] is None:
+            continue
+        path = index_dir / entry[kind]
+        if not path.is_file():
+            raise StaleIndexError("checksum", f"shard {shard_id}: file {path} is missing")
+        if verify and sha256_file(path) != entry["sha256"][kind]:
+            raise StaleIndexError("checksum", f"shard {shard_id}: file {path} does not match the sha256 in the "
+                                  "manifest (corrupted or modified): rebuild the index")  # fmt: skip
+    vectors = np.load(index_dir / entry["vectors"])
+    table = np.load(index_dir / entry["pages"])
+    lengths = table[:, 1]
+    if vectors.shape != (entry["n_tokens"], manifest["dim"]) or len(table) != entry["n_pages"] or lengths.sum() != len(vectors):
+        raise StaleIndexError("checksum", f"shard {shard_id}: array shapes disagree with the manifest")
+    faiss_index = approx.load(index_dir / entry["faiss"]) if entry["faiss"] else None
+    return Shard(
+        id=shard_id,
+        vectors=torch.from_numpy(vectors).to(device),
+        positions=table[:, 0].copy(),
+        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        chunks=plan_chunks(lengths, cfg.chunk_tokens),
+        faiss_index=faiss_index,
+    )
