@@ -38,7 +38,8 @@ $(ASSETS)/.done:
 	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq tesseract-ocr tesseract-ocr-eng poppler-utils >/dev/null; }
 	mkdir -p $(ASSETS)/deb $(ASSETS)/pdf
-	cd $(ASSETS)/deb && apt-get download -qq gnuplot-doc 2>/dev/null && dpkg -x gnuplot-doc_*.deb x
+	cd $(ASSETS)/deb && { apt-get download -qq gnuplot-doc 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq gnuplot-doc 2>/dev/null; }; } && dpkg -x gnuplot-doc_*.deb x
 	cp $(ASSETS)/deb/x/usr/share/doc/gnuplot/gnuplot.pdf $(ASSETS)/pdf/
 	touch $@
 
