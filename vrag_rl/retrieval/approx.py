@@ -10,7 +10,6 @@ are exact MaxSim scores; only a page never proposed can be missed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
+from vrag_rl.data.records import sha256_file
 from vrag_rl.retrieval.maxsim import gather_pages, maxsim, plan_chunks, top_k_ties
 
 if TYPE_CHECKING:
@@ -77,11 +77,7 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
     tmp = path.with_name(f".{path.name}.tmp")
     faiss.write_index(index, str(tmp))
     tmp.replace(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def load(path: Path):

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vrag_rl.data.records import sha256_file
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files whose content decides the embeddings: model config, weights, and the processor's resizing rules.
 _CONFIG_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer.json")
@@ -70,11 +72,7 @@ def model_classes(model_dir: str | Path):
 @lru_cache(maxsize=64)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """Content hash, cached per (path, size, mtime): multi-GB weights are read once per process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def model_fingerprint(model_dir: str | Path, pool_factor: int) -> str:

@@ -29,7 +29,6 @@ refused before decoding (decompression bombs). The exit code is 0 when any page 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -47,7 +46,9 @@ import pypdfium2 as pdfium
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from vrag_rl.data.records import PAGES_SCHEMA, PageRecord, atomic_write_bytes, page_id, sha256_hex, write_pages
+from vrag_rl.data.records import (
+    PAGES_SCHEMA, PageRecord, atomic_write_bytes, page_id, sha256_file, sha256_hex, write_pages,
+)
 from vrag_rl.data.synthetic import encode_jpeg
 
 PDF_SUFFIXES = frozenset({".pdf"})
@@ -153,14 +154,6 @@ def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[P
         else:
             problems.append(Problem(str(path), "not found", "no such file or directory"))
     return sorted(found, key=str), problems
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fit(image: Image.Image, max_side: int) -> Image.Image:
@@ -272,7 +265,7 @@ def _remove_temp_files(out: Path) -> None:
 
 
 def _checksum_ok(path: Path, checksum: str) -> bool:
-    return path.is_file() and _file_sha256(path) == checksum
+    return path.is_file() and sha256_file(path) == checksum
 
 
 class _Corpus:
@@ -317,7 +310,7 @@ class _Corpus:
         if self.owners.get(doc.casefold(), source) != source:
             raise BadInput("name clash", f"document name {doc!r} belongs to {self.owners[doc.casefold()]}")
         try:
-            empty, source_state = path.stat().st_size == 0, {"sha256": _file_sha256(path)}
+            empty, source_state = path.stat().st_size == 0, {"sha256": sha256_file(path)}
         except OSError as err:
             raise BadInput("unreadable", str(err)) from err
         if empty:

@@ -14,7 +14,6 @@ CLI: ``python -m vrag_rl.retrieval.ocr CORPUS [--lang eng] [--workers 2] [--time
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import shutil
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from vrag_rl.data.records import PageRecord, atomic_write_bytes, load_pages
+from vrag_rl.data.records import PageRecord, atomic_write_bytes, load_pages, sha256_file, sha256_hex
 
 OCR_FILE = "ocr.parquet"
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
@@ -116,7 +115,7 @@ def _ocr_page(page: PageRecord, cfg: OcrConfig, exe: str) -> OcrRecord:
     checksum = ""
     try:
         data = Path(page.file).read_bytes()
-        checksum = hashlib.sha256(data).hexdigest()
+        checksum = sha256_hex(data)
         return OcrRecord(page.page_id, checksum, ocr_image_bytes(data, cfg, exe), OK, "")
     except subprocess.TimeoutExpired:
         return OcrRecord(page.page_id, checksum, "", TIMEOUT, f"tesseract took longer than {cfg.timeout} s")
@@ -143,7 +142,7 @@ def _is_done(page: PageRecord, rec: OcrRecord | None) -> bool:
     if rec is None or rec.status != OK:
         return False
     try:  # hashing is far cheaper than OCR and catches a page image replaced under the same id
-        return hashlib.sha256(Path(page.file).read_bytes()).hexdigest() == rec.checksum
+        return sha256_file(page.file) == rec.checksum
     except OSError:
         return False
 

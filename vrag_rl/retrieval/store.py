@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vrag_rl.data.records import atomic_write_bytes
+from vrag_rl.data.records import atomic_write_bytes, sha256_file
 from vrag_rl.retrieval import approx
 from vrag_rl.retrieval.maxsim import Chunk, plan_chunks
 
@@ -64,19 +64,11 @@ def page_checksum(record) -> str:
     """sha256 of the page image: the corpus manifest's ``checksum`` when it has one, else the file's bytes."""
     if getattr(record, "checksum", ""):
         return record.checksum
-    return hashlib.sha256(Path(record.file).read_bytes()).hexdigest()
+    return sha256_file(record.file)
 
 
 def pages_checksum(pages: list[list[str]]) -> str:
     return hashlib.sha256("".join(f"{pid}\t{cs}\n" for pid, cs in pages).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_npy(path: Path, array: np.ndarray) -> str:
