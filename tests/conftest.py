@@ -1,4 +1,11 @@
-"""Session fixtures: the tiny model kit is built once and cached on disk across test sessions."""
+"""Session fixtures: the tiny model kit is built once and cached on disk across test sessions.
+
+The retrieval fixtures (tiny ColQwen2 embedder, a visual index of the bundled corpus) live here because the
+rollout tests search the same index. The index is built once per session in a temporary directory and must
+be treated as read-only: tests that change an index copy it first. It stores float32 vectors so that scores
+equal colpali-engine's scorer run on freshly computed embeddings (float16 storage moves scores by ~1e-3,
+enough to swap the many near-ties of a random model). Shards of 8 pages: the 24 bundled pages make 3 shards.
+"""
 
 import os
 from pathlib import Path
@@ -39,3 +46,48 @@ def tiny_policy(tiny_dirs):
 def bundled_corpus() -> Path:
     """The synthetic corpus shipped in data/: the demo's default and the tests' documents."""
     return Path(__file__).resolve().parents[1] / "data" / "synthetic-small"
+
+
+BUNDLED_SHARD_SIZE = 8
+
+
+@pytest.fixture(scope="session")
+def embedder_cfg(tiny_dirs):
+    from vrag_rl.retrieval.embed import EmbedderConfig
+
+    return EmbedderConfig(model_dir=str(tiny_dirs["retriever"]), device="cpu", dtype="float32", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def embedder(embedder_cfg):
+    from vrag_rl.retrieval.embed import PageEmbedder
+
+    return PageEmbedder(embedder_cfg)
+
+
+@pytest.fixture(scope="session")
+def bundled_index(bundled_corpus, embedder, tmp_path_factory) -> Path:
+    """Index directory of data/synthetic-small (exact + IVF approximate), read-only."""
+    from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex
+
+    out = tmp_path_factory.mktemp("bundled_index") / "index"
+    cfg = IndexConfig(shard_size=BUNDLED_SHARD_SIZE, dtype="float32", approx="ivf")
+    MultiVectorIndex.build(out, bundled_corpus, embedder, cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def visual_index(bundled_index) -> Path:
+    """Alias of ``bundled_index`` (the name the serving tests use)."""
+    return bundled_index
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster shared by every test that needs one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vrag_rl.models.tiny import SPECIAL_TOKENS, TinyConfig, build_tiny_models, mrope_section
+from vrag_rl.rollout.vllm_engine import collapse_runs
 
 
 def test_build_is_deterministic(tmp_path, tiny_dirs):
@@ -105,6 +106,7 @@ image = Image.new("RGB", (112, 84), (20, 200, 30))
 out = llm.generate({"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": image}},
                    SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
 print("IDS", json.dumps(list(out[0].outputs[0].token_ids)))
+print("PROMPT", json.dumps(list(out[0].prompt_token_ids)))
 """
 
 
@@ -124,10 +126,14 @@ def test_vllm_loads_policy_and_matches_hf_greedy(tiny_dirs, tiny_processor, tiny
     with torch.no_grad():
         hf = tiny_policy.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1] :]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine: seconds, not tens
+    # vLLM expands each image's placeholder itself: the prompt goes in with one <|image_pad|> per image.
+    prompt = collapse_runs(enc["input_ids"][0].tolist(), tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_GREEDY, str(tiny_dirs["policy"]), json.dumps(enc["input_ids"][0].tolist())],
+        [sys.executable, "-c", VLLM_GREEDY, str(tiny_dirs["policy"]), json.dumps(prompt)],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("IDS "))[4:])
+    lines = proc.stdout.splitlines()
+    ids = json.loads(next(line for line in lines if line.startswith("IDS "))[4:])
+    assert json.loads(next(line for line in lines if line.startswith("PROMPT "))[7:]) == enc["input_ids"][0].tolist()
     assert ids == hf.tolist()

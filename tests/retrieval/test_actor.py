@@ -58,13 +58,6 @@ def test_front_resubmits_after_ray_gave_up_and_bounds_it(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def oracle(bundled_corpus, visual_index, embedder) -> Retriever:
     return Retriever(bundled_corpus, visual_index, embedder)
 

@@ -1,0 +1,72 @@
+"""Rollout fixtures: the tiny policy's chat encoder, a scripted engine, the bundled corpus's retriever."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vrag_rl.agent.images import ImageBudget
+from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, max_new_tokens
+
+# The tiny policy's processor takes images of 4..512 merged patches; pages are shown small in tests.
+TINY_BUDGET = ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
+
+
+class ScriptedEngine(RolloutEngine):
+    """Replays assistant texts: ``scripts`` maps a question to its turns; the question is found in the
+    request's prompt and the turn number is the number of assistant headers in it. It stands in for a
+    policy so that tests can drive the agent loop through chosen actions; the engines themselves are
+    tested against each other elsewhere."""
+
+    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.stop_token_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        self.requests: list[GenerationRequest] = []
+
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[Generation]:
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            text = self.tokenizer.decode(r.prompt_ids)
+            (question,) = [q for q in self.scripts if q in text]
+            turn = text.count("<|im_start|>assistant") - 1
+            ids = self.tokenizer(self.scripts[question][turn] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            limit = max_new_tokens(r, sampling)
+            finish = "stop" if len(ids) <= limit else "length"
+            ids = ids[:limit]
+            out.append(Generation(ids, [-0.5] * len(ids), finish))
+        return out
+
+    def update_weights(self, named_tensors) -> int:
+        return sum(t.numel() * t.element_size() for _, t in named_tensors)
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_processor):
+    from vrag_rl.agent.chat import ChatEncoder
+
+    return ChatEncoder(tiny_processor)
+
+
+@pytest.fixture(scope="session")
+def retriever(bundled_corpus, bundled_index, embedder):
+    from vrag_rl.retrieval.service import Retriever
+
+    return Retriever(bundled_corpus, bundled_index, embedder)
+
+
+@pytest.fixture
+def scripted(tiny_processor):
+    return lambda scripts: ScriptedEngine(tiny_processor.tokenizer, scripts)
+
+
+def image_token_count(trajectory) -> int:
+    return sum(t * h * w // 4 for t, h, w in trajectory.image_grid_thw)
+
+
+def recompute_logprobs(model, trajectory, image_token_id: int, temperature: float = 1.0) -> torch.Tensor:
+    from vrag_rl.models.forward import token_logprobs
+
+    with torch.no_grad():
+        return token_logprobs(model, trajectory.model_inputs(image_token_id), temperature)[0]

@@ -1,0 +1,36 @@
+"""Padded micro-batches give each trajectory exactly the log-probs of its own unpadded forward."""
+
+import torch
+
+from tests.rollout.conftest import TINY_BUDGET
+from vrag_rl.agent.chat import ChatEncoder
+from vrag_rl.data.expert import load_page, scripted_trajectory
+from vrag_rl.data.records import load_qa
+from vrag_rl.models.forward import token_logprobs
+from vrag_rl.trainer.batch import collate, forward_logprobs, token_budget_batches
+
+
+def test_token_budget_batches():
+    assert token_budget_batches([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert token_budget_batches([3, 9, 2], 10) == [[0], [1], [2]]  # padded to 9: two rows would be 18
+    assert token_budget_batches([30, 1], 10) == [[0], [1]]  # too long for the budget: alone
+    assert sum(token_budget_batches(list(range(1, 40)), 64), []) == list(range(39))
+
+
+def test_padded_batch_equals_single_forwards(tiny_processor, tiny_policy, bundled_corpus):
+    encoder = ChatEncoder(tiny_processor)
+    records = [r for r in load_qa(bundled_corpus) if r.answer_box is not None][:3]
+    trajectories = [
+        scripted_trajectory(r, load_page(bundled_corpus, r.answer_box[0]), encoder, v, budget=TINY_BUDGET).trajectory
+        for r, v in zip(records, ["no_search", "expert", "no_crop"])
+    ]  # 0, 2 and 1 images, different lengths
+    batch = collate(trajectories, encoder.image_token_id, pad_token_id=0)
+    assert batch["pixel_values"].shape[0] == sum(p.shape[0] for t in trajectories for p in t.pixel_values)
+    with torch.no_grad():
+        logp, entropy = forward_logprobs(tiny_policy, batch, with_entropy=True)
+        for row, t in enumerate(trajectories):
+            alone = token_logprobs(tiny_policy, t.model_inputs(encoder.image_token_id))[0]
+            assert torch.allclose(logp[row, : len(t)], alone, atol=1e-5)
+            assert not logp[row, len(t) :].any() and not entropy[row, len(t) :].any()
+            assert torch.equal(batch["response_mask"][row, : len(t)], torch.tensor(t.response_mask, dtype=torch.float32))
+    assert (entropy[:, 1:][batch["attention_mask"][:, 1:].bool()] > 0).all()  # position 0 predicts nothing

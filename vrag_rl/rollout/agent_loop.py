@@ -1,0 +1,241 @@
+"""The multi-turn search-and-crop agent, run for many trajectories at once.
+
+Each turn generates one assistant turn for every live trajectory in one engine call, then executes the
+actions (docs/protocol.md):
+
+- ``<search>``: all queries of the turn go to the retriever in one batch; the best-ranked page this
+  trajectory has not been shown yet comes back, resized into the image budget, as an image-only user turn;
+- ``<bbox>``: a region of the most recent image shown, in that image's pixel frame, is cut from the raw
+  page and shown enlarged (a crop of a crop maps through the chain, see ``agent.images``);
+- ``<answer>``: the trajectory is finished;
+- anything else (no tag, bad box, a crop before any image) is an invalid action: the fixed feedback turn
+  follows and the trajectory goes on.
+
+After ``max_turns`` action turns, the last observation carries the answer-now instruction and one final
+turn may only answer. A trajectory stops before a piece (a turn, an observation with its image) would pass
+``max_length``: pieces are appended whole, so an image is never cut. Sampled ids are recorded as sampled,
+with their log-probs; text is decoded only to read the action.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from vrag_rl.agent.actions import ACTION_KINDS, Action, parse_action
+from vrag_rl.agent.chat import ChatEncoder
+from vrag_rl.agent.images import ImageBudget, View, crop_view, fit_to_budget, page_view
+from vrag_rl.agent.prompt import ANSWER_NOW_FEEDBACK, INVALID_ACTION_FEEDBACK, PromptConfig, build_messages
+from vrag_rl.agent.trajectory import Trajectory
+from vrag_rl.rollout.engine import GenerationRequest, RolloutEngine, SamplingConfig
+
+NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
+STOP_ANSWER, STOP_TURN_LIMIT, STOP_LENGTH = "answer", "turn_limit", "length"
+
+
+@dataclass
+class AgentConfig:
+    max_turns: int = 4  # action turns before the final answer-only turn
+    max_length: int = 8192  # tokens per trajectory: prompt, turns and observations
+    search_mode: str = "visual"  # visual | text | hybrid (see retrieval.service)
+    crop_padding: float = 0.0  # fraction of the box added on each side before cropping
+    budget: ImageBudget = field(default_factory=ImageBudget)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1 or self.max_length < 64:
+            raise ValueError(f"agent: max_turns >= 1 and max_length >= 64, got {self.max_turns}, {self.max_length}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One trajectory to sample: the question, its GRPO group and its place in the group."""
+
+    qid: str
+    question: str
+    group: int = 0
+    sample: int = 0
+    seed: int | None = None  # sampling seed of the trajectory; each turn derives its own from it
+
+
+def make_groups(questions: list[tuple[str, str]], n: int, seed: int | None, first_group: int = 0) -> list[Task]:
+    """``n`` tasks per (qid, question), tied by a group id; seeds differ per sample and are reproducible."""
+    if n < 1:
+        raise ValueError(f"group size must be >= 1, got {n}")
+    tasks = []
+    for g, (qid, question) in enumerate(questions, start=first_group):
+        for k in range(n):
+            task_seed = None if seed is None else _derive_seed(seed, g, k)
+            tasks.append(Task(qid, question, g, k, task_seed))
+    return tasks
+
+
+def _derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@dataclass
+class Rollout:
+    """A finished (or stopped) trajectory and what the reward and the logs need to know about it."""
+
+    task: Task
+    trajectory: Trajectory
+    texts: list[str] = field(default_factory=list)  # decoded assistant turns, in order
+    actions: list[Action] = field(default_factory=list)
+    retrieved_pages: list[str] = field(default_factory=list)  # pages shown by searches, in order
+    crops: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (page, raw box)
+    answer: str | None = None
+    num_invalid: int = 0
+    stop_reason: str = ""  # answer | turn_limit | length
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason == STOP_ANSWER
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_searches(self) -> int:
+        return sum(a.kind == "search" for a in self.actions)
+
+
+@dataclass
+class _State:
+    rollout: Rollout
+    view: View | None = None  # the most recent image shown: a bbox refers to it
+    done: bool = False
+    pending: list[Image.Image] = field(default_factory=list)  # images of the next observation
+    notes: list[str] = field(default_factory=list)  # texts of the next observation
+    close_turn: bool = False  # the last turn hit the token limit without <|im_end|>
+    query: str | None = None  # this turn's search
+
+    def stop(self, reason: str) -> None:
+        self.done, self.rollout.stop_reason = True, reason
+
+
+class AgentLoop:
+    """Runs tasks to completion with an engine and a retriever.
+
+    ``retriever`` needs ``search(queries, top_k, mode) -> list[list[Hit]]`` and ``page_path(page_id)``:
+    ``retrieval.Retriever``, ``DistributedRetriever`` or ``RemoteRetriever`` (an actor handle).
+    """
+
+    def __init__(self, engine: RolloutEngine, encoder: ChatEncoder, retriever, cfg: AgentConfig = AgentConfig()):
+        self.engine, self.encoder, self.retriever, self.cfg = engine, encoder, retriever, cfg
+        encoder.check_budget(cfg.budget.min_pixels, cfg.budget.max_pixels)
+        self._pages: dict[str, Image.Image] = {}  # raw pages of the current run
+        self.timings: dict[str, float] = {}
+
+    def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
+        t0 = time.perf_counter()
+        self.timings = {"generate_s": 0.0, "search_s": 0.0}
+        states = [self._start(t) for t in tasks]
+        turn = 0
+        while live := [s for s in states if not s.done]:
+            turn += 1
+            self._generate(live, sampling, turn)
+            self._search([s for s in live if s.query is not None])
+            for s in live:
+                if not s.done:
+                    self._observe(s, final_next=turn == self.cfg.max_turns)
+        self._pages.clear()
+        self.timings["total_s"] = time.perf_counter() - t0
+        return [s.rollout for s in states]
+
+    def _start(self, task: Task) -> _State:
+        traj = Trajectory(max_length=self.cfg.max_length)
+        ids, _ = self.encoder.prompt(build_messages(task.question, self.cfg.prompt))
+        state = _State(Rollout(task, traj))
+        if not traj.add_prompt(ids):
+            state.stop(STOP_LENGTH)
+        return state
+
+    def _generate(self, live: list[_State], sampling: SamplingConfig, turn: int) -> None:
+        requests = []
+        for s in list(live):
+            room = s.rollout.trajectory.room()
+            if room is not None and room < 1:
+                s.stop(STOP_LENGTH)
+                live.remove(s)
+                continue
+            t = s.rollout.trajectory
+            seed = None if s.rollout.task.seed is None else _derive_seed(s.rollout.task.seed, turn)
+            requests.append(GenerationRequest(
+                t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed
+            ))  # fmt: skip
+        t0 = time.perf_counter()
+        generations = self.engine.generate(requests, sampling)
+        self.timings["generate_s"] += time.perf_counter() - t0
+        final = turn > self.cfg.max_turns
+        for s, gen in zip(live, generations):
+            s.query, s.close_turn = None, gen.finish_reason != "stop"
+            r = s.rollout
+            r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
+            text = self.encoder.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
+            action = parse_action(text, frozenset({"answer"}) if final else ACTION_KINDS)
+            r.texts.append(text)
+            r.actions.append(action)
+            self._act(s, action, final)
+
+    def _act(self, s: _State, action: Action, final: bool) -> None:
+        r = s.rollout
+        if action.kind == "answer":
+            r.answer = action.content
+            s.stop(STOP_ANSWER)
+            return
+        if action.kind == "invalid":
+            r.num_invalid += 1
+        if final:
+            s.stop(STOP_TURN_LIMIT)
+        elif action.kind == "search":
+            s.query = action.content
+        elif action.kind == "bbox":
+            result = "crop before any image" if s.view is None else crop_view(
+                s.view, action.bbox, self._page(s.view.page_id), self.cfg.budget, self.cfg.crop_padding
+            )  # fmt: skip
+            if isinstance(result, str):
+                r.num_invalid += 1
+                s.notes.append(INVALID_ACTION_FEEDBACK)
+            else:
+                s.view, shown = result
+                r.crops.append((s.view.page_id, tuple(int(v) for v in s.view.region)))
+                s.pending.append(shown)
+        else:
+            s.notes.append(INVALID_ACTION_FEEDBACK)
+
+    def _search(self, searching: list[_State]) -> None:
+        if not searching:
+            return
+        depth = max(len(s.rollout.retrieved_pages) for s in searching) + 1  # deep enough for an unseen page
+        t0 = time.perf_counter()
+        results = self.retriever.search([s.query for s in searching], top_k=depth, mode=self.cfg.search_mode)
+        self.timings["search_s"] += time.perf_counter() - t0
+        for s, hits in zip(searching, results):
+            seen = set(s.rollout.retrieved_pages)
+            page_id = next((h.page_id for h in hits if h.page_id not in seen), None)
+            if page_id is None:
+                s.notes.append(NO_NEW_PAGE_FEEDBACK)
+                continue
+            raw = self._page(page_id)
+            s.view = page_view(page_id, raw.size, self.cfg.budget)
+            s.rollout.retrieved_pages.append(page_id)
+            b = self.cfg.budget
+            s.pending.append(fit_to_budget(raw, b.min_pixels, b.max_pixels, b.factor))
+
+    def _observe(self, s: _State, final_next: bool) -> None:
+        notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
+        ids, enc = self.encoder.observation(s.pending, "\n".join(notes) or None, close_turn=s.close_turn)
+        s.pending, s.notes = [], []
+        if not s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids):
+            s.stop(STOP_LENGTH)
+
+    def _page(self, page_id: str) -> Image.Image:
+        if page_id not in self._pages:
+            with Image.open(self.retriever.page_path(page_id)) as im:
+                self._pages[page_id] = im.convert("RGB")
+        return self._pages[page_id]

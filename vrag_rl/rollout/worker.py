@@ -1,0 +1,236 @@
+"""Rollout workers: an engine plus the agent loop in one process, and a pool of them on Ray.
+
+``RolloutWorker`` is a plain class (unit-testable in-process with the transformers engine); the pool runs
+it as Ray actors, one engine each, spreads the tasks of a batch over them group by group (a GRPO group
+stays on one worker, so its samples see the same weights and batch) and returns rollouts in task order.
+
+Weight updates stream: the pool puts one bucket of tensors in the object store at a time and every worker
+feeds it into a single running ``update_weights`` call (``WeightStream``), so neither side ever holds a
+second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Rollout, Task
+from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig, iter_buckets
+from vrag_rl.rollout.vllm_engine import VLLMConfig
+
+ENGINES = ("vllm", "hf")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf
+    model_dir: str = ""  # a Hugging Face checkpoint directory (weights, processor, chat template)
+    dtype: str = "bfloat16"  # of the hf engine; vllm.dtype for vLLM
+    device: str = "cpu"  # of the hf engine
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    num_workers: int = 1
+    num_cpus: float = 1.0  # per worker actor
+    num_gpus: float = 0.0  # per worker actor (1 on GPU clusters)
+    bucket_bytes: int = 256 << 20  # weight-update bucket size
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"rollout.num_workers must be >= 1, got {self.num_workers}")
+        if self.engine == "vllm" and self.vllm.max_images < self.agent.max_turns:
+            raise ValueError(
+                f"vllm.max_images ({self.vllm.max_images}) must be >= agent.max_turns ({self.agent.max_turns}): "
+                "every action turn can add an image"
+            )
+
+
+class RemoteRetriever:
+    """The retriever actor (``retrieval.actor.start_retriever_actor``) seen as a local retriever; page files
+    are read from the corpus directory, which every node of the cluster sees."""
+
+    def __init__(self, handle, corpus_dir: str | Path):
+        from vrag_rl.retrieval.service import PageCatalog
+
+        self.handle = handle
+        self.catalog = PageCatalog(corpus_dir)
+
+    def search(self, queries: list[str], top_k: int = 5, mode: str = "visual"):
+        import ray
+
+        return ray.get(self.handle.search.remote(queries, top_k, mode))
+
+    def page_path(self, page_id: str) -> Path:
+        return self.catalog.page_path(page_id)
+
+
+def make_engine(cfg: RolloutConfig) -> RolloutEngine:
+    if cfg.engine == "vllm":
+        from vrag_rl.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg.model_dir, cfg.vllm)
+    from vrag_rl.rollout.hf_engine import HFEngine
+
+    return HFEngine(cfg.model_dir, cfg.dtype, cfg.device)
+
+
+class WeightStream:
+    """Feeds buckets, pushed one at a time, into one lazy ``engine.update_weights`` on a background thread."""
+
+    def __init__(self, engine: RolloutEngine, timeout_s: float = 600.0):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)  # at most one bucket waits: bounded memory
+        self.error: BaseException | None = None
+        self.nbytes = 0
+        self.timeout_s = timeout_s
+        self._thread = threading.Thread(target=self._run, args=(engine,), daemon=True)
+        self._thread.start()
+
+    def _items(self):
+        while (bucket := self._queue.get()) is not None:
+            yield from bucket.items()
+
+    def _run(self, engine: RolloutEngine) -> None:
+        try:
+            self.nbytes = engine.update_weights(self._items())
+        except BaseException as err:  # surfaced to the caller by push/finish
+            self.error = err
+
+    def _put(self, item) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self.error is not None or not self._thread.is_alive():
+                raise RuntimeError("the weight update failed") from self.error
+            try:
+                return self._queue.put(item, timeout=0.1)
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the engine took no weights for too long") from None
+
+    def push(self, bucket: dict[str, torch.Tensor]) -> None:
+        self._put(bucket)
+
+    def finish(self) -> int:
+        self._put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError("the weight update failed") from self.error
+        return self.nbytes
+
+
+class RolloutWorker:
+    """One engine and its agent loop. ``retriever``: a retriever object, or an actor handle plus corpus dir."""
+
+    def __init__(self, cfg: RolloutConfig, retriever=None, retriever_actor=None, corpus_dir: str | None = None):
+        from transformers import AutoProcessor
+
+        from vrag_rl.agent.chat import ChatEncoder
+
+        if (retriever is None) == (retriever_actor is None):
+            raise ValueError("give either a retriever or a retriever actor handle (with its corpus_dir)")
+        if retriever is None:
+            retriever = RemoteRetriever(retriever_actor, corpus_dir)
+        self.cfg = cfg
+        self.engine = make_engine(cfg)
+        self.encoder = ChatEncoder(AutoProcessor.from_pretrained(cfg.model_dir))
+        self.loop = AgentLoop(self.engine, self.encoder, retriever, cfg.agent)
+        self._stream: WeightStream | None = None
+
+    def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
+        return self.loop.run(tasks, sampling)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent generating, searching and in total during the last ``rollout``."""
+        return dict(self.loop.timings)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> int:
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        return self.engine.update_weights(items)
+
+    def begin_weight_update(self) -> None:
+        if self._stream is not None:
+            raise RuntimeError("a weight update is already under way")
+        self._stream = WeightStream(self.engine)
+
+    def push_weights(self, bucket: dict[str, torch.Tensor]) -> None:
+        if self._stream is None:
+            raise RuntimeError("begin_weight_update first")
+        self._stream.push(bucket)
+
+    def finish_weight_update(self) -> int:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            raise RuntimeError("begin_weight_update first")
+        return stream.finish()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def split_by_group(tasks: list[Task], parts: int) -> list[list[int]]:
+    """Task indices in ``parts`` near-equal chunks of whole groups (a group is never split)."""
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault(t.group, []).append(i)
+    chunks = np.array_split(np.arange(len(groups)), min(parts, max(1, len(groups))))
+    order = list(groups.values())
+    return [[i for g in chunk for i in order[g]] for chunk in chunks if len(chunk)]
+
+
+class RolloutPool:
+    """``num_workers`` rollout worker actors on the running Ray cluster."""
+
+    def __init__(self, cfg: RolloutConfig, retriever_actor, corpus_dir: str):
+        import ray
+
+        remote = ray.remote(RolloutWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        corpus_dir = str(Path(corpus_dir).resolve())
+        self.cfg = cfg
+        self.workers = [
+            remote.remote(cfg, retriever_actor=retriever_actor, corpus_dir=corpus_dir) for _ in range(cfg.num_workers)
+        ]
+        ray.get([w.timings.remote() for w in self.workers])  # wait for every engine: start-up errors surface here
+        self.last_timings: list[dict[str, float]] = []
+
+    def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
+        import ray
+
+        chunks = split_by_group(tasks, len(self.workers))
+        refs = [w.rollout.remote([tasks[i] for i in c], sampling) for w, c in zip(self.workers, chunks)]
+        out: list[Rollout | None] = [None] * len(tasks)
+        for chunk, rollouts in zip(chunks, ray.get(refs)):
+            for i, r in zip(chunk, rollouts):
+                out[i] = r
+        self.last_timings = ray.get([w.timings.remote() for w in self.workers[: len(chunks)]])
+        return out
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Stream weights to every worker in buckets; returns seconds and bytes moved (per worker)."""
+        import ray
+
+        t0 = time.perf_counter()
+        ray.get([w.begin_weight_update.remote() for w in self.workers])
+        sent = 0
+        host = ((name, t.detach().cpu()) for name, t in named_tensors)  # one bucket at a time in host memory
+        for bucket in iter_buckets(host, self.cfg.bucket_bytes):
+            ref = ray.put(bucket)
+            ray.get([w.push_weights.remote(ref) for w in self.workers])
+            sent += sum(t.numel() * t.element_size() for t in bucket.values())
+            del ref, bucket
+        loaded = ray.get([w.finish_weight_update.remote() for w in self.workers])
+        if any(n != sent for n in loaded):
+            raise RuntimeError(f"workers loaded {loaded} bytes of the {sent} sent")
+        return {"weight_sync_s": time.perf_counter() - t0, "weight_sync_bytes": float(sent)}
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
