@@ -43,6 +43,13 @@ def tiny_policy(tiny_dirs):
 
 
 @pytest.fixture(scope="session")
+def encoder(tiny_processor):
+    from vrag_rl.agent.chat import ChatEncoder
+
+    return ChatEncoder(tiny_processor)
+
+
+@pytest.fixture(scope="session")
 def bundled_corpus() -> Path:
     """The synthetic corpus shipped in data/: the demo's default and the tests' documents."""
     return Path(__file__).resolve().parents[1] / "data" / "synthetic-small"
@@ -91,3 +98,11 @@ def ray_session():
     yield
     ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def warm_policy(tiny_dirs, bundled_corpus) -> Path:
+    """The tiny policy after its supervised warm start: it searches, crops and answers (cached on disk)."""
+    from vrag_rl.models.warm import build_warm_policy
+
+    return build_warm_policy(tiny_dirs["policy"], bundled_corpus, CACHE / "warm")

@@ -43,13 +43,6 @@ class ScriptedEngine(RolloutEngine):
 
 
 @pytest.fixture(scope="session")
-def encoder(tiny_processor):
-    from vrag_rl.agent.chat import ChatEncoder
-
-    return ChatEncoder(tiny_processor)
-
-
-@pytest.fixture(scope="session")
 def retriever(bundled_corpus, bundled_index, embedder):
     from vrag_rl.retrieval.service import Retriever
 
@@ -65,8 +58,10 @@ def image_token_count(trajectory) -> int:
     return sum(t * h * w // 4 for t, h, w in trajectory.image_grid_thw)
 
 
-def recompute_logprobs(model, trajectory, image_token_id: int, temperature: float = 1.0) -> torch.Tensor:
-    from vrag_rl.models.forward import token_logprobs
+def recompute_logprobs(model, trajectory, encoder, temperature: float = 1.0) -> torch.Tensor:
+    """The training forward's log-probs over a whole trajectory, under the engines' sampling distribution."""
+    from vrag_rl.models.forward import banned_token_ids, token_logprobs
 
     with torch.no_grad():
-        return token_logprobs(model, trajectory.model_inputs(image_token_id), temperature)[0]
+        inputs = trajectory.model_inputs(encoder.image_token_id)
+        return token_logprobs(model, inputs, temperature, banned_token_ids(encoder.tokenizer))[0]

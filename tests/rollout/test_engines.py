@@ -17,7 +17,7 @@ from tests.rollout.conftest import TINY_BUDGET
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import load_qa
-from vrag_rl.models.forward import token_logprobs
+from vrag_rl.models.forward import banned_token_ids, token_logprobs
 from vrag_rl.rollout.engine import GenerationRequest, SamplingConfig
 from vrag_rl.rollout.hf_engine import HFEngine
 from vrag_rl.rollout.vllm_engine import VLLMConfig
@@ -64,12 +64,13 @@ def vllm_engine(ray_session, tiny_dirs):
     ray.kill(actor)
 
 
-def recomputed(model, request: GenerationRequest, new_ids: list[int], image_token_id: int, temperature: float):
+def recomputed(model, request: GenerationRequest, new_ids: list[int], encoder, temperature: float):
     traj = Trajectory()
     traj.add_prompt(request.prompt_ids, request.images, request.pixel_values, request.image_grid_thw)
     traj.add_model_turn(new_ids)
     with torch.no_grad():
-        return token_logprobs(model, traj.model_inputs(image_token_id), temperature)[0, len(request.prompt_ids) :]
+        inputs = traj.model_inputs(encoder.image_token_id)
+        return token_logprobs(model, inputs, temperature, banned_token_ids(encoder.tokenizer))[0, len(request.prompt_ids) :]
 
 
 def test_hf_logprobs_are_the_training_forward(hf, contexts, encoder):
@@ -77,7 +78,7 @@ def test_hf_logprobs_are_the_training_forward(hf, contexts, encoder):
     for request in contexts:
         request.seed = 11
         (gen,) = hf.generate([request], sampling)
-        again = recomputed(hf.model, request, gen.token_ids, encoder.image_token_id, 0.8)
+        again = recomputed(hf.model, request, gen.token_ids, encoder, 0.8)
         assert torch.allclose(torch.tensor(gen.logprobs), again, atol=LOGPROB_TOL)
         assert hf.generate([request], sampling)[0].token_ids == gen.token_ids  # same seed, same sample
 
@@ -105,9 +106,24 @@ def test_vllm_sampled_logprobs_match_recomputed(vllm_engine, hf, contexts, encod
     again = ray.get(vllm_engine.generate.remote(requests[:2], sampling))
     assert [g.token_ids for g in again] == [g.token_ids for g in gens[:2]]  # the seed fixes the sample
     for request, gen in zip(requests, gens):
-        want = recomputed(hf.model, request, gen.token_ids, encoder.image_token_id, temperature)
+        want = recomputed(hf.model, request, gen.token_ids, encoder, temperature)
         assert len(gen.logprobs) == len(gen.token_ids)
         assert (torch.tensor(gen.logprobs) - want).abs().max().item() < LOGPROB_TOL
+
+
+def test_seeded_batch_larger_than_one_scheduler_step(vllm_engine, contexts):
+    """More prompt tokens than one step takes: a seeded sample must not depend on how requests were batched
+    (on CPU, chunked prefill of a seeded request used to fail inside vLLM)."""
+    import ray
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=8)
+    # Distinct first tokens: no shared cached prefix, so every prompt is computed in full.
+    requests = [GenerationRequest([100 + s] + c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
+                for s in range(8) for c in contexts]  # fmt: skip
+    assert sum(len(r.prompt_ids) for r in requests) > max(VLLM_CPU.max_model_len, 8192)
+    gens = ray.get(vllm_engine.generate.remote(requests, sampling))
+    alone = ray.get(vllm_engine.generate.remote(requests[-1:], sampling))
+    assert len(gens) == len(requests) and gens[-1].token_ids == alone[0].token_ids
 
 
 def perturbed_state(model, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -140,3 +156,35 @@ def test_hf_update_weights_equals_loading(hf, tiny_dirs):
     assert all(torch.equal(hf.model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(KeyError):
         hf.update_weights([("no.such.weight", torch.zeros(1))])
+
+
+def test_vision_placeholders_are_never_sampled(vllm_engine, contexts, tiny_dirs, encoder):
+    """Runs last in this module: it changes the engine's weights. The placeholder's output row is made 100x
+    the greedy token's, so that without the ban it would be every engine's first choice."""
+    import ray
+
+    hf = HFEngine(str(tiny_dirs["policy"]), dtype="float32")
+    greedy = SamplingConfig(temperature=0.0, max_tokens=8)
+    first = hf.generate(contexts[:1], greedy)[0].token_ids[0]
+    name = "model.language_model.embed_tokens.weight"  # tied: also the output head
+    table = dict(hf.model.named_parameters())[name].detach().clone()
+    table[encoder.image_token_id] = 100 * table[first]
+    hf.update_weights([(name, table)])
+    ids = torch.tensor([contexts[0].prompt_ids])
+    with torch.no_grad():
+        logits = hf.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids)).logits
+    assert logits[0, -1].argmax().item() == encoder.image_token_id
+    ray.get(vllm_engine.update_weights.remote([(k, v.detach()) for k, v in hf.model.named_parameters()]))
+    banned = set(banned_token_ids(encoder.tokenizer))
+    assert encoder.image_token_id in banned
+    sampled = [GenerationRequest(c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
+               for c in contexts for s in range(4)]  # fmt: skip
+    for sampling, requests in ((greedy, contexts), (SamplingConfig(temperature=1.0, max_tokens=8), sampled)):
+        got = ray.get(vllm_engine.generate.remote(requests, sampling))
+        want = hf.generate(requests, sampling)
+        assert not banned & {t for g in got + want for t in g.token_ids}
+        if sampling.greedy:
+            assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        for g, w in zip(got, want):
+            if g.token_ids == w.token_ids:
+                assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=LOGPROB_TOL)

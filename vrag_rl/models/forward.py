@@ -8,7 +8,38 @@ plain text position (used for masking) and the three mRoPE rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+# Placeholders of the vision input. A sampled one would announce an image that is not there (and break the
+# position index of every later turn), so they are outside the policy's action space: engines never sample
+# them and every log-prob here is of the distribution renormalised without them, which is exactly what the
+# engines sample from.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision placeholder tokens the tokenizer knows."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[t] for t in VISION_TOKENS if t in vocab)
+
+
+def policy_log_softmax(logits: torch.Tensor, temperature: float = 1.0, banned: Sequence[int] = ()) -> torch.Tensor:
+    """Log-probs of the sampling distribution: logits / temperature, banned ids at -inf, in float32."""
+    logits = logits.float() / temperature
+    if len(banned):
+        logits = logits.index_fill(-1, torch.tensor(list(banned), device=logits.device), float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def target_logprobs(log_probs: torch.Tensor, targets: torch.Tensor, banned: Sequence[int] = ()) -> torch.Tensor:
+    """Log-prob of each target under ``log_probs``; 0 where the target is a banned placeholder (image tokens
+    of the input are never sampled, and -inf there would turn masked sums into NaN)."""
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if len(banned):
+        logp = torch.where(torch.isin(targets, torch.tensor(list(banned), device=targets.device)), 0.0, logp)
+    return logp
 
 
 def mrope_position_ids(model, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
@@ -21,18 +52,18 @@ def mrope_position_ids(model, input_ids: torch.Tensor, mm_token_type_ids: torch.
     return torch.cat([text.unsqueeze(0), rope.to(text.dtype)], dim=0)
 
 
-def token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0,
+                   banned: Sequence[int] = ()) -> torch.Tensor:  # fmt: skip
     """Log-prob of every token given its prefix: (batch, seq) with position 0 set to 0.
 
     ``inputs`` holds input_ids, attention_mask, mm_token_type_ids and, with images, pixel_values and
     image_grid_thw. Logits are divided by the sampling temperature so the values are those of the
-    distribution the sampler drew from.
+    distribution the sampler drew from; ``banned`` ids (``banned_token_ids``) are excluded from it likewise.
     """
     position_ids = mrope_position_ids(
         model, inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"), inputs["attention_mask"]
     )
     out = model(**inputs, position_ids=position_ids, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
     targets = inputs["input_ids"][:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = target_logprobs(policy_log_softmax(out.logits[:, :-1], temperature, banned), targets, banned)
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)

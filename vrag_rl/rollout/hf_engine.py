@@ -3,7 +3,8 @@
 Requests run one at a time (no padding, so nothing about batching can change a result). Positions are the
 model's own 3-D mRoPE index over the whole multi-turn sequence (``mm_token_type_ids`` tells ``generate``
 where the images are), and log-probs come from the logits ``generate`` returns, divided by the sampling
-temperature: the same numbers a training forward over the recorded trajectory gives.
+temperature, vision placeholders excluded (``models.forward.VISION_TOKENS``): the same numbers a training
+forward over the recorded trajectory gives.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
+from vrag_rl.models.forward import banned_token_ids, policy_log_softmax
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, max_new_tokens
 
 
@@ -28,6 +30,7 @@ class HFEngine(RolloutEngine):
             tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
         ]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[-1]
+        self.banned = banned_token_ids(tokenizer)
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[Generation]:
@@ -55,13 +58,15 @@ class HFEngine(RolloutEngine):
             max_new_tokens=max_new_tokens(request, sampling),
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
+            suppress_tokens=self.banned,
             output_logits=True,
             return_dict_in_generate=True,
         )
         new = out.sequences[0, ids.shape[1] :].tolist()
         # generate stops the batch at the first stop token; nothing follows it for a batch of one.
-        logits = torch.stack([step[0] for step in out.logits[: len(new)]]).float() / sampling.logprob_temperature
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new, device=logits.device)[:, None])
+        logits = torch.stack([step[0] for step in out.logits[: len(new)]])  # raw: before temperature and bans
+        logprobs = policy_log_softmax(logits, sampling.logprob_temperature, self.banned)
+        logprobs = logprobs.gather(-1, torch.tensor(new, device=logits.device)[:, None])
         finish = "stop" if new and new[-1] in self.stop_token_ids else "length"
         return Generation(new, logprobs[:, 0].tolist(), finish)
 

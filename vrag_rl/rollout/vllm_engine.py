@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vrag_rl.models.forward import banned_token_ids
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, max_new_tokens
 
 
@@ -43,6 +44,10 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True skips graph capture / compilation (fast start; CPU tests)
     enable_prefix_caching: bool = True  # turns of a trajectory share their prefix
+    # None: off on CPU, on elsewhere. A prompt cut over several scheduler steps rewinds its seeded sampler,
+    # which CPU generators cannot do ("CPU Generator does not use offset"); without chunking, whole prompts
+    # wait for the next step instead.
+    chunked_prefill: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,9 +86,16 @@ class VLLMEngine(RolloutEngine):
         self.stop_token_ids = stop_token_ids or [
             tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
         ]
+        banned = set(banned_token_ids(tokenizer))
+        self.allowed_token_ids = [i for i in range(config.get_text_config().vocab_size) if i not in banned]
+        from vllm.platforms import current_platform
+
         options = dict(gpu_memory_utilization=cfg.gpu_memory_utilization)
         if cfg.kv_cache_memory_bytes is not None:
             options = dict(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
+        chunked = cfg.chunked_prefill if cfg.chunked_prefill is not None else not current_platform.is_cpu()
+        if not chunked:  # every prompt must then fit in one step's token budget
+            options |= dict(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
         self.llm = LLM(
             model=model_dir,
             dtype=cfg.dtype,
@@ -120,6 +132,7 @@ class VLLMEngine(RolloutEngine):
                     stop_token_ids=self.stop_token_ids,
                     logprobs=0,  # the sampled token's log-prob only
                     seed=r.seed,
+                    allowed_token_ids=self.allowed_token_ids,  # exact -inf mask, before the log-probs
                     skip_special_tokens=False,
                     detokenize=False,  # ids are the output; the agent decodes them itself
                 )

@@ -9,10 +9,13 @@ step's memory is bounded however long the trajectories grow.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vrag_rl.agent.trajectory import Trajectory
-from vrag_rl.models.forward import mrope_position_ids
+from vrag_rl.algo.losses import entropy_from_logits
+from vrag_rl.models.forward import mrope_position_ids, policy_log_softmax, target_logprobs
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -70,19 +73,49 @@ def collate(trajectories: list[Trajectory], image_token_id: int, pad_token_id: i
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False):
-    """(rows, width) log-prob of each token given its prefix (position 0 and padding: 0); with ``with_entropy``
-    also the entropy of each position's next-token distribution, aligned the same way."""
+def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False,
+                     banned: Sequence[int] = ()):  # fmt: skip
+    """(rows, width) log-prob of each token given its prefix (position 0 and padding: 0) under the sampling
+    distribution (temperature, ``banned`` ids excluded); with ``with_entropy`` also the entropy of each
+    position's next-token distribution, aligned the same way."""
     inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
     position_ids = mrope_position_ids(model, inputs["input_ids"], inputs["mm_token_type_ids"],
                                       inputs.get("image_grid_thw"), inputs["attention_mask"])  # fmt: skip
-    logits = model(**inputs, position_ids=position_ids, use_cache=False).logits[:, :-1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
+    logits = model(**inputs, position_ids=position_ids, use_cache=False).logits[:, :-1]
+    logp_all = policy_log_softmax(logits, temperature, banned)
     targets = inputs["input_ids"][:, 1:]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = target_logprobs(logp_all, targets, banned)
     pad = torch.zeros_like(logp[:, :1])
     logp = torch.cat([pad, logp], dim=1) * inputs["attention_mask"]
     if not with_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = entropy_from_logits(logp_all)  # banned ids: p = 0, no NaN
     return logp, torch.cat([pad, entropy], dim=1) * inputs["attention_mask"]
+
+
+def plan_ranks(lengths: list[int], world_size: int, max_tokens: int) -> list[list[tuple[list[int], float]]]:
+    """Spread sequences over data-parallel ranks and cut each rank's share into token-budget micro-batches.
+
+    Returns per rank a list of (indices, weight). Every rank gets the same number of micro-batches, because
+    each forward of a sharded model is a collective: a rank with less work repeats one of its micro-batches
+    (or sequence 0) with weight 0, which adds nothing to the loss. Longest sequences are placed first on the
+    least-loaded rank, and each rank's share is sorted by length so that padding stays small.
+    """
+    if world_size < 1 or not lengths:
+        raise ValueError(f"need world_size >= 1 and at least one sequence, got {world_size} and {len(lengths)}")
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    plans = []
+    for share in shares:
+        share.sort(key=lambda i: (lengths[i], i))
+        groups = token_budget_batches([lengths[i] for i in share], max_tokens)
+        plans.append([([share[j] for j in g], 1.0) for g in groups])
+    count = max(len(p) for p in plans)
+    for p in plans:
+        filler = p[0][0] if p else [0]
+        p.extend((filler, 0.0) for _ in range(count - len(p)))
+    return plans

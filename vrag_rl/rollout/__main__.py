@@ -1,0 +1,3 @@
+from vrag_rl.rollout.watch import main
+
+main()

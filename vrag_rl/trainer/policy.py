@@ -1,0 +1,279 @@
+"""One data-parallel rank of the policy being trained: a plain class (``trainer/actor.py`` is its Ray shell).
+
+Inside a process group the model is sharded with FSDP2 (``fully_shard``: each vision block, each decoder layer,
+then the root) over a 1-D mesh of all ranks, with bf16 compute when asked (master weights and gradient
+reductions stay fp32), optional CPU offload of parameters and optimizer state, and activation checkpointing.
+Without a process group it is an ordinary single-process model, which is what unit tests and the warm start use.
+
+A sharded forward is a collective, so every rank runs the same number of micro-batches (``batch.plan_ranks``)
+and the same modules: a micro-batch without images still runs the vision tower on a 4-patch dummy whose output
+enters the loss times zero. Losses are sums over a micro-batch divided by the token count of the whole
+mini-batch, times the world size (gradients are averaged over ranks), so the accumulated gradient equals the
+whole mini-batch's on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vrag_rl.agent.trajectory import Trajectory
+from vrag_rl.algo.config import AlgoConfig
+from vrag_rl.algo.losses import kl_penalty, policy_loss
+from vrag_rl.trainer.batch import collate, forward_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULES = ("constant", "cosine")
+
+MicroBatch = tuple[list[int], float]  # indices into the rank's trajectories, loss weight (0: collective filler)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    warmup_steps: int = 5  # linear warm-up, then the schedule
+    schedule: str = "constant"  # "constant" | "cosine" (to 0 at the last step)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip > 0 and len(self.betas) == 2):
+            raise ValueError("optim: lr > 0, warmup_steps >= 0, grad_clip > 0 and two betas")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1  # data-parallel ranks (Ray actors)
+    num_cpus: float = 1.0  # per rank
+    num_gpus: float = 0.0  # per rank; > 0 means CUDA and nccl
+    param_dtype: str = "float32"  # compute dtype under FSDP2 (bfloat16 on GPUs); master weights stay fp32
+    gradient_checkpointing: bool = False
+    offload: bool = False  # parameters, gradients and optimizer state in host memory between uses
+    freeze_vision: bool = False
+    micro_batch_tokens: int = 8192  # padded tokens per forward
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f"trainer.param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}")
+        if self.num_workers < 1 or self.micro_batch_tokens < 1:
+            raise ValueError("trainer: num_workers >= 1 and micro_batch_tokens >= 1")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _load(model_dir: str, device: str):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
+
+
+def _shard(model, cfg: TrainerConfig) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(cfg.device, (dist.get_world_size(),))
+    options = dict(
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy() if cfg.offload else OffloadPolicy(),
+    )
+    for block in model.model.visual.blocks:
+        fully_shard(block, **options)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+
+
+class PolicyTrainer:
+    """The policy (and, for the KL term, a frozen reference) on one rank, with its optimizer and schedule."""
+
+    def __init__(self, model_dir: str, cfg: TrainerConfig, total_steps: int, with_reference: bool,
+                 image_token_id: int, pad_token_id: int, banned: list[int]):  # fmt: skip
+        self.cfg, self.total_steps = cfg, total_steps
+        self.image_token_id, self.pad_token_id, self.banned = image_token_id, pad_token_id, banned
+        self.sharded = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if self.sharded else 1
+        torch.manual_seed(0)  # nothing here samples; fixed anyway so that any future dropout is reproducible
+        self.model = _load(model_dir, cfg.device)
+        if cfg.freeze_vision:
+            self.model.model.visual.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference = None
+        if with_reference:
+            self.reference = _load(model_dir, cfg.device).eval().requires_grad_(False)
+        if self.sharded:
+            _shard(self.model, cfg)
+            if self.reference is not None:
+                _shard(self.reference, cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o, total_steps))
+        # 4 patches (one merged image token) of zeros: the vision tower's part of every collective.
+        patch = self.model.config.vision_config
+        dim = patch.in_channels * patch.temporal_patch_size * patch.patch_size**2
+        self._dummy = (torch.zeros(4, dim, device=cfg.device), torch.tensor([[1, 2, 2]], device=cfg.device))
+
+    @classmethod
+    def for_model(cls, model_dir: str, cfg: TrainerConfig, total_steps: int, with_reference: bool) -> PolicyTrainer:
+        """Token ids (image placeholder, padding, banned placeholders) from the model directory's tokenizer."""
+        from transformers import AutoProcessor
+
+        from vrag_rl.models.forward import banned_token_ids
+
+        tokenizer = AutoProcessor.from_pretrained(model_dir).tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(model_dir, cfg, total_steps, with_reference, tokenizer.convert_tokens_to_ids("<|image_pad|>"), pad,
+                   banned_token_ids(tokenizer))  # fmt: skip
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def _forward(self, model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
+        out = forward_logprobs(model, batch, temperature, with_entropy, self.banned)
+        if not self.sharded or "pixel_values" in batch:
+            return out
+        anchor = model.model.visual(*self._dummy[:1], grid_thw=self._dummy[1]).last_hidden_state.sum() * 0.0
+        return tuple(t + anchor for t in out) if with_entropy else out + anchor
+
+    def _batch(self, trajectories: list[Trajectory]) -> dict[str, torch.Tensor]:
+        batch = collate(trajectories, self.image_token_id, self.pad_token_id)
+        return {k: v.to(self.cfg.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def logprobs(self, trajectories: list[Trajectory], plan: list[MicroBatch], temperature: float,
+                 reference: bool = False) -> list[torch.Tensor]:  # fmt: skip
+        """Per trajectory, the log-probs of its response tokens (in order), from the policy or the reference."""
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("this trainer was built without a reference policy (algo.kl_coef = 0)")
+        model.eval()
+        out: list[torch.Tensor | None] = [None] * len(trajectories)
+        for indices, weight in plan:
+            batch = self._batch([trajectories[i] for i in indices])
+            logp = self._forward(model, batch, temperature, with_entropy=False).float().cpu()
+            if weight:
+                for row, i in enumerate(indices):
+                    out[i] = logp[row][batch["response_mask"][row].bool().cpu()]
+        return out
+
+    # ---- updates -------------------------------------------------------------------------------------------
+    def _step(self, trajectories: list[Trajectory], plan: list[MicroBatch], loss_fn) -> dict[str, float]:
+        """Accumulate ``loss_fn`` over the plan, clip, step. Returns summed metrics (the caller adds ranks)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for indices, weight in plan:
+            batch = self._batch([trajectories[i] for i in indices])
+            loss, metrics = loss_fn(indices, batch)
+            (loss * weight).backward()
+            if weight:
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        sums["grad_norm"] = float(norm) / self.world_size  # the caller sums ranks: each rank holds the global norm
+        return sums
+
+    def grpo_update(self, trajectories: list[Trajectory], plan: list[MicroBatch], advantages: list[float],
+                    old_logprobs: list[torch.Tensor], algo: AlgoConfig, num_tokens: int, temperature: float,
+                    ref_logprobs: list[torch.Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+        """One optimizer step on a mini-batch: PPO-clip GRPO loss, k-estimator KL to the reference, optional
+        entropy bonus. ``num_tokens``: response tokens of the whole mini-batch over all ranks."""
+        if algo.loss_agg != "token-mean":
+            raise NotImplementedError("the distributed trainer aggregates by token-mean only")
+        device = self.cfg.device
+
+        def padded(values: list[torch.Tensor], indices, mask) -> torch.Tensor:
+            out = torch.zeros(mask.shape, device=device)
+            for row, i in enumerate(indices):
+                out[row][mask[row]] = values[i].to(device)
+            return out
+
+        def loss_fn(indices, batch):
+            mask = batch["response_mask"].bool()
+            logp, entropy = self._forward(self.model, batch, temperature, with_entropy=True)
+            adv = torch.tensor([advantages[i] for i in indices], device=device)
+            pg, m = policy_loss(logp, padded(old_logprobs, indices, mask), adv, mask, algo.clip_low, algo.clip_high,
+                                algo.dual_clip_c, "token-mean", num_tokens, self.world_size)  # fmt: skip
+            count = mask.sum()
+            loss = pg
+            ent = (entropy * mask).sum()
+            metrics = {"pg_loss": pg.detach() / self.world_size, "tokens": count,
+                       "pg_clipfrac": m["pg_clipfrac"] * count, "ppo_kl": m["ppo_kl"] * count,
+                       "entropy": ent.detach()}  # fmt: skip
+            if algo.entropy_coef:
+                loss = loss - algo.entropy_coef * ent / num_tokens * self.world_size
+            if ref_logprobs is not None:
+                kl = (kl_penalty(logp, padded(ref_logprobs, indices, mask), algo.kl_kind) * mask).sum()
+                loss = loss + algo.kl_coef * kl / num_tokens * self.world_size
+                metrics["kl"] = kl.detach()
+            return loss, metrics
+
+        return self._step(trajectories, plan, loss_fn)
+
+    def sft_update(self, trajectories: list[Trajectory], plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
+        """One optimizer step of masked next-token NLL over the response tokens (supervised warm start)."""
+
+        def loss_fn(indices, batch):
+            mask = batch["response_mask"]
+            nll = -(self._forward(self.model, batch, 1.0, with_entropy=False) * mask).sum()
+            return nll / num_tokens * self.world_size, {"nll": nll.detach(), "tokens": mask.sum()}
+
+        return self._step(trajectories, plan, loss_fn)
+
+    def end_step(self) -> float:
+        """Advance the learning-rate schedule by one training step; returns the new learning rate."""
+        self.scheduler.step()
+        return self.scheduler.get_last_lr()[0]
+
+    # ---- weights out ---------------------------------------------------------------------------------------
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full fp32 tensor on CPU) per parameter, each once (tied weights: one name). Collective:
+        every rank must iterate to the end."""
+        for name, p in self.model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            yield name, full.detach().to("cpu", torch.float32)
+
+    def save(self, path: Path) -> None:
+        """Sharded model and optimizer state (torch.distributed.checkpoint) and the schedule position."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        if not self.sharded or dist.get_rank() == 0:
+            state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+            (path / "scheduler.json").write_text(json.dumps(state))
+
+    def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # The schedule is a function of the step (not saved); its position and base rates are.
+        self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()) | {"lr_lambdas": [None]})
