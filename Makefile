@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: env
-	$(BIN)/python -m vrag_rl.main
+	$(BIN)/python -m vrag_rl.main +recipe=tiny_cpu
 
 # Test assets from Debian's packages: tesseract (OCR) and poppler, and real PDFs with charts and tables.
 assets: $(ASSETS)/.done

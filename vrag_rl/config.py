@@ -1,7 +1,7 @@
-"""Typed configuration of the main job, registered with Hydra.
+"""Typed configuration of the main job (GRPO training), registered with Hydra.
 
-The dataclasses are the schema: YAML in ``conf/`` only sets values, and every key can be overridden on the
-command line (``python -m vrag_rl.main demo.num_questions=4 reward.answer_weight=0.5``). Unknown keys and
+The dataclasses are the schema: YAML in ``conf/`` and ``recipes/`` only sets values, and every key can be
+overridden on the command line (``python -m vrag_rl.main +recipe=tiny_cpu algo.group_size=8``). Unknown keys and
 values of the wrong type fail in Hydra; values out of range fail in the dataclasses' own checks when the
 config is turned into objects at start-up.
 """
@@ -13,51 +13,89 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from vrag_rl.agent.images import ImageBudget
-from vrag_rl.agent.prompt import PromptConfig
-from vrag_rl.data.expert import VARIANTS
+from vrag_rl.algo.config import AlgoConfig
+from vrag_rl.reward.judge import JudgeConfig
 from vrag_rl.reward.score import RewardConfig
+from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.worker import RolloutConfig
+from vrag_rl.trainer.policy import TrainerConfig
+from vrag_rl.trainer.tracking import TrackingConfig
 
 BUNDLED_CORPUS = str(Path(__file__).resolve().parents[1] / "data" / "synthetic-small")
 
 
 @dataclass
-class ModelsConfig:
-    tiny_dir: str = ".cache/tiny"  # where the tiny model kit is built (reused when complete)
+class PolicyModels:
+    policy: str | None = None  # a Hugging Face checkpoint directory; None: the tiny policy (built in tiny_dir)
+    retriever: str | None = None  # a ColQwen2 directory; None: the tiny one
+    tiny_dir: str = ".cache/tiny"
     tiny_seed: int = 0
 
 
 @dataclass
-class DemoConfig:
-    corpus: str = BUNDLED_CORPUS  # a corpus directory (pages/, qa.parquet); default: the bundled one
-    num_questions: int = 8
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    max_length: int = 4096  # tokens per trajectory
-    lr: float = 1e-4
-    steps: int = 2  # GRPO updates on the same batch (PPO epochs)
-    kl_coef: float = 0.01
-    kl_kind: str = "low_var_kl"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    loss_agg: str = "token-mean"
+class DataConfig:
+    corpus: str = BUNDLED_CORPUS  # pages/, pages.parquet, qa.parquet
+    index: str | None = None  # its page index; None: built into .cache/index/<corpus name> when missing or stale
+    holdout_every: int = 10  # every n-th question is held out for validation, never trained on
+    max_val_questions: int = 16
 
     def __post_init__(self) -> None:
-        unknown = set(self.variants) - set(VARIANTS)
-        if unknown or len(self.variants) < 2:
-            raise ValueError(f"demo.variants needs at least two of {VARIANTS}, got {self.variants}")
-        if self.num_questions < 1 or self.steps < 1 or self.lr <= 0 or self.max_length < 64:
-            raise ValueError("demo: num_questions, steps >= 1, lr > 0, max_length >= 64")
+        if self.holdout_every < 2 or self.max_val_questions < 0:
+            raise ValueError("data: holdout_every >= 2 and max_val_questions >= 0")
 
 
 @dataclass
-class MainConfig:
+class RetrieverSettings:
+    shard_actors: int = 1
+    num_cpus: float = 0.25  # per actor
+    embed_batch_size: int = 4
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0  # supervised warm-start steps on expert trajectories before GRPO; 0: none
+    batch_size: int = 8  # expert trajectories per step
+    lr: float = 1e-5
+    warmup_steps: int = 5
+    freeze_vision: bool = True  # full fine-tune of the language model; the vision tower stays as it is
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("sft: steps >= 0, batch_size >= 1, lr > 0")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 100  # GRPO steps
+    val_every: int = 10  # greedy validation every n steps (0: never), and at the end
+    save_every: int = 10  # checkpoint every n steps (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    out_dir: str | None = None  # None: Hydra's run directory (hydra.run.dir)
+    export_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.val_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("run: steps >= 1, val_every >= 0, save_every >= 0, keep_checkpoints >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """``python -m vrag_rl.main``: SFT warm start (optional), then GRPO on Ray. Recipes set values."""
+
     seed: int = 0
-    models: ModelsConfig = field(default_factory=ModelsConfig)
-    # The tiny policy's processor accepts images of 4..512 merged patches; the demo shows pages small.
-    budget: ImageBudget = field(default_factory=lambda: ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28))
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    models: PolicyModels = field(default_factory=PolicyModels)
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.model_dir is set at start
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # training rollouts; validation is greedy
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
+    judge: JudgeConfig | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
-ConfigStore.instance().store(name="main_schema", node=MainConfig)
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)

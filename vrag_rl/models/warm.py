@@ -57,7 +57,7 @@ class WarmConfig:
     crop_batch_size: int = 16  # lone crop turns per step (see the module docstring)
     seed: int = 0
     max_length: int = 4096  # tokens per trajectory
-    min_pixels: int = 64 * 28 * 28  # the image budget pages are shown in (MainConfig().budget)
+    min_pixels: int = 64 * 28 * 28  # the image budget pages are shown in (recipes/tiny_cpu.yaml)
     max_pixels: int = 256 * 28 * 28
     holdout_every: int = 10  # every n-th question with an answer box is held out for checking, never trained on
 

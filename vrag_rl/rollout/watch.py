@@ -56,6 +56,14 @@ def open_retriever(corpus: Path, index: Path | None, retriever_model: str):
     return Retriever(corpus, index, embedder)
 
 
+def ensure_index(corpus: Path, index: Path | None, retriever_model: str) -> Path:
+    """``index`` as given, or the cache's index of the corpus, (re)built when missing or stale."""
+    if index is not None:
+        return index
+    open_retriever(corpus, None, retriever_model)
+    return CACHE / "index" / corpus.resolve().name
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m vrag_rl.rollout", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=Path(BUNDLED_CORPUS), help="page corpus with qa.parquet")
