@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/python -c "import torch; print('torch', torch.__version__)" 
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[$(strip $(TARGET)),test]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[$(strip $(TARGET)),test,bench]"
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps verl==0.9.1
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt "tensordict<=0.10" codetiming pylatexenc torchdata
 	if [ "$(strip $(TARGET))" = cpu ]; then $(BIN)/pip uninstall -q -y torchaudio torchcodec || true; fi

@@ -18,11 +18,8 @@ this machine's fp32 matrix-multiply peak measured in the same run. Timings are t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine  # noqa: E402
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim before colpali-engine imports it)
 from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex  # noqa: E402
@@ -56,19 +55,6 @@ def matmul_peak(repeats: int = 5, n: int = 4096) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
-
-
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    return {
-        "cpu": fields.get("Model name", "?").strip(),
-        "cpus": fields.get("CPU(s)", "?").strip(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dict:

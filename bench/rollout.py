@@ -15,18 +15,16 @@ for the record, bookkeeping) -- the agent overhead, target <= 10%. Results go to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine  # noqa: E402
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim first)
 from vrag_rl.config import BUNDLED_CORPUS  # noqa: E402
@@ -38,14 +36,6 @@ from vrag_rl.rollout.engine import SamplingConfig  # noqa: E402
 from vrag_rl.rollout.vllm_engine import VLLMConfig  # noqa: E402
 from vrag_rl.rollout.watch import CACHE, TINY_BUDGET, open_retriever  # noqa: E402
 from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker  # noqa: E402
-
-
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    return {"cpu": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}  # fmt: skip
 
 
 def run_engine(name: str, policy: str, retriever, tasks, warmup, sampling: SamplingConfig, args) -> dict:

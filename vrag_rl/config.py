@@ -38,10 +38,13 @@ class DataConfig:
     index: str | None = None  # its page index; None: built into .cache/index/<corpus name> when missing or stale
     holdout_every: int = 10  # every n-th question is held out for validation, never trained on
     max_val_questions: int = 16
+    max_train_questions: int | None = None  # train on the first n training questions only (small runs, tests)
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2 or self.max_val_questions < 0:
             raise ValueError("data: holdout_every >= 2 and max_val_questions >= 0")
+        if self.max_train_questions is not None and self.max_train_questions < 1:
+            raise ValueError("data: max_train_questions >= 1 (or null for all)")
 
 
 @dataclass
@@ -55,13 +58,14 @@ class RetrieverSettings:
 class SFTConfig:
     steps: int = 0  # supervised warm-start steps on expert trajectories before GRPO; 0: none
     batch_size: int = 8  # expert trajectories per step
+    crop_batch_size: int = 0  # lone crop turns per step (trainer/sft.py): teaches small models box coordinates
     lr: float = 1e-5
     warmup_steps: int = 5
     freeze_vision: bool = True  # full fine-tune of the language model; the vision tower stays as it is
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("sft: steps >= 0, batch_size >= 1, lr > 0")
+        if self.steps < 0 or self.batch_size < 1 or self.crop_batch_size < 0 or self.lr <= 0:
+            raise ValueError("sft: steps >= 0, batch_size >= 1, crop_batch_size >= 0, lr > 0")
 
 
 @dataclass

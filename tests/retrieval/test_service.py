@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vrag_rl.data.records import load_pages, write_pages
+from vrag_rl.data.records import load_pages, load_qa, write_pages
 from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.index import StaleIndexError
 from vrag_rl.retrieval.ocr import OCR_FILE
@@ -138,12 +138,23 @@ def test_search_argument_errors(retriever):
     assert retriever.search([], 3) == []
 
 
-def test_text_modes_need_a_text_index(bundled_corpus, visual_index, embedder):
-    r = Retriever(bundled_corpus, visual_index, embedder)  # the bundled corpus has no ocr.parquet
+def test_text_modes_need_a_text_index(bundled_corpus, visual_index, embedder, tmp_path):
+    # The bundled pages without the corpus's ocr.parquet.
+    shutil.copyfile(bundled_corpus / "pages.parquet", tmp_path / "pages.parquet")
+    (tmp_path / "pages").symlink_to((bundled_corpus / "pages").resolve(), target_is_directory=True)
+    r = Retriever(tmp_path, visual_index, embedder)
     assert r.text_index is None
     with pytest.raises(ValueError, match="text index"):
         r.search(["x"], 3, mode="hybrid")
     assert len(r.search(["x"], 3)[0]) == 3
+
+
+def test_bundled_corpus_has_a_text_layer(bundled_corpus, visual_index, embedder):
+    r = Retriever(bundled_corpus, visual_index, embedder)
+    record = load_qa(bundled_corpus)[0]
+    assert r.search([f"{record.entity} {record.category}"], 3, mode="text")[0][0].page_id in set(
+        p for q in load_qa(bundled_corpus) if q.entity == record.entity for p in q.gold_pages
+    )
 
 
 def test_explicit_and_saved_text_index(visual_index, embedder, tmp_path, bundled_corpus):

@@ -15,6 +15,8 @@ def test_token_budget_batches():
     assert token_budget_batches([3, 9, 2], 10) == [[0], [1], [2]]  # padded to 9: two rows would be 18
     assert token_budget_batches([30, 1], 10) == [[0], [1]]  # too long for the budget: alone
     assert sum(token_budget_batches(list(range(1, 40)), 64), []) == list(range(39))
+    assert token_budget_batches([2, 2, 2, 9], 100) == [[0, 1, 2], [3]]  # 4 x 9 = 36 padded for 15 real
+    assert token_budget_batches([4, 5, 6, 7], 100) == [[0, 1, 2, 3]]
 
 
 def test_padded_batch_equals_single_forwards(tiny_processor, tiny_policy, bundled_corpus):

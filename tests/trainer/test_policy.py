@@ -85,6 +85,21 @@ def test_sft_lowers_the_nll(tiny_dirs, trajectories):
     assert last < first * 0.9
 
 
+def test_local_trainer_is_one_process_trainer_behind_the_group_interface(tiny_dirs, trajectories):
+    from vrag_rl.trainer.actor import LocalTrainer
+
+    local, single = LocalTrainer(CFG, str(tiny_dirs["policy"]), 10, True), one_rank(tiny_dirs["policy"])
+    old = local.logprobs(trajectories, 1.0)
+    want_old = single.logprobs(trajectories, full_plan(trajectories), 1.0)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(old, want_old))
+    ref = local.logprobs(trajectories, 1.0, reference=True)
+    got = local.grpo_update(trajectories, ADVANTAGES, old, ref, ALGO, 1.0)
+    tokens = sum(sum(t.response_mask) for t in trajectories)
+    want = single.grpo_update(trajectories, full_plan(trajectories), ADVANTAGES, old, ALGO, tokens, 1.0, ref)
+    assert got["pg_loss"] == pytest.approx(want["pg_loss"], rel=1e-4) and got["tokens"] == want["tokens"]
+    assert local.end_step() == single.end_step()
+
+
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_dirs):
     from vrag_rl.trainer.actor import TrainerGroup
@@ -94,21 +109,31 @@ def group(ray_session, tiny_dirs):
     g.shutdown()
 
 
-def test_two_sharded_ranks_equal_one_process(group, tiny_dirs, trajectories, tmp_path_factory):
-    single = one_rank(tiny_dirs["policy"])
+def check_update(group, single, trajectories, advantages) -> None:
+    """The group's log-probs and GRPO step on ``trajectories`` equal the single process's."""
     plan = full_plan(trajectories)
     tokens = sum(sum(t.response_mask) for t in trajectories)
     old, old_single = group.logprobs(trajectories, 1.0), single.logprobs(trajectories, plan, 1.0)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(old, old_single))
     ref = group.logprobs(trajectories, 1.0, reference=True)
 
-    got = group.grpo_update(trajectories, ADVANTAGES, old, ref, ALGO, 1.0)
-    want = single.grpo_update(trajectories, plan, ADVANTAGES, old_single, ALGO, tokens, 1.0, ref)
+    got = group.grpo_update(trajectories, advantages, old, ref, ALGO, 1.0)
+    want = single.grpo_update(trajectories, plan, advantages, old_single, ALGO, tokens, 1.0, ref)
     for key in ("pg_loss", "grad_norm", "tokens"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     for key in ("pg_clipfrac", "ppo_kl", "entropy", "kl"):
         assert got[key] == pytest.approx(want[key] / tokens, rel=1e-4, abs=1e-6), key
     assert group.end_step() == single.end_step()
+
+
+def test_two_sharded_ranks_equal_one_process(group, tiny_dirs, trajectories, tmp_path_factory):
+    single = one_rank(tiny_dirs["policy"])
+    check_update(group, single, trajectories, ADVANTAGES)
+    # Ranks whose micro-batches differ in images: the long expert trajectory (with images) goes to one rank,
+    # the two image-less ones to the other. Both must still run their modules in the same order.
+    mixed = [trajectories[0], trajectories[3], trajectories[7]]
+    assert mixed[0].images and not mixed[1].images and not mixed[2].images
+    check_update(group, single, mixed, [1.0, -1.0, 0.5])
 
     # The gathered weights, exported, equal the single process's.
     out = tmp_path_factory.mktemp("export") / "policy"

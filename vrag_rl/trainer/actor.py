@@ -89,24 +89,28 @@ class TrainerGroup:
     def __init__(self, cfg: TrainerConfig, model_dir: str, total_steps: int, with_reference: bool):
         import ray
 
-        self.cfg = cfg
+        self.cfg, self.world_size = cfg, cfg.num_workers
         remote = ray.remote(TrainerRank).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
         self.ranks = [remote.remote(r, cfg.num_workers) for r in range(cfg.num_workers)]
         master = ray.get(self.ranks[0].address.remote())
         ray.get([r.setup.remote(master, model_dir, cfg, total_steps, with_reference) for r in self.ranks])
 
-    def _scatter(self, method: str, trajectories: list[Trajectory], per_item: dict[str, list] | None = None, **kwargs):
-        """Call ``method(trajectories, plan, **per_item shares, **kwargs)`` on every rank with its share."""
+    def _call_all(self, calls: list[tuple[str, tuple, dict]]) -> list:
+        """Per rank, ``(method, args, kwargs)`` of its ``PolicyTrainer``; all at once, results in rank order."""
         import ray
 
-        plans = plan_ranks([len(t) for t in trajectories], len(self.ranks), self.cfg.micro_batch_tokens)
-        refs, globs = [], []
-        for rank, plan in zip(self.ranks, plans):
+        return ray.get([r.call.remote(m, *a, **k) for r, (m, a, k) in zip(self.ranks, calls)])
+
+    def _scatter(self, method: str, trajectories: list[Trajectory], per_item: dict[str, list] | None = None, **kwargs):
+        """Call ``method(trajectories, plan, **per_item shares, **kwargs)`` on every rank with its share."""
+        plans = plan_ranks([len(t) for t in trajectories], self.world_size, self.cfg.micro_batch_tokens)
+        calls, globs = [], []
+        for plan in plans:
             mine, local_plan, glob = _share(trajectories, plan)
             extra = {k: [v[i] for i in glob] for k, v in (per_item or {}).items()}
-            refs.append(rank.call.remote(method, mine, local_plan, **extra, **kwargs))
+            calls.append((method, (mine, local_plan), extra | kwargs))
             globs.append(glob)
-        return ray.get(refs), globs
+        return self._call_all(calls), globs
 
     def logprobs(self, trajectories: list[Trajectory], temperature: float, reference: bool = False) -> list[torch.Tensor]:
         results, globs = self._scatter("logprobs", trajectories, temperature=temperature, reference=reference)
@@ -131,9 +135,7 @@ class TrainerGroup:
         return _means(results, per_token=("nll",))
 
     def end_step(self) -> float:
-        import ray
-
-        return ray.get([r.call.remote("end_step") for r in self.ranks])[0]
+        return self._call_all([("end_step", (), {})] * self.world_size)[0]
 
     def sync_weights(self, pool) -> dict[str, float]:
         import ray
@@ -141,14 +143,10 @@ class TrainerGroup:
         return ray.get([r.sync_weights.remote(pool) for r in self.ranks])[0]
 
     def save(self, path: Path) -> None:
-        import ray
-
-        ray.get([r.call.remote("save", Path(path)) for r in self.ranks])
+        self._call_all([("save", (Path(path),), {})] * self.world_size)
 
     def load(self, path: Path) -> None:
-        import ray
-
-        ray.get([r.call.remote("load", Path(path)) for r in self.ranks])
+        self._call_all([("load", (Path(path),), {})] * self.world_size)
 
     def export(self, out_dir: Path, dtype: str) -> None:
         import ray
@@ -161,6 +159,27 @@ class TrainerGroup:
         ray.get([r.shutdown.remote() for r in self.ranks])
         for r in self.ranks:
             ray.kill(r)
+
+
+class LocalTrainer(TrainerGroup):
+    """``TrainerGroup``'s calls on one in-process ``PolicyTrainer``: no Ray, no process group (the cached warm
+    start, benchmarks)."""
+
+    def __init__(self, cfg: TrainerConfig, model_dir: str, total_steps: int, with_reference: bool):
+        self.cfg, self.world_size, self.model_dir = cfg, 1, model_dir
+        self.trainer = PolicyTrainer.for_model(model_dir, cfg, total_steps, with_reference)
+
+    def _call_all(self, calls: list[tuple[str, tuple, dict]]) -> list:
+        return [getattr(self.trainer, m)(*a, **k) for m, a, k in calls]
+
+    def sync_weights(self, pool) -> dict[str, float]:
+        return pool.update_weights(self.trainer.full_parameters())
+
+    def export(self, out_dir: Path, dtype: str, extra_files: dict[str, str] | None = None) -> None:
+        write_hf_checkpoint(self.trainer.full_parameters(), self.model_dir, out_dir, dtype, extra_files=extra_files)
+
+    def shutdown(self) -> None:
+        pass
 
 
 def _means(results: list[dict[str, float]], per_token: tuple[str, ...]) -> dict[str, float]:

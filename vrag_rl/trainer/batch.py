@@ -19,19 +19,21 @@ from vrag_rl.models.forward import mrope_position_ids, policy_log_softmax, targe
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive index groups whose padded size (rows x longest) stays within ``max_tokens``; a sequence
+    """Consecutive index groups whose padded size (rows x longest) stays within ``max_tokens`` and at most
+    twice their real tokens (a long sequence does not pad a crowd of short ones to its length); a sequence
     longer than the budget gets a group of its own."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     groups: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = real = 0
     for i, n in enumerate(lengths):
-        if current and max(longest, n) * (len(current) + 1) > max_tokens:
+        padded = max(longest, n) * (len(current) + 1)
+        if current and (padded > max_tokens or padded > 2 * (real + n)):
             groups.append(current)
-            current, longest = [], 0
+            current, longest, real = [], 0, 0
         current.append(i)
-        longest = max(longest, n)
+        longest, real = max(longest, n), real + n
     if current:
         groups.append(current)
     return groups

@@ -24,7 +24,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], source_dir: str | Path, out_dir: str | Path,
-                        dtype: str = "bfloat16", max_shard_size: str = "5GB") -> Path:  # fmt: skip
+                        dtype: str = "bfloat16", max_shard_size: str = "5GB",
+                        extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """``extra_files``: name -> text, written into the checkpoint too (before it appears under ``out_dir``)."""
     from huggingface_hub import save_torch_state_dict
 
     if dtype not in DTYPES:
@@ -45,6 +47,8 @@ def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], source_dir: s
                     node[key] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

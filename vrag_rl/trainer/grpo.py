@@ -37,6 +37,7 @@ from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
 from vrag_rl.config import TrainConfig
 from vrag_rl.data.records import QARecord, load_qa
 from vrag_rl.rollout.agent_loop import make_groups
+from vrag_rl.trainer.sampler import EpochSampler
 
 log = logging.getLogger("vrag_rl.grpo")
 CHECKPOINT = "step-{:06d}"
@@ -45,30 +46,8 @@ CHECKPOINT = "step-{:06d}"
 def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QARecord], list[QARecord]]:
     """(training, validation): every ``data.holdout_every``-th question is held out."""
     every = cfg.data.holdout_every
-    return [r for i, r in enumerate(records) if i % every], records[::every][: cfg.data.max_val_questions]
-
-
-class QuestionSampler:
-    """Training questions in a fresh seeded order each epoch; its position is part of a checkpoint."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-
-    def _order(self) -> list[int]:
-        return random.Random(self.seed * 1_000_003 + self.epoch).sample(range(self.n), self.n)
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-            take = min(k - len(out), self.n - self.pos)
-            out += self._order()[self.pos : self.pos + take]
-            self.pos += take
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+    train = [r for i, r in enumerate(records) if i % every][: cfg.data.max_train_questions]
+    return train, records[::every][: cfg.data.max_val_questions]
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -143,12 +122,13 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     # 4. GRPO.
     trainer = TrainerGroup(cfg.trainer, start_dir, cfg.run.steps, with_reference=cfg.algo.kl_coef > 0)
     pool = RolloutPool(replace(cfg.rollout, model_dir=start_dir), retriever, str(corpus))
-    sampler = QuestionSampler(len(train_qa), cfg.seed)
+    sampler = EpochSampler(len(train_qa), cfg.seed)
     step = 0
     if resume is not None:
         state = json.loads((resume / "controller.json").read_text())
         trainer.load(resume / "trainer")
-        step, sampler.epoch, sampler.pos = state["step"], state["sampler"]["epoch"], state["sampler"]["pos"]
+        step = state["step"]
+        sampler.restore(state["sampler"])
         trainer.sync_weights(pool)
         log.info("resumed from %s (step %d)", resume, step)
     by_qid = {r.qid: r for r in train_qa + val_qa}
@@ -244,7 +224,7 @@ def validate(pool, scorer, val_qa: list[QARecord], cfg: TrainConfig) -> dict[str
     return rollout_metrics(rollouts, rewards, "val/")
 
 
-def save_checkpoint(out: Path, step: int, trainer, sampler: QuestionSampler, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, trainer, sampler: EpochSampler, keep: int) -> Path:
     """Trainer state (sharded), then the controller's; a checkpoint counts once controller.json exists."""
     path = out / "checkpoints" / CHECKPOINT.format(step)
     shutil.rmtree(path, ignore_errors=True)
@@ -260,35 +240,22 @@ def save_checkpoint(out: Path, step: int, trainer, sampler: QuestionSampler, kee
 
 def sft_warm_start(cfg: TrainConfig, policy_dir: str, corpus: Path, train_qa: list[QARecord], out_dir: Path,
                    metrics_file: Path) -> None:  # fmt: skip
-    """Supervised steps on expert trajectories (search the entity, crop the answer box, answer) of the training
-    questions that have an answer box, on the trainer ranks; exported to ``out_dir``."""
+    """Supervised steps on expert trajectories of the training questions (``trainer.sft``) on the trainer
+    ranks, with a cosine schedule; exported to ``out_dir``."""
     from transformers import AutoProcessor
 
     from vrag_rl.agent.chat import ChatEncoder
-    from vrag_rl.data.expert import load_page, scripted_trajectory
     from vrag_rl.trainer.actor import TrainerGroup
     from vrag_rl.trainer.policy import OptimConfig
+    from vrag_rl.trainer.sft import ExpertData, run_sft
 
-    encoder = ChatEncoder(AutoProcessor.from_pretrained(policy_dir))
-    experts = []
-    for r in tqdm([r for r in train_qa if r.answer_box is not None], desc="expert trajectories", unit="question"):
-        page = load_page(corpus, r.answer_box[0])
-        experts.append(scripted_trajectory(r, page, encoder, "expert", prompt=cfg.rollout.agent.prompt,
-                                           budget=cfg.rollout.agent.budget,
-                                           max_length=cfg.rollout.agent.max_length).trajectory)  # fmt: skip
-    if not experts:
-        raise ValueError(f"sft.steps = {cfg.sft.steps} but no training question in {corpus} has an answer box")
+    agent = cfg.rollout.agent
+    data = ExpertData(train_qa, corpus, ChatEncoder(AutoProcessor.from_pretrained(policy_dir)), prompt=agent.prompt,
+                      budget=agent.budget, max_length=agent.max_length)  # fmt: skip
     optim = OptimConfig(lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps, schedule="cosine",
                         grad_clip=cfg.trainer.optim.grad_clip)  # fmt: skip
-    settings = replace(cfg.trainer, optim=optim, freeze_vision=cfg.sft.freeze_vision)
-    trainer = TrainerGroup(settings, policy_dir, cfg.sft.steps, with_reference=False)
-    sampler = QuestionSampler(len(experts), cfg.seed + 1)
-    bar = tqdm(range(1, cfg.sft.steps + 1), desc="sft", unit="step")
-    with open(metrics_file, "w") as f:
-        for step in bar:
-            metrics = trainer.sft_update([experts[i] for i in sampler.take(cfg.sft.batch_size)])
-            metrics["lr"] = trainer.end_step()
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-            bar.set_postfix(nll=f"{metrics['nll']:.3f}")
+    trainer = TrainerGroup(replace(cfg.trainer, optim=optim, freeze_vision=cfg.sft.freeze_vision), policy_dir,
+                           cfg.sft.steps, with_reference=False)  # fmt: skip
+    run_sft(trainer, data, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.crop_batch_size, cfg.seed + 1, metrics_file)
     trainer.export(out_dir, "float32")
     trainer.shutdown()

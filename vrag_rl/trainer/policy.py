@@ -6,8 +6,8 @@ reductions stay fp32), optional CPU offload of parameters and optimizer state, a
 Without a process group it is an ordinary single-process model, which is what unit tests and the warm start use.
 
 A sharded forward is a collective, so every rank runs the same number of micro-batches (``batch.plan_ranks``)
-and the same modules: a micro-batch without images still runs the vision tower on a 4-patch dummy whose output
-enters the loss times zero. Losses are sums over a micro-batch divided by the token count of the whole
+and the same modules in the same order: a micro-batch without images gets a 4-patch dummy image outside the
+loss, so its forward runs the vision tower first, like any other. Losses are sums over a micro-batch divided by the token count of the whole
 mini-batch, times the world size (gradients are averaged over ranks), so the accumulated gradient equals the
 whole mini-batch's on one rank.
 """
@@ -131,10 +131,12 @@ class PolicyTrainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o, total_steps))
-        # 4 patches (one merged image token) of zeros: the vision tower's part of every collective.
+        # 4 patches of zeros (one merged image token): the vision tower's part of every collective.
         patch = self.model.config.vision_config
         dim = patch.in_channels * patch.temporal_patch_size * patch.patch_size**2
-        self._dummy = (torch.zeros(4, dim, device=cfg.device), torch.tensor([[1, 2, 2]], device=cfg.device))
+        self._dummy_pixels = torch.zeros(4, dim)
+        config = self.model.config
+        self._dummy_ids = [config.vision_start_token_id, image_token_id, config.vision_end_token_id]
 
     @classmethod
     def for_model(cls, model_dir: str, cfg: TrainerConfig, total_steps: int, with_reference: bool) -> PolicyTrainer:
@@ -150,15 +152,30 @@ class PolicyTrainer:
 
     # ---- forward -------------------------------------------------------------------------------------------
     def _forward(self, model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
-        out = forward_logprobs(model, batch, temperature, with_entropy, self.banned)
-        if not self.sharded or "pixel_values" in batch:
-            return out
-        anchor = model.model.visual(*self._dummy[:1], grid_thw=self._dummy[1]).last_hidden_state.sum() * 0.0
-        return tuple(t + anchor for t in out) if with_entropy else out + anchor
+        return forward_logprobs(model, batch, temperature, with_entropy, self.banned)
 
     def _batch(self, trajectories: list[Trajectory]) -> dict[str, torch.Tensor]:
         batch = collate(trajectories, self.image_token_id, self.pad_token_id)
+        if self.sharded and "pixel_values" not in batch:
+            batch = self._with_dummy_image(batch)
         return {k: v.to(self.cfg.device) for k, v in batch.items()}
+
+    def _with_dummy_image(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch plus a dummy image right after the shortest row's last token, outside the loss.
+
+        A sharded forward gathers each module's parameters as it reaches it, so every rank must run the vision
+        tower at the same point of the forward: before the language model, as an image batch does. Nothing
+        real attends to tokens after it (causal attention), and the response mask leaves them out of the loss.
+        """
+        row = int(batch["attention_mask"].sum(1).argmin())
+        end = int(batch["attention_mask"][row].sum())
+        widened = {k: torch.nn.functional.pad(v, (0, 3)) for k, v in batch.items() if v.dim() == 2}
+        widened["input_ids"][:, -3:] = self.pad_token_id
+        widened["input_ids"][row, end : end + 3] = torch.tensor(self._dummy_ids)
+        widened["attention_mask"][row, end : end + 3] = 1
+        widened["mm_token_type_ids"][row, end + 1] = 1
+        widened["pixel_values"], widened["image_grid_thw"] = self._dummy_pixels, torch.tensor([[1, 2, 2]])
+        return widened
 
     @torch.no_grad()
     def logprobs(self, trajectories: list[Trajectory], plan: list[MicroBatch], temperature: float,

@@ -1,0 +1,91 @@
+"""Supervised warm start on expert trajectories: the data and the loop, for any trainer (Ray ranks or local).
+
+A random policy never emits a parseable action, so RL from scratch would only see invalid turns and zero
+rewards. Behaviour cloning on the corpus's expert script (think → search → page → think → bbox → crop →
+think → answer; ``data.expert``) teaches the protocol. The loss is the masked NLL of the assistant tokens of
+whole multi-turn trajectories, images included, through the same forward as GRPO.
+
+Lone crop turns (``crop_batch_size`` per step) fix a failure of pure behaviour cloning on small models. In a
+whole trajectory the question already tells a memorising policy every coordinate, so it never learns that y2
+follows y1, and on a new question it mixes coordinates of different boxes ([112, 211, 206, 106]). A lone crop
+turn is an expert crop turn after a bare assistant header, its x pair from one expert box and its y pair from
+another, so nothing but x1 predicts x2 and nothing but y1 predicts y2.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vrag_rl.agent.actions import Action
+from vrag_rl.agent.chat import ChatEncoder
+from vrag_rl.agent.images import ImageBudget
+from vrag_rl.agent.prompt import PromptConfig
+from vrag_rl.agent.trajectory import Trajectory
+from vrag_rl.data.expert import load_page, scripted_trajectory
+from vrag_rl.data.records import QARecord
+from vrag_rl.trainer.sampler import EpochSampler
+
+
+def lone_crop(x_from: Action, y_from: Action, text: str, encoder: ChatEncoder) -> Trajectory:
+    """The crop turn ``text`` (whose action is ``x_from``) alone, its box x_from's x pair and y_from's y pair."""
+    x1, _, x2, _ = (int(v) for v in x_from.bbox)
+    _, y1, _, y2 = (int(v) for v in y_from.bbox)
+    lone = Trajectory()
+    lone.add_prompt(encoder.assistant_header_ids)
+    lone.add_model_turn(encoder.tokenizer(text.replace(x_from.content, f"[{x1}, {y1}, {x2}, {y2}]") + "<|im_end|>",
+                                          add_special_tokens=False)["input_ids"])  # fmt: skip
+    return lone
+
+
+class ExpertData:
+    """Expert trajectories of the questions that have an answer box, and their crop turns."""
+
+    def __init__(self, records: list[QARecord], corpus: str | Path, encoder: ChatEncoder, *,
+                 prompt: PromptConfig = PromptConfig(), budget: ImageBudget = ImageBudget(),
+                 max_length: int | None = None, progress: bool = True):  # fmt: skip
+        usable = [r for r in records if r.answer_box is not None]
+        if not usable:
+            raise ValueError(f"no question of {corpus} has an answer box: nothing to build expert trajectories from")
+        self.encoder = encoder
+        self.trajectories: list[Trajectory] = []
+        self.crops: list[tuple[Action, str]] = []  # (crop action, its assistant text)
+        for r in tqdm(usable, desc="expert trajectories", unit="question", disable=not progress):
+            expert = scripted_trajectory(r, load_page(corpus, r.answer_box[0]), encoder, "expert", prompt=prompt,
+                                         budget=budget, max_length=max_length)  # fmt: skip
+            self.trajectories.append(expert.trajectory)
+            self.crops += [(a, t) for a, t in zip(expert.actions, expert.texts) if a.kind == "bbox"]
+
+    def batches(self, batch_size: int, crop_batch_size: int, seed: int):
+        """Forever: ``batch_size`` expert trajectories (each once per epoch) plus ``crop_batch_size`` lone crops."""
+        experts, rng = EpochSampler(len(self.trajectories), seed), random.Random(seed)
+        while True:
+            pairs = [(rng.choice(self.crops), rng.choice(self.crops)) for _ in range(crop_batch_size)]
+            yield [self.trajectories[i] for i in experts.take(batch_size)] + [
+                lone_crop(xa, ya, text, self.encoder) for (xa, text), (ya, _) in pairs
+            ]
+
+
+def run_sft(trainer, data: ExpertData, steps: int, batch_size: int, crop_batch_size: int, seed: int,
+            metrics_file: Path | None = None) -> list[dict]:  # fmt: skip
+    """``steps`` optimizer steps of ``trainer.sft_update`` (token-mean NLL over each whole batch); returns and
+    (optionally) writes one metrics row per step."""
+    rows = []
+    batches = data.batches(batch_size, crop_batch_size, seed)
+    sink = open(metrics_file, "w") if metrics_file else None
+    try:
+        bar = tqdm(range(1, steps + 1), desc="sft", unit="step")
+        for step in bar:
+            metrics = trainer.sft_update(next(batches))
+            rows.append({"step": step, **metrics, "lr": trainer.end_step()})
+            if sink:
+                sink.write(json.dumps(rows[-1]) + "\n")
+                sink.flush()
+            bar.set_postfix(nll=f"{metrics['nll']:.3f}")
+    finally:
+        if sink:
+            sink.close()
+    return rows
