@@ -48,7 +48,7 @@ def test_run_writes_metrics_checkpoints_plot_wandb_and_export(straight):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("train/reward", "train/ndcg", "train/invalid_rate", "actor/entropy", "actor/grad_norm",
-                "actor/pg_clipfrac", "perf/weight_sync_bytes", "val/reward"):  # fmt: skip
+                "actor/pg_clipfrac", "perf/weight_sync_bytes", "val/reward", "val/synthetic/reward"):  # fmt: skip
         assert key in rows[-1], key
     assert rows[0]["train/searches"] > 0 and rows[0]["actor/grad_norm"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]

@@ -23,7 +23,8 @@ from pathlib import Path
 from vrag_rl.agent.images import ImageBudget
 from vrag_rl.config import BUNDLED_CORPUS
 from vrag_rl.data.records import load_qa
-from vrag_rl.reward.score import RewardConfig, RewardInput, score
+from vrag_rl.reward.actor import RewardScorer, rollout_summary
+from vrag_rl.reward.score import RewardConfig
 from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.transcript import write_transcripts
@@ -107,17 +108,15 @@ def main(argv: list[str] | None = None) -> Path:
     rollouts = worker.rollout(tasks, SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens))
     elapsed = time.perf_counter() - t0
     by_qid = {r.qid: r for r in records}
-    rewards = score([RewardInput(by_qid[r.task.qid].question, by_qid[r.task.qid].answer, r.answer, r.retrieved_pages,
-                                 by_qid[r.task.qid].gold_pages, r.num_searches, len(r.actions), r.num_invalid)
-                     for r in rollouts], RewardConfig())  # fmt: skip
+    rewards = RewardScorer(RewardConfig()).score([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts])
     extras = [{"reference": by_qid[r.task.qid].answer, "gold_pages": by_qid[r.task.qid].gold_pages,
-               "reward": {"total": b.total, "ndcg": b.ndcg, "answer": b.answer, "format": b.format}}
+               "reward": {k: b[k] for k in ("total", "ndcg", "answer", "format")}}
               for r, b in zip(rollouts, rewards)]  # fmt: skip
     out = a.out or Path("runs") / time.strftime("watch-%Y%m%d-%H%M%S")
     page = write_transcripts(rollouts, extras, worker.encoder.tokenizer, worker.encoder.image_token_id, out)
     worker.close()
     for r, b in zip(rollouts, rewards):
         actions = " → ".join(x.kind for x in r.actions)
-        print(f"{r.task.qid} #{r.task.sample}: {actions} | answer={r.answer!r} | reward {b.total:.2f}")
+        print(f"{r.task.qid} #{r.task.sample}: {actions} | answer={r.answer!r} | reward {b['total']:.2f}")
     print(f"{len(rollouts)} trajectories in {elapsed:.1f}s; transcripts: {page}")
     return page

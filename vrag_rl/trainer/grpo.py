@@ -50,8 +50,13 @@ def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QAR
     return train, records[::every][: cfg.data.max_val_questions]
 
 
+def finished_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints in step order; one counts once its controller.json exists (written last)."""
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "controller.json").exists())
+
+
 def newest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "controller.json").exists())
+    done = finished_checkpoints(out)
     return done[-1] if done else None
 
 
@@ -77,7 +82,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     from vrag_rl.models.tiny import TinyConfig, build_tiny_models
     from vrag_rl.retrieval.actor import ActorConfig, start_retriever_actor
     from vrag_rl.retrieval.embed import EmbedderConfig
-    from vrag_rl.reward.actor import RewardScorer, rollout_summary
+    from vrag_rl.reward.actor import RewardScorer
     from vrag_rl.rollout.watch import ensure_index
     from vrag_rl.rollout.worker import RolloutPool
     from vrag_rl.trainer.actor import TrainerGroup
@@ -109,8 +114,9 @@ def run(cfg: TrainConfig, out: Path) -> dict:
                                                          num_cpus=cfg.retriever.num_cpus))  # fmt: skip
     scorer = ray.remote(RewardScorer).options(num_cpus=0.1).remote(cfg.reward, cfg.judge)
     resume = newest_checkpoint(out) if cfg.run.resume else None
+    state = json.loads((resume / "controller.json").read_text()) if resume else {"step": 0}
     tracker = Tracker(out, cfg.tracking, config=json.loads(json.dumps(asdict(cfg), default=str)),
-                      resume_step=json.loads((resume / "controller.json").read_text())["step"] if resume else 0)
+                      resume_step=state["step"])
 
     # 3. SFT warm start.
     start_dir = policy_dir
@@ -125,7 +131,6 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     sampler = EpochSampler(len(train_qa), cfg.seed)
     step = 0
     if resume is not None:
-        state = json.loads((resume / "controller.json").read_text())
         trainer.load(resume / "trainer")
         step = state["step"]
         sampler.restore(state["sampler"])
@@ -146,7 +151,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         times["time/rollout_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        rewards = ray.get(scorer.score.remote([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts]))
+        rewards = score_rollouts(scorer, by_qid, rollouts)
         totals = torch.tensor([b["total"] for b in rewards], dtype=torch.float32)
         group_ids = [r.task.group for r in rollouts]
         if cfg.algo.advantage == "grpo":
@@ -211,17 +216,27 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     return summary
 
 
-def validate(pool, scorer, val_qa: list[QARecord], cfg: TrainConfig) -> dict[str, float]:
-    """Greedy rollouts on the held-out questions; metrics over all and per data source (the qid's prefix)."""
+def score_rollouts(scorer, by_qid: dict[str, QARecord], rollouts) -> list[dict]:
+    """Reward breakdowns from the reward actor, one per rollout."""
     import ray
 
     from vrag_rl.reward.actor import rollout_summary
 
+    return ray.get(scorer.score.remote([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts]))
+
+
+def validate(pool, scorer, val_qa: list[QARecord], cfg: TrainConfig) -> dict[str, float]:
+    """Greedy rollouts on the held-out questions; metrics over all (``val/``) and per data source
+    (``val/SOURCE/``)."""
     tasks = make_groups([(r.qid, r.question) for r in val_qa], 1, seed=cfg.seed)
     rollouts = pool.rollout(tasks, replace(cfg.sampling, temperature=0.0))
     by_qid = {r.qid: r for r in val_qa}
-    rewards = ray.get(scorer.score.remote([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts]))
-    return rollout_metrics(rollouts, rewards, "val/")
+    rewards = score_rollouts(scorer, by_qid, rollouts)
+    metrics = rollout_metrics(rollouts, rewards, "val/")
+    for source in sorted({r.data_source for r in val_qa}):
+        mine = [i for i, r in enumerate(rollouts) if by_qid[r.task.qid].data_source == source]
+        metrics |= rollout_metrics([rollouts[i] for i in mine], [rewards[i] for i in mine], f"val/{source}/")
+    return metrics
 
 
 def save_checkpoint(out: Path, step: int, trainer, sampler: EpochSampler, keep: int) -> Path:
@@ -232,8 +247,7 @@ def save_checkpoint(out: Path, step: int, trainer, sampler: EpochSampler, keep: 
     trainer.save(path / "trainer")
     state = {"step": step, "sampler": sampler.state()}  # every seed derives from (run seed, step)
     (path / "controller.json").write_text(json.dumps(state))
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "controller.json").exists())
-    for old in done[:-keep]:
+    for old in finished_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
