@@ -47,12 +47,14 @@ def test_parse_verdict(reply, expected):
 
 @pytest.mark.parametrize(("reply", "expected"), [("True", True), ("**False**", False), ("Answer: true.", True)])
 def test_verdict_from_server(judge_server, fast_config, reply, expected):
-    result = _judge_once(fast_config(f"{judge_server.url}/reply/{_quoted(reply)}"))
+    # Not a timing test: a loaded 2-core machine must not turn the first attempt into a timeout.
+    result = _judge_once(fast_config(f"{judge_server.url}/reply/{_quoted(reply)}", timeout_s=5.0))
     assert (result.correct, result.status, result.attempts) == (expected, "ok", 1)
 
 
 def test_request_payload_and_prompt(judge_server, fast_config):
-    config = fast_config(f"{judge_server.url}/auth/sekret", api_key="sekret", model="judge-7b", max_tokens=8)
+    config = fast_config(f"{judge_server.url}/auth/sekret", api_key="sekret", model="judge-7b", max_tokens=8,
+                         timeout_s=5.0)
     with JudgeClient(config) as client:
         result = client.judge("How tall is it?", ["324 m", "1083 ft"], "It is 324 m tall")
     assert result.status == "ok" and result.correct is True
