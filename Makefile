@@ -32,11 +32,13 @@ $(STAMP): pyproject.toml Makefile
 demo: env
 	$(BIN)/python -m vrag_rl.main +recipe=tiny_cpu
 
-# Test assets from Debian's packages: tesseract (OCR) and poppler, and real PDFs with charts and tables.
+# Test assets from Debian's packages: tesseract (OCR), poppler, Slurm with munge (the launch script's test
+# runs a real single-node Slurm), and real PDFs with charts and tables.
 assets: $(ASSETS)/.done
 $(ASSETS)/.done:
-	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq tesseract-ocr tesseract-ocr-eng poppler-utils >/dev/null; }
+	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null && command -v slurmctld >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-eng \
+	    poppler-utils slurm-wlm munge >/dev/null; }
 	mkdir -p $(ASSETS)/deb $(ASSETS)/pdf
 	cd $(ASSETS)/deb && { apt-get download -qq gnuplot-doc 2>/dev/null || \
 	  { apt-get update -qq && apt-get download -qq gnuplot-doc 2>/dev/null; }; } && dpkg -x gnuplot-doc_*.deb x

@@ -38,13 +38,14 @@ class DataConfig:
     index: str | None = None  # its page index; None: built into .cache/index/<corpus name> when missing or stale
     holdout_every: int = 10  # every n-th question is held out for validation, never trained on
     max_val_questions: int = 16
-    max_train_questions: int | None = None  # train on the first n training questions only (small runs, tests)
+    # GRPO draws from the first n training questions only (SFT uses them all): a small set seen again and again
+    max_grpo_questions: int | None = None
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2 or self.max_val_questions < 0:
             raise ValueError("data: holdout_every >= 2 and max_val_questions >= 0")
-        if self.max_train_questions is not None and self.max_train_questions < 1:
-            raise ValueError("data: max_train_questions >= 1 (or null for all)")
+        if self.max_grpo_questions is not None and self.max_grpo_questions < 1:
+            raise ValueError("data: max_grpo_questions >= 1 (or null for all)")
 
 
 @dataclass

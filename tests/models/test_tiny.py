@@ -45,6 +45,20 @@ def test_config_validation():
     assert sum(mrope_section(32)) == 16 and sum(mrope_section(128)) == 64
 
 
+def test_tokenizer_knows_the_reports_words(tiny_processor, bundled_corpus):
+    # The questions' words are whole tokens and a made-up company name a few syllables, as with a real
+    # tokenizer: copying a name into a search is a few tokens, not a dozen characters.
+    from vrag_rl.data.records import load_qa
+
+    tok = tiny_processor.tokenizer
+    qa = load_qa(bundled_corpus)
+    for word in ("According", " revenue", " research", " Dynamics", " Motors", " chart", " founded"):
+        assert len(tok.tokenize(word)) == 1, word
+    assert max(len(tok.tokenize(" " + q.entity)) for q in qa) <= 6
+    words = sum(len(q.question.split()) for q in qa)
+    assert sum(len(tok.tokenize(q.question)) for q in qa) < 1.5 * words
+
+
 def test_tokenizer_and_chat_template(tiny_processor):
     tok = tiny_processor.tokenizer
     ids = tok.convert_tokens_to_ids(SPECIAL_TOKENS)

@@ -1,6 +1,6 @@
 """Expert (and deliberately flawed) trajectories for corpus questions with a known answer box.
 
-The expert searches for the question's entity, crops the printed answer out of the page it was shown and
+The expert searches with the question, crops the printed answer out of the page it was shown and
 answers: think → search → page → think → bbox → crop → think → answer. Every assistant text goes through
 the real protocol (action parser, crop geometry in the frame of the image as shown, chat encoder), so these
 trajectories are exactly what a policy following the protocol would produce, token for token. Flawed
@@ -49,7 +49,9 @@ def _script(record: QARecord, variant: str, view: View, wrong_answer: str) -> li
     margin = 6  # shown pixels of context around the printed answer
     box = [max(0, round(x0 * sx) - margin), max(0, round(y0 * sy) - margin),
            min(view.shown_size[0], round(x1 * sx) + margin), min(view.shown_size[1], round(y1 * sy) + margin)]  # fmt: skip
-    search = f"<think>I need the page of {record.entity} that answers this.</think>\n<search>{record.entity} {record.category.replace('_', ' ')}</search>"
+    # The question itself is the query: its content words tell the entity's pages apart (the entity alone
+    # is printed on every page of its report), and copying it is the easiest search a small policy can learn.
+    search = f"<think>I need the page that answers this question.</think>\n<search>{record.question}</search>"
     crop = f"<think>The answer is printed in a small region of this page; zoom in.</think>\n<bbox>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</bbox>"
     answer = record.answer if variant != "wrong_answer" else wrong_answer
     final = f"<think>The page shows the answer.</think>\n<answer>{answer}</answer>"

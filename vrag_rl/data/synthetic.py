@@ -222,6 +222,36 @@ def _statement_words(template: str, entity: str, value: str, key: str) -> list[W
     return _words(before) + [value_word] + _words(" ".join(rest))
 
 
+def report_text(seed: int, num_docs: int) -> list[str]:
+    """The English of these reports without rendering them: titles, statements, fillers and questions of
+    ``num_docs`` fictional companies (names drawn apart from any corpus's), for training a tokenizer that
+    knows the reports' words and splits made-up names into syllables, as a real one would."""
+    rng = random.Random(f"vrag-synthetic:{seed}:tokenizer-text")
+    names = _Names(rng, set())
+    lines = []
+    for _ in range(num_docs):
+        e = f"{_word(rng, rng.choice((2, 2, 3)))} {rng.choice(_COMPANY_SUFFIXES)}"
+        year = rng.randint(2018, 2024)
+        lines += [f"{e}: {title}" for title in _TEXT_TITLES]
+        for heading, statement, question, maker in _TEXT_FACTS:
+            value = _fact_value(maker, rng, names)
+            lines += [heading, statement.format(e=e, v=value), question.format(e=e), value]
+        lines += [f.format(e=e) for f in _FILLERS] + list(_CLOSING_HEADINGS)
+        for title, unit, rows, _, question in _TABLES:
+            row = rng.choice(rows)
+            lines += [f"{e}: {title}", f"Table 1. {title} of {e}", f"All values in {unit}.", " ".join(rows),
+                      question.format(e=e, row=row, row_l=row.lower(), col=rng.choice(("Q2", str(year))), year=year)]  # fmt: skip
+        for title, unit, cats, _, question in _BARS:
+            cat = rng.choice(cats or (names.product().split()[0],))
+            lines += [f"{e}: {title}, {year}", f"Figure 2. {title} of {e} in {year}", f"Values in {unit}",
+                      question.format(e=e, cat=cat, cat_l=cat.lower(), year=year)]  # fmt: skip
+        for title, unit, _, question in _LINES:
+            lines += [f"{e}: {title}", f"Figure 3. {title} of {e}, {year - 6}-{year}", f"Yearly values in {unit}",
+                      question.format(e=e, x=rng.randint(year - 6, year))]  # fmt: skip
+        lines.append(f"{e} · Annual Report {year} · Page {rng.randint(1, 12)}")
+    return lines
+
+
 # ---- pages --------------------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ Sizes respect vLLM's CPU attention (head size >= 32) and Qwen's mRoPE (sections 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -20,6 +21,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from vrag_rl.data.synthetic import report_text
+
+REPORT_DOCS = 300  # fictional reports in the tokenizer's training text
+TOKENIZER_TEXT = 2  # part of the kit's stamp: bump when the tokenizer's training text changes
 
 # Qwen2.5-VL's special tokens, in Qwen's order; they take the ids right after the learned vocabulary.
 SPECIAL_TOKENS = [
@@ -88,7 +94,8 @@ def mrope_section(head_dim: int) -> list[int]:
 
 
 def _training_text(seed: int) -> list[str]:
-    """A deterministic corpus covering the protocol's tags, numbers and the English of prompts and documents."""
+    """A deterministic corpus covering the protocol's tags, numbers and the English of prompts and documents:
+    the synthetic reports' words become whole tokens and their made-up names a few syllable tokens each."""
     words = (
         "the of and to in is was for on that with as by at from it an be this are which or have has "
         "what when where who how many much year revenue profit table chart figure page report document "
@@ -113,25 +120,31 @@ def _training_text(seed: int) -> list[str]:
         lines.append(f"<{tag}>{sent.capitalize()} {num}.</{tag}>")
         box = [rng.randint(0, 900) for _ in range(4)]
         lines.append(f"<bbox>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</bbox>")
-    return lines
+    return lines + report_text(seed, REPORT_DOCS)
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_bpe(seed: int, vocab_size: int) -> str:
+    """The trained byte-level BPE as JSON; cached, since training takes seconds and every kit needs two copies."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_training_text(seed), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok.to_str()
 
 
 def build_tokenizer(cfg: TinyConfig):
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-        special_tokens=[],
-    )
-    tok.train_from_iterator(_training_text(cfg.seed), trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=Tokenizer.from_str(_trained_bpe(cfg.seed, cfg.vocab_size)),
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -236,7 +249,7 @@ def build_tiny_models(out: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[s
     out = Path(out)
     dirs = {"policy": out / "policy", "retriever": out / "retriever"}
     stamp = out / "tiny_config.json"
-    wanted = json.dumps(asdict(cfg), sort_keys=True)
+    wanted = json.dumps({**asdict(cfg), "tokenizer_text": TOKENIZER_TEXT}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == wanted and all((d / "config.json").exists() for d in dirs.values()):
         return dirs
     tokenizer = build_tokenizer(cfg)

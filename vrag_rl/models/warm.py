@@ -23,7 +23,7 @@ from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.records import QARecord, load_qa
 
 STAMP = "warm_config.json"
-PROCEDURE = 2  # part of the stamp: bump when the training procedure changes, so old caches are rebuilt
+PROCEDURE = 3  # part of the stamp: bump when the training procedure changes, so old caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def split_records(records: list[QARecord], cfg: WarmConfig) -> tuple[list[QAReco
 def _stamp(tiny_policy_dir: Path, corpus_dir: Path, cfg: WarmConfig) -> str:
     # Digests of the inputs, so a rebuilt tiny kit or an edited corpus is not served a stale warm policy.
     digest = hashlib.sha256()
-    for path in (tiny_policy_dir / "model.safetensors", corpus_dir / "qa.parquet", corpus_dir / "pages.parquet"):
+    inputs = ("model.safetensors", "tokenizer.json")
+    for path in [tiny_policy_dir / name for name in inputs] + [corpus_dir / "qa.parquet", corpus_dir / "pages.parquet"]:
         digest.update(path.read_bytes())
     return json.dumps({"config": asdict(cfg), "inputs": digest.hexdigest(), "procedure": PROCEDURE}, sort_keys=True)
 

@@ -46,7 +46,7 @@ CHECKPOINT = "step-{:06d}"
 def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QARecord], list[QARecord]]:
     """(training, validation): every ``data.holdout_every``-th question is held out."""
     every = cfg.data.holdout_every
-    train = [r for i, r in enumerate(records) if i % every][: cfg.data.max_train_questions]
+    train = [r for i, r in enumerate(records) if i % every]
     return train, records[::every][: cfg.data.max_val_questions]
 
 
@@ -128,7 +128,8 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     # 4. GRPO.
     trainer = TrainerGroup(cfg.trainer, start_dir, cfg.run.steps, with_reference=cfg.algo.kl_coef > 0)
     pool = RolloutPool(replace(cfg.rollout, model_dir=start_dir), retriever, str(corpus))
-    sampler = EpochSampler(len(train_qa), cfg.seed)
+    grpo_qa = train_qa[: cfg.data.max_grpo_questions]
+    sampler = EpochSampler(len(grpo_qa), cfg.seed)
     step = 0
     if resume is not None:
         trainer.load(resume / "trainer")
@@ -143,7 +144,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         step += 1
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        questions = [train_qa[i] for i in sampler.take(cfg.algo.prompts_per_step)]
+        questions = [grpo_qa[i] for i in sampler.take(cfg.algo.prompts_per_step)]
         # Seeds depend on the step only, so a resumed run samples what the straight run sampled.
         tasks = make_groups([(r.qid, r.question) for r in questions], cfg.algo.group_size,
                             seed=cfg.seed * 1_000_003 + step)  # fmt: skip
