@@ -8,11 +8,9 @@ rise. The total reward rose too (0.13 -> 0.22 and 0.14 -> 0.16), the second with
 searches changed, so it is not asserted.
 """
 
-import json
-
 import pytest
 
-from tests.test_main import run_main
+from tests.test_main import metrics, run_main
 
 SMALL = ["+recipe=tiny_cpu", "sft.steps=0", "data.max_grpo_questions=4", "algo.prompts_per_step=4",
          "algo.group_size=8", "run.steps=5", "run.val_every=0", "run.save_every=0"]  # fmt: skip
@@ -23,7 +21,7 @@ def test_grpo_raises_ndcg(seed, tmp_path, warm_policy, tiny_dirs):
     proc = run_main(*SMALL, f"seed={seed}", f"models.policy={warm_policy}",
                     f"models.tiny_dir={tiny_dirs['policy'].parent}", f"hydra.run.dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 6))
 
     def mean(key: str, part: list[dict]) -> float:
