@@ -1,4 +1,4 @@
-"""Padded micro-batches give each trajectory exactly the log-probs of its own unpadded forward."""
+"""Padded micro-batches give each trajectory's response tokens exactly the log-probs of its own unpadded forward."""
 
 import torch
 
@@ -32,7 +32,10 @@ def test_padded_batch_equals_single_forwards(tiny_processor, tiny_policy, bundle
         logp, entropy = forward_logprobs(tiny_policy, batch, with_entropy=True)
         for row, t in enumerate(trajectories):
             alone = token_logprobs(tiny_policy, t.model_inputs(encoder.image_token_id))[0]
-            assert torch.allclose(logp[row, : len(t)], alone, atol=1e-5)
+            response = torch.tensor(t.response_mask, dtype=torch.bool)
+            assert torch.equal(batch["response_mask"][row, : len(t)], response.float())
+            assert torch.allclose(logp[row, : len(t)][response], alone[response], atol=1e-5)
+            assert (entropy[row, : len(t)][response] > 0).all()
+            # Prompts, images, tool outputs and padding are outside the loss: 0, not computed.
+            assert not logp[row, : len(t)][~response].any() and not entropy[row, : len(t)][~response].any()
             assert not logp[row, len(t) :].any() and not entropy[row, len(t) :].any()
-            assert torch.equal(batch["response_mask"][row, : len(t)], torch.tensor(t.response_mask, dtype=torch.float32))
-    assert (entropy[:, 1:][batch["attention_mask"][:, 1:].bool()] > 0).all()  # position 0 predicts nothing

@@ -77,22 +77,30 @@ MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"
 
 def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False,
                      banned: Sequence[int] = ()):  # fmt: skip
-    """(rows, width) log-prob of each token given its prefix (position 0 and padding: 0) under the sampling
-    distribution (temperature, ``banned`` ids excluded); with ``with_entropy`` also the entropy of each
-    position's next-token distribution, aligned the same way."""
+    """(rows, width) log-prob of each response token given its prefix (0 at every other position) under the
+    sampling distribution (temperature, ``banned`` ids excluded); with ``with_entropy`` also the entropy of
+    the next-token distribution each response token was drawn from, aligned the same way.
+
+    Logits are computed only at the positions that predict a response token of some row: prompts, images and
+    tool outputs are most of a trajectory, and the vocabulary projection and softmax over them were most of
+    the cost of a step.
+    """
     inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
     position_ids = mrope_position_ids(model, inputs["input_ids"], inputs["mm_token_type_ids"],
                                       inputs.get("image_grid_thw"), inputs["attention_mask"])  # fmt: skip
-    logits = model(**inputs, position_ids=position_ids, use_cache=False).logits[:, :-1]
+    response = batch["response_mask"]
+    targets = response.any(0).nonzero().squeeze(1)  # columns holding a response token in some row
+    targets = targets[targets > 0]  # position 0 has no prefix
+    logits = model(**inputs, position_ids=position_ids, use_cache=False, logits_to_keep=targets - 1).logits
     logp_all = policy_log_softmax(logits, temperature, banned)
-    targets = inputs["input_ids"][:, 1:]
-    logp = target_logprobs(logp_all, targets, banned)
-    pad = torch.zeros_like(logp[:, :1])
-    logp = torch.cat([pad, logp], dim=1) * inputs["attention_mask"]
+    columns = targets.expand(response.shape[0], -1)
+    logp = torch.zeros(response.shape, dtype=logp_all.dtype, device=response.device)
+    logp = logp.index_copy(1, targets, target_logprobs(logp_all, inputs["input_ids"].gather(1, columns), banned))
+    logp = logp * response
     if not with_entropy:
         return logp
-    entropy = entropy_from_logits(logp_all)  # banned ids: p = 0, no NaN
-    return logp, torch.cat([pad, entropy], dim=1) * inputs["attention_mask"]
+    entropy = torch.zeros_like(logp).index_copy(1, targets, entropy_from_logits(logp_all))  # banned ids: p = 0
+    return logp, entropy * response
 
 
 def plan_ranks(lengths: list[int], world_size: int, max_tokens: int) -> list[list[tuple[list[int], float]]]:
