@@ -124,7 +124,7 @@ def run_ours(args) -> dict:
         trainer.grpo_update(trajectories, advantages, old, None, algo, TEMPERATURE)
         trainer.end_step()
         marks.append(time.perf_counter())
-        nbytes = engine.update_weights(trainer.trainer.full_parameters())
+        nbytes = trainer.sync_weights(engine)
         marks.append(time.perf_counter())
         phases = {k: b - a for k, a, b in zip(PHASES, marks, marks[1:])}
         steps.append({"seconds": marks[-1] - marks[0], "tokens": sum(len(g.token_ids) for g in gens),
@@ -147,7 +147,7 @@ def sync_speed(name: str, cfg: TinyConfig, vllm, trainer_cfg) -> dict:
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        nbytes = engine.update_weights(trainer.trainer.full_parameters())
+        nbytes = trainer.sync_weights(engine)
         times.append(time.perf_counter() - t0)
     engine.close()
     seconds = statistics.median(times)

@@ -15,8 +15,8 @@ from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.agent.images import crop_view, page_view
 from vrag_rl.agent.trajectory import ROLE_MODEL, ROLE_OBSERVATION, ROLE_PROMPT, Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
-from vrag_rl.data.records import load_qa
-from vrag_rl.models.warm import WarmConfig, build_warm_policy, split_records
+from vrag_rl.data.records import holdout_split, load_qa
+from vrag_rl.models.warm import WarmConfig, build_warm_policy
 
 CFG = WarmConfig()
 
@@ -39,7 +39,8 @@ def warm(warm_dir):
 def held_out(bundled_corpus, warm):
     """(record, page, expert trajectory) of every held-out question."""
     _, encoder = warm
-    train, held = split_records(load_qa(bundled_corpus), CFG)
+    train, held = holdout_split(load_qa(bundled_corpus), CFG.holdout_every)
+    held = [r for r in held if r.answer_box is not None]
     assert held and not {r.qid for r in held} & {r.qid for r in train}
     out = []
     for record in held:

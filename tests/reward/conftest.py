@@ -8,13 +8,13 @@ A client's ``base_url`` is ``{server.url}/{scenario}``, so its requests arrive a
   reference alternatives (case-insensitive), else "False"; ``slowgrade`` holds each request (default
   0.05 s, at most 1 s) and records the peak number of concurrent requests under ``key``.
 - ``auth/<key>``: "True" when the request carries ``Authorization: Bearer <key>``, else HTTP 401.
-- ``sleep/<seconds>``: waits (at most 2 s), then replies "True".
+- ``sleep/<seconds>``: waits (at most 60 s), then replies "True".
 - ``flaky/<key>/<n>``: the first n requests for ``key`` get HTTP 500, later ones "True".
 - ``status/<code>``: always that HTTP status.
 - ``body/<url-quoted body>``: 200 with that raw body.
 - ``hangup``: announces a 1000-byte body, sends 10 bytes, closes the connection.
 - ``drop``: closes the connection without answering.
-- ``trickle``: sends a valid header, then one body byte every 0.1 s (for at most 3 s).
+- ``trickle``: sends a valid header, then one body byte every 0.2 s (the whole body takes over 10 s).
 
 ``hits[scenario]`` counts requests per scenario path (so tests can count attempts) and
 ``last_request[scenario]`` keeps the last JSON payload and Authorization header.
@@ -126,7 +126,7 @@ def _make_handler(server: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
                     server.leave(key)
                 self._send(200, completion(verdict))
             elif kind == "sleep":
-                time.sleep(min(float(arg), 2.0))
+                time.sleep(min(float(arg), 60.0))
                 self._send(200, completion("True"))
             elif kind == "flaky":
                 key, _, failures = arg.partition("/")
@@ -157,10 +157,10 @@ def _make_handler(server: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 try:
-                    for i in range(min(len(body), 30)):
+                    for i in range(len(body)):
                         self.wfile.write(body[i : i + 1])
                         self.wfile.flush()
-                        time.sleep(0.1)
+                        time.sleep(0.2)
                 except OSError:
                     pass  # the client gave up, as it should
                 self.close_connection = True

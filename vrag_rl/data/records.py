@@ -147,6 +147,14 @@ def load_qa(corpus_dir: str | Path) -> list[QARecord]:
     return out
 
 
+def holdout_split(records: list[QARecord], every: int) -> tuple[list[QARecord], list[QARecord]]:
+    """(kept, held out): every ``every``-th record is held out. The main job and the cached warm start split
+    alike, so a run that starts from the warm policy validates on questions it was never trained on."""
+    if every < 2:
+        raise ValueError(f"every must be >= 2, got {every}")
+    return [r for i, r in enumerate(records) if i % every], records[::every]
+
+
 def load_pages(corpus_dir: str | Path) -> list[PageRecord]:
     """Page rows with ``file`` resolved to a path under ``corpus_dir``."""
     corpus_dir = Path(corpus_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.agent.images import ImageBudget
-from vrag_rl.data.records import QARecord, load_qa
+from vrag_rl.data.records import holdout_split, load_qa
 
 STAMP = "warm_config.json"
 PROCEDURE = 3  # part of the stamp: bump when the training procedure changes, so old caches are rebuilt
@@ -37,7 +37,7 @@ class WarmConfig:
     max_length: int = 4096  # tokens per trajectory
     min_pixels: int = 64 * 28 * 28  # the image budget pages are shown in (recipes/tiny_cpu.yaml)
     max_pixels: int = 256 * 28 * 28
-    holdout_every: int = 10  # every n-th question with an answer box is held out for checking, never trained on
+    holdout_every: int = 10  # every n-th question is held out (as by the main job's data.holdout_every)
 
     def __post_init__(self):
         if min(self.steps, self.batch_size, self.crop_batch_size) < 1 or self.lr <= 0 or self.holdout_every < 2:
@@ -46,12 +46,6 @@ class WarmConfig:
     @property
     def budget(self) -> ImageBudget:
         return ImageBudget(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-
-
-def split_records(records: list[QARecord], cfg: WarmConfig) -> tuple[list[QARecord], list[QARecord]]:
-    """(train, held out) among the questions with an answer box; held out = every ``holdout_every``-th."""
-    usable = [r for r in records if r.answer_box is not None]
-    return [r for i, r in enumerate(usable) if i % cfg.holdout_every], usable[:: cfg.holdout_every]
 
 
 def _stamp(tiny_policy_dir: Path, corpus_dir: Path, cfg: WarmConfig) -> str:
@@ -83,9 +77,7 @@ def build_warm_policy(
 
     encoder = ChatEncoder(AutoProcessor.from_pretrained(tiny_policy_dir))
     encoder.check_budget(cfg.min_pixels, cfg.max_pixels)
-    train, _ = split_records(load_qa(corpus_dir), cfg)
-    if not train:
-        raise ValueError(f"no training question with an answer box in {corpus_dir}")
+    train, _ = holdout_split(load_qa(corpus_dir), cfg.holdout_every)
     data = ExpertData(train, corpus_dir, encoder, budget=cfg.budget, max_length=cfg.max_length)
     optim = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine", grad_clip=1.0)
     trainer = LocalTrainer(TrainerConfig(optim=optim), str(tiny_policy_dir), cfg.steps, with_reference=False)

@@ -172,7 +172,8 @@ class LocalTrainer(TrainerGroup):
     def _call_all(self, calls: list[tuple[str, tuple, dict]]) -> list:
         return [getattr(self.trainer, m)(*a, **k) for m, a, k in calls]
 
-    def sync_weights(self, pool) -> dict[str, float]:
+    def sync_weights(self, pool):
+        """The weights into ``pool`` (a rollout pool, or one engine); returns what its ``update_weights`` does."""
         return pool.update_weights(self.trainer.full_parameters())
 
     def export(self, out_dir: Path, dtype: str, extra_files: dict[str, str] | None = None) -> None:

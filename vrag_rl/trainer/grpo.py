@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
 from vrag_rl.config import TrainConfig
-from vrag_rl.data.records import QARecord, load_qa
+from vrag_rl.data.records import QARecord, holdout_split, load_qa
 from vrag_rl.rollout.agent_loop import make_groups
 from vrag_rl.trainer.sampler import EpochSampler
 
@@ -45,9 +45,8 @@ CHECKPOINT = "step-{:06d}"
 
 def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QARecord], list[QARecord]]:
     """(training, validation): every ``data.holdout_every``-th question is held out."""
-    every = cfg.data.holdout_every
-    train = [r for i, r in enumerate(records) if i % every]
-    return train, records[::every][: cfg.data.max_val_questions]
+    train, held = holdout_split(records, cfg.data.holdout_every)
+    return train, held[: cfg.data.max_val_questions]
 
 
 def finished_checkpoints(out: Path) -> list[Path]:
