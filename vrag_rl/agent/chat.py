@@ -22,6 +22,12 @@ class EncodedImages:
     grids: list[tuple[int, int, int]]
     num_tokens: list[int]  # <|image_pad|> tokens each image takes in the sequence
 
+    @staticmethod
+    def join(parts: list[EncodedImages]) -> EncodedImages:
+        """The images of ``parts``, in order, as one."""
+        return EncodedImages([i for p in parts for i in p.images], [v for p in parts for v in p.pixel_values],
+                             [g for p in parts for g in p.grids], [n for p in parts for n in p.num_tokens])  # fmt: skip
+
 
 class ChatEncoder:
     def __init__(self, processor):
@@ -87,13 +93,16 @@ class ChatEncoder:
             ids += [self.image_token_id] * n + self._ids(piece)
         return ids, encoded
 
-    def observation(self, images: list[Image.Image] = (), text: str | None = None, close_turn: bool = False):
+    def observation(self, images: list[Image.Image] | EncodedImages = (), text: str | None = None,
+                    close_turn: bool = False) -> tuple[list[int], EncodedImages]:  # fmt: skip
         """Ids of a user turn (images, then optional text) and the next assistant header.
+
+        ``images`` may come encoded already (``encode_images``), e.g. a page shown to many trajectories.
 
         ``close_turn``: the previous assistant turn did not end with <|im_end|> (e.g. it hit the token limit),
         so the template's end-of-turn token is added here, outside the response mask.
         """
-        encoded = self.encode_images(list(images))
+        encoded = images if isinstance(images, EncodedImages) else self.encode_images(list(images))
         ids = [self.eos_token_id] if close_turn else []
         ids += self.turn_separator_ids + self._ids("<|im_start|>user\n")
         ids += self._user_content_ids(text, encoded) + self._ids("<|im_end|>\n") + self.assistant_header_ids

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vrag_rl.agent.actions import ACTION_KINDS, Action, parse_action
-from vrag_rl.agent.chat import ChatEncoder
+from vrag_rl.agent.chat import ChatEncoder, EncodedImages
 from vrag_rl.agent.images import ImageBudget, View, crop_view, fit_to_budget, page_view
 from vrag_rl.agent.prompt import ANSWER_NOW_FEEDBACK, INVALID_ACTION_FEEDBACK, PromptConfig, build_messages
 from vrag_rl.agent.trajectory import Trajectory
@@ -109,7 +109,7 @@ class _State:
     rollout: Rollout
     view: View | None = None  # the most recent image shown: a bbox refers to it
     done: bool = False
-    pending: list[Image.Image] = field(default_factory=list)  # images of the next observation
+    pending: list[EncodedImages] = field(default_factory=list)  # images of the next observation
     notes: list[str] = field(default_factory=list)  # texts of the next observation
     close_turn: bool = False  # the last turn hit the token limit without <|im_end|>
     query: str | None = None  # this turn's search
@@ -129,6 +129,7 @@ class AgentLoop:
         self.engine, self.encoder, self.retriever, self.cfg = engine, encoder, retriever, cfg
         encoder.check_budget(cfg.budget.min_pixels, cfg.budget.max_pixels)
         self._pages: dict[str, Image.Image] = {}  # raw pages of the current run
+        self._shown: dict[str, EncodedImages] = {}  # pages as shown (resized, encoded) in the current run
         self.timings: dict[str, float] = {}
 
     def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
@@ -144,6 +145,7 @@ class AgentLoop:
                 if not s.done:
                     self._observe(s, final_next=turn == self.cfg.max_turns)
         self._pages.clear()
+        self._shown.clear()
         self.timings["total_s"] = time.perf_counter() - t0
         return [s.rollout for s in states]
 
@@ -204,7 +206,7 @@ class AgentLoop:
             else:
                 s.view, shown = result
                 r.crops.append((s.view.page_id, tuple(int(v) for v in s.view.region)))
-                s.pending.append(shown)
+                s.pending.append(self.encoder.encode_images([shown]))
         else:
             s.notes.append(INVALID_ACTION_FEEDBACK)
 
@@ -224,15 +226,23 @@ class AgentLoop:
             raw = self._page(page_id)
             s.view = page_view(page_id, raw.size, self.cfg.budget)
             s.rollout.retrieved_pages.append(page_id)
-            b = self.cfg.budget
-            s.pending.append(fit_to_budget(raw, b.min_pixels, b.max_pixels, b.factor))
+            s.pending.append(self._shown_page(page_id))
 
     def _observe(self, s: _State, final_next: bool) -> None:
         notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
-        ids, enc = self.encoder.observation(s.pending, "\n".join(notes) or None, close_turn=s.close_turn)
+        enc = EncodedImages.join(s.pending)
+        ids, enc = self.encoder.observation(enc, "\n".join(notes) or None, close_turn=s.close_turn)
         s.pending, s.notes = [], []
         if not s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids):
             s.stop(STOP_LENGTH)
+
+    def _shown_page(self, page_id: str) -> EncodedImages:
+        """A page resized into the budget and encoded, once per run: a group's samples mostly find the same pages."""
+        if page_id not in self._shown:
+            b = self.cfg.budget
+            self._shown[page_id] = self.encoder.encode_images([fit_to_budget(self._page(page_id), b.min_pixels,
+                                                                             b.max_pixels, b.factor)])  # fmt: skip
+        return self._shown[page_id]
 
     def _page(self, page_id: str) -> Image.Image:
         if page_id not in self._pages:
