@@ -46,4 +46,4 @@ $(ASSETS)/.done:
 	touch $@
 
 test: env assets
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
