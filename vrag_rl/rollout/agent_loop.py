@@ -230,8 +230,8 @@ class AgentLoop:
 
     def _observe(self, s: _State, final_next: bool) -> None:
         notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
-        enc = EncodedImages.join(s.pending)
-        ids, enc = self.encoder.observation(enc, "\n".join(notes) or None, close_turn=s.close_turn)
+        ids, enc = self.encoder.observation(EncodedImages.join(s.pending), "\n".join(notes) or None,
+                                            close_turn=s.close_turn)
         s.pending, s.notes = [], []
         if not s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids):
             s.stop(STOP_LENGTH)
