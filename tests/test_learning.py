@@ -3,9 +3,10 @@
 The main job in a subprocess, as users run it, from the warm-started policy (no SFT phase): 4 training
 questions, 8 samples each, 5 steps. Seeing the same questions step after step, the policy learns which
 search finds each question's page: the mean NDCG of the last two steps must clearly exceed that of the first
-two. Seen on 2 CPU cores: NDCG 0.19 -> 0.41 (seed 0) and 0.11 -> 0.23 (seed 1); the margin is half the smaller
-rise. The total reward rose too (0.13 -> 0.22 and 0.14 -> 0.16), the second within noise: format dipped as the
-searches changed, so it is not asserted.
+two. Seen on 2 CPU cores (2026-11-30): NDCG 0.19 -> 0.39 (seed 0) and 0.09 -> 0.19 (seed 1); the margin, 0.06,
+is two thirds of the smaller rise. The total reward rose too (0.13 -> 0.19 and 0.14 -> 0.16), the second
+within noise: NDCG weighs 0.2 in it, and the format part and the finish gate (no answer, no reward) move it
+as much from step to step, so it is not asserted.
 """
 
 import pytest

@@ -153,8 +153,13 @@ def test_interrupted_run_keeps_finished_pages(tmp_path, bundled_corpus, monkeypa
         return f"page text {len(calls)}"
 
     monkeypatch.setattr(ocr, "ocr_image_bytes", fake)
-    with pytest.raises(KeyboardInterrupt):
-        ocr_corpus(tmp_path, progress=False, workers=1, flush_every=100)
+    # A shell starting the suite in the background without job control leaves SIGINT ignored; Ctrl-C is meant.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ocr_corpus(tmp_path, progress=False, workers=1, flush_every=100)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     done = load_ocr(tmp_path)  # written on the way out, complete and readable
     assert 2 <= len(done) < len(ids) and all(r.status == "ok" for r in done)
     assert [r.page_id for r in done] == [i for i in ids if i in {r.page_id for r in done}]

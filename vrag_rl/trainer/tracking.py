@@ -149,6 +149,7 @@ def plot_metrics(jsonl: Path, out_png: Path, keys: list[str] | None = None) -> P
     # The Agg canvas directly, not pyplot: no global figure state or GUI backend inside a training process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     jsonl, out_png = Path(jsonl), Path(out_png)
     rows = [row for row in read_metrics(jsonl) if _is_number(row.get("step"))]
@@ -183,6 +184,7 @@ def plot_metrics(jsonl: Path, out_png: Path, keys: list[str] | None = None) -> P
             ax.plot(xs, ys, "o-", color="tab:blue", markersize=3)
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 4.5
         ax.grid(alpha=0.3)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     # Written beside and moved into place: a viewer polling the PNG never reads a half-written file.
