@@ -3,7 +3,7 @@
 Checked: a GRPO step raises the log-likelihood of positively advantaged trajectories and lowers that of
 negatively advantaged ones; SFT lowers the NLL; two sharded ranks compute what one process computes (log-probs,
 metrics, updated weights), including micro-batches without images; a saved and reloaded trainer continues
-exactly; the exported checkpoint loads in transformers with the trained weights.
+exactly (RNG included); the exported checkpoint loads in transformers with the trained weights.
 """
 
 from __future__ import annotations
@@ -98,6 +98,32 @@ def test_local_trainer_is_one_process_trainer_behind_the_group_interface(tiny_di
     want = single.grpo_update(trajectories, full_plan(trajectories), ADVANTAGES, old, ALGO, tokens, 1.0, ref)
     assert got["pg_loss"] == pytest.approx(want["pg_loss"], rel=1e-4) and got["tokens"] == want["tokens"]
     assert local.end_step() == single.end_step()
+
+
+def test_reloaded_trainer_continues_exactly(tiny_dirs, trajectories, tmp_path):
+    """Saved after one SFT step, a trainer's second step equals that of a fresh trainer loaded from the
+    checkpoint: weights, optimizer and schedule, and with attention dropout on, the RNG state too."""
+    experts = trajectories[::4]
+    plan, tokens = full_plan(experts), sum(sum(t.response_mask) for t in experts)
+
+    def with_dropout() -> PolicyTrainer:
+        trainer = one_rank(tiny_dirs["policy"])
+        for layer in trainer.model.model.language_model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        return trainer
+
+    first = with_dropout()
+    first.sft_update(experts, plan, tokens)
+    first.end_step()
+    first.save(tmp_path)
+    want = first.sft_update(experts, plan, tokens)
+    second = with_dropout()
+    torch.rand(7)  # a fresh process's RNG is elsewhere; loading must put it back
+    second.load(tmp_path)
+    assert second.sft_update(experts, plan, tokens) == want
+    for (name, a), (_, b) in zip(first.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert first.end_step() == second.end_step()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@
    reference and old log-probs → group advantages → ``algo.epochs`` x ``algo.mini_batches`` updates → the
    new weights streamed into every rollout engine → metrics. Greedy validation on held-out questions every
    ``run.val_every`` steps. Checkpoints every ``run.save_every`` steps and at the end; a rerun in the same
-   directory resumes from the newest one (model, optimizer, schedule, data position, step) and continues as
-   the uninterrupted run would have.
+   directory resumes from the newest one (model, optimizer, schedule, the ranks' RNG states, data position,
+   step) and continues as the uninterrupted run would have; every sampling seed derives from (run seed, step).
 5. The end: ``OUT/export`` (a Hugging Face checkpoint transformers and vLLM load), ``metrics.jsonl``,
    ``metrics.png``, the wandb run (offline unless configured).
 """

@@ -7,9 +7,9 @@ Without a process group it is an ordinary single-process model, which is what un
 
 A sharded forward is a collective, so every rank runs the same number of micro-batches (``batch.plan_ranks``)
 and the same modules in the same order: a micro-batch without images gets a 4-patch dummy image outside the
-loss, so its forward runs the vision tower first, like any other. Losses are sums over a micro-batch divided by the token count of the whole
-mini-batch, times the world size (gradients are averaged over ranks), so the accumulated gradient equals the
-whole mini-batch's on one rank.
+loss, so its forward runs the vision tower first, like any other. Losses are sums over a micro-batch divided by
+the token count of the whole mini-batch, times the world size (gradients are averaged over ranks), so the
+accumulated gradient equals the whole mini-batch's on one rank.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class PolicyTrainer:
         self.image_token_id, self.pad_token_id, self.banned = image_token_id, pad_token_id, banned
         self.sharded = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if self.sharded else 1
-        torch.manual_seed(0)  # nothing here samples; fixed anyway so that any future dropout is reproducible
+        torch.manual_seed(0)  # dropout (a model config may enable it) draws from here; checkpoints keep its state
         self.model = _load(model_dir, cfg.device)
         if cfg.freeze_vision:
             self.model.model.visual.requires_grad_(False)
@@ -273,13 +273,21 @@ class PolicyTrainer:
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             yield name, full.detach().to("cpu", torch.float32)
 
+    def _rng_file(self, path: Path) -> Path:
+        return path / f"rng-rank{dist.get_rank() if self.sharded else 0}.pt"
+
     def save(self, path: Path) -> None:
-        """Sharded model and optimizer state (torch.distributed.checkpoint) and the schedule position."""
+        """Sharded model and optimizer state (torch.distributed.checkpoint), this rank's RNG states and the
+        schedule position."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        rng = {"cpu": torch.get_rng_state()}
+        if self.cfg.device == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, self._rng_file(path))
         if not self.sharded or dist.get_rank() == 0:
             state = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
             (path / "scheduler.json").write_text(json.dumps(state))
@@ -292,5 +300,9 @@ class PolicyTrainer:
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = torch.load(self._rng_file(path), weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
         # The schedule is a function of the step (not saved); its position and base rates are.
         self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()) | {"lr_lambdas": [None]})
