@@ -46,4 +46,6 @@ $(ASSETS)/.done:
 	touch $@
 
 test: env assets
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=15 tests

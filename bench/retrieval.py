@@ -30,9 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine  # noqa: E402
-
 import vrag_rl  # noqa: E402,F401  (torchvision shim before colpali-engine imports it)
+from bench.machine import machine  # noqa: E402
 from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex  # noqa: E402
 from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec  # noqa: E402
 
@@ -61,13 +60,24 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
     spec = SyntheticSpec(n_pages=n_pages, tokens=tokens, tokens_jitter=tokens // 16, seed=0)
     corpus = SyntheticCorpus(spec)
     nlist = args.nlist or (1024 if n_pages * tokens <= 10_000 * 700 else 2048)
-    cfg = IndexConfig(shard_size=args.shard_size or -(-n_pages // 2), dtype="float16", approx="ivf", nlist=nlist,
-                      ivf_codec=args.ivf_codec, k_tokens=args.k_tokens, n_rerank=args.n_rerank)  # fmt: skip
-    print(f"\n== {n_pages} pages x ~{tokens} tokens, d={spec.dim}: building index ({cfg.ivf_codec}, "
-          f"nlist={cfg.nlist or 'auto'}, {-(-n_pages // cfg.shard_size)} shards)", flush=True)  # fmt: skip
+    cfg = IndexConfig(
+        shard_size=args.shard_size or -(-n_pages // 2),
+        dtype="float16",
+        approx="ivf",
+        nlist=nlist,
+        ivf_codec=args.ivf_codec,
+        k_tokens=args.k_tokens,
+        n_rerank=args.n_rerank,
+    )
+    print(
+        f"\n== {n_pages} pages x ~{tokens} tokens, d={spec.dim}: building index ({cfg.ivf_codec}, "
+        f"nlist={cfg.nlist or 'auto'}, {-(-n_pages // cfg.shard_size)} shards)",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    index = MultiVectorIndex.create(workdir / f"index-{n_pages}", corpus.pages(), "synthetic", spec.dim, cfg,
-                                    total=n_pages, progress=True)  # fmt: skip
+    index = MultiVectorIndex.create(
+        workdir / f"index-{n_pages}", corpus.pages(), "synthetic", spec.dim, cfg, total=n_pages, progress=True
+    )
     build_s = time.perf_counter() - t0
     n_tokens = sum(s["n_tokens"] for s in index.manifest["shards"])
     queries, _ = corpus.queries(args.queries, tokens=args.query_tokens)
@@ -80,11 +90,12 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
     index.search(queries[:1], 10, "approx")
     approx_runs = []  # a small speed / recall trade-off curve over nprobe
     for nprobe in args.nprobe:
-        approx_s = best_time(lambda: index.search(queries, 10, "approx", nprobe=nprobe), args.repeats)
+        approx_s = best_time(lambda n=nprobe: index.search(queries, 10, "approx", nprobe=n), args.repeats)
         approx = index.search(queries, 10, "approx", nprobe=nprobe)
         recall = float(np.mean([len({p for p, _ in a} & {p for p, _ in e}) / 10 for a, e in zip(approx, exact)]))
-        approx_runs.append({"nprobe": nprobe, "qps": len(queries) / approx_s, "vs_exact": exact_s / approx_s,
-                            "recall_at_10": recall})  # fmt: skip
+        approx_runs.append(
+            {"nprobe": nprobe, "qps": len(queries) / approx_s, "vs_exact": exact_s / approx_s, "recall_at_10": recall}
+        )
 
     # Baseline: colpali-engine's scorer on a subset of pages (float32, as it expects), scaled to the corpus.
     from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
@@ -92,36 +103,59 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
     subset = min(n_pages, args.baseline_pages)
     pages = [corpus.page(i) for i in range(subset)]
     subset_tokens = sum(len(p) for p in pages)
-    base_s = best_time(lambda: BaseVisualRetrieverProcessor.score_multi_vector(queries, pages, device="cpu"),
-                       args.repeats) * n_tokens / subset_tokens  # fmt: skip
-    del pages, index
+    base_s = (
+        best_time(lambda: BaseVisualRetrieverProcessor.score_multi_vector(queries, pages, device="cpu"), args.repeats)
+        * n_tokens
+        / subset_tokens
+    )
     shutil.rmtree(workdir / f"index-{n_pages}")
 
     q = len(queries)
     result = {
-        "pages": n_pages, "tokens_per_page": tokens, "tokens_total": n_tokens, "dim": spec.dim,
-        "queries": q, "query_tokens": lq, "build_s": round(build_s, 1),
-        "baseline_qps": q / base_s, "exact_qps": q / exact_s, "exact_vs_baseline": base_s / exact_s,
-        "exact_gflops": flops / exact_s / 1e9, "peak_gflops": peak, "exact_of_peak": flops / exact_s / 1e9 / peak,
-        "approx": approx_runs, "baseline_subset_pages": subset,
+        "pages": n_pages,
+        "tokens_per_page": tokens,
+        "tokens_total": n_tokens,
+        "dim": spec.dim,
+        "queries": q,
+        "query_tokens": lq,
+        "build_s": round(build_s, 1),
+        "baseline_qps": q / base_s,
+        "exact_qps": q / exact_s,
+        "exact_vs_baseline": base_s / exact_s,
+        "exact_gflops": flops / exact_s / 1e9,
+        "peak_gflops": peak,
+        "exact_of_peak": flops / exact_s / 1e9 / peak,
+        "approx": approx_runs,
+        "baseline_subset_pages": subset,
         "config": {k: getattr(cfg, k) for k in ("shard_size", "dtype", "ivf_codec", "nlist", "k_tokens", "n_rerank")},
-    }  # fmt: skip
+    }
     print(f"baseline (colpali-engine)  {result['baseline_qps']:8.3f} q/s   (build {build_s:.0f} s)")
-    print(f"exact                      {result['exact_qps']:8.3f} q/s  {result['exact_vs_baseline']:5.1f}x baseline  "
-          f"{result['exact_gflops']:.0f} GFLOP/s = {100 * result['exact_of_peak']:.0f}% of {peak:.0f} peak")  # fmt: skip
+    print(
+        f"exact                      {result['exact_qps']:8.3f} q/s  {result['exact_vs_baseline']:5.1f}x baseline  "
+        f"{result['exact_gflops']:.0f} GFLOP/s = {100 * result['exact_of_peak']:.0f}% of {peak:.0f} peak"
+    )
     for r in approx_runs:
-        print(f"approx nprobe={r['nprobe']:<3}         {r['qps']:8.3f} q/s  {r['vs_exact']:5.1f}x exact     "
-              f"recall@10 {r['recall_at_10']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"approx nprobe={r['nprobe']:<3}         {r['qps']:8.3f} q/s  {r['vs_exact']:5.1f}x exact     "
+            f"recall@10 {r['recall_at_10']:.3f}",
+            flush=True,
+        )
     return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pages", type=int, nargs="+", default=[10_000, 100_000])
-    p.add_argument("--tokens", type=int, nargs="+", help="tokens per page, one per --pages value (default 700 at "
-                   "10k, 256 at 100k: memory)")  # fmt: skip
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        help="tokens per page, one per --pages value (default 700 at 10k, 256 at 100k: memory)",
+    )
     p.add_argument("--queries", type=int, default=16)
-    p.add_argument("--query-tokens", type=int, default=20, help="ColQwen2 text queries: ~10 words + 10 augmentation tokens")
+    p.add_argument(
+        "--query-tokens", type=int, default=20, help="ColQwen2 text queries: ~10 words + 10 augmentation tokens"
+    )
     p.add_argument("--baseline-pages", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--shard-size", type=int, default=0, help="default: two shards")
@@ -139,8 +173,10 @@ def main() -> None:
 
     info = machine()
     peak = matmul_peak()
-    print(f"{info['cpu']} ({info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads), "
-          f"{info['date']}; fp32 matmul peak {peak:.0f} GFLOP/s")  # fmt: skip
+    print(
+        f"{info['cpu']} ({info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads), "
+        f"{info['date']}; fp32 matmul peak {peak:.0f} GFLOP/s"
+    )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vrag-bench-"))
     results = [run_size(n, t, args, peak, workdir) for n, t in zip(args.pages, tokens)]
     Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=1))

@@ -21,12 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine  # noqa: E402
-
 import vrag_rl  # noqa: E402,F401  (torchvision shim first)
+from bench.machine import machine  # noqa: E402
 from vrag_rl.config import BUNDLED_CORPUS  # noqa: E402
 from vrag_rl.data.records import load_qa  # noqa: E402
 from vrag_rl.models.tiny import TinyConfig, build_tiny_models  # noqa: E402
@@ -40,10 +38,16 @@ from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker  # noqa: E402
 
 def run_engine(name: str, policy: str, retriever, tasks, warmup, sampling: SamplingConfig, args) -> dict:
     agent = AgentConfig(max_turns=args.max_turns, max_length=args.max_length, budget=TINY_BUDGET)
-    vllm = VLLMConfig(dtype="float32", max_model_len=args.max_length, max_images=args.max_turns,
-                      kv_cache_memory_bytes=512 << 20, enforce_eager=True)  # fmt: skip
-    worker = RolloutWorker(RolloutConfig(engine=name, model_dir=policy, dtype="float32", vllm=vllm, agent=agent),
-                           retriever=retriever)  # fmt: skip
+    vllm = VLLMConfig(
+        dtype="float32",
+        max_model_len=args.max_length,
+        max_images=args.max_turns,
+        kv_cache_memory_bytes=512 << 20,
+        enforce_eager=True,
+    )
+    worker = RolloutWorker(
+        RolloutConfig(engine=name, model_dir=policy, dtype="float32", vllm=vllm, agent=agent), retriever=retriever
+    )
     worker.rollout(warmup, sampling)
     t0 = time.perf_counter()
     rollouts = worker.rollout(tasks, sampling)
@@ -92,12 +96,16 @@ def main() -> None:
     print("| engine | traj/s | gen tok/s | turns | tokens | finished | generate | search | agent overhead |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['engine']} | {r['trajectories_per_s']:.2f} | {r['generated_tokens_per_s']:.0f} | "
-              f"{r['mean_turns']:.2f} | {r['mean_tokens']:.0f} | {r['finished']:.0%} | {r['generate_share']:.1%} | "
-              f"{r['search_share']:.1%} | {r['overhead_share']:.1%} |")  # fmt: skip
+        print(
+            f"| {r['engine']} | {r['trajectories_per_s']:.2f} | {r['generated_tokens_per_s']:.0f} | "
+            f"{r['mean_turns']:.2f} | {r['mean_tokens']:.0f} | {r['finished']:.0%} | {r['generate_share']:.1%} | "
+            f"{r['search_share']:.1%} | {r['overhead_share']:.1%} |"
+        )
     if len(results) == 2:
-        print(f"speed-up {results[0]['engine']} / {results[1]['engine']}: "
-              f"{results[0]['trajectories_per_s'] / results[1]['trajectories_per_s']:.2f}x")  # fmt: skip
+        print(
+            f"speed-up {results[0]['engine']} / {results[1]['engine']}: "
+            f"{results[0]['trajectories_per_s'] / results[1]['trajectories_per_s']:.2f}x"
+        )
     args.out.write_text(json.dumps(report, indent=1))
 
 

@@ -41,9 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine  # noqa: E402
-
 import vrag_rl  # noqa: E402,F401  (torchvision shim first)
+from bench.machine import machine  # noqa: E402
 from vrag_rl.agent.images import fit_to_budget  # noqa: E402
 from vrag_rl.config import BUNDLED_CORPUS  # noqa: E402
 from vrag_rl.data.expert import load_page  # noqa: E402
@@ -93,13 +92,24 @@ def run_ours(args) -> dict:
     policy, items = workload(args)
     encoder = ChatEncoder(AutoProcessor.from_pretrained(policy))
     # ~300 prompt tokens (a page of at most 256 merged patches, the question, the template) + the completion
-    vllm = VLLMConfig(dtype="float32", max_model_len=1024 + args.max_new_tokens, max_images=1,
-                      kv_cache_memory_bytes=512 << 20, enforce_eager=True)  # fmt: skip
+    vllm = VLLMConfig(
+        dtype="float32",
+        max_model_len=1024 + args.max_new_tokens,
+        max_images=1,
+        kv_cache_memory_bytes=512 << 20,
+        enforce_eager=True,
+    )
     engine = VLLMEngine(policy, vllm)
     trainer_cfg = TrainerConfig(optim=OptimConfig(lr=LR, warmup_steps=0))
     trainer = LocalTrainer(trainer_cfg, policy, args.steps + 1, with_reference=False)
-    algo = AlgoConfig(prompts_per_step=args.prompts, group_size=args.samples, clip_low=CLIP, clip_high=CLIP,
-                      dual_clip_c=None, kl_coef=0.0)  # fmt: skip
+    algo = AlgoConfig(
+        prompts_per_step=args.prompts,
+        group_size=args.samples,
+        clip_low=CLIP,
+        clip_high=CLIP,
+        dual_clip_c=None,
+        kl_coef=0.0,
+    )
     sampling = SamplingConfig(temperature=TEMPERATURE, max_tokens=args.max_new_tokens)
     n = args.prompts * args.samples
     steps = []
@@ -107,8 +117,10 @@ def run_ours(args) -> dict:
         marks = [time.perf_counter()]  # phase boundaries
         prompts = [encoder.prompt(user_turn(q), [image]) for image, q in items]
         group = [prompts[i // args.samples] for i in range(n)]
-        requests = [GenerationRequest(ids, enc.images, enc.pixel_values, enc.grids, seed=step * n + i)
-                    for i, (ids, enc) in enumerate(group)]  # fmt: skip
+        requests = [
+            GenerationRequest(ids, enc.images, enc.pixel_values, enc.grids, seed=step * n + i)
+            for i, (ids, enc) in enumerate(group)
+        ]
         gens = engine.generate(requests, sampling)
         trajectories = []
         for (ids, enc), gen in zip(group, gens):
@@ -127,8 +139,14 @@ def run_ours(args) -> dict:
         nbytes = trainer.sync_weights(engine)
         marks.append(time.perf_counter())
         phases = {k: b - a for k, a, b in zip(PHASES, marks, marks[1:])}
-        steps.append({"seconds": marks[-1] - marks[0], "tokens": sum(len(g.token_ids) for g in gens),
-                      "phases": phases, "sync_bytes": nbytes})  # fmt: skip
+        steps.append(
+            {
+                "seconds": marks[-1] - marks[0],
+                "tokens": sum(len(g.token_ids) for g in gens),
+                "phases": phases,
+                "sync_bytes": nbytes,
+            }
+        )
     engine.close()
     out = summarize(steps[1:]) | prompt_record([ids for ids, _ in prompts]) | {"threads": torch.get_num_threads()}
     out["phases"] = {k: statistics.mean(s["phases"][k] for s in steps[1:]) for k in PHASES}
@@ -181,22 +199,48 @@ def run_trl(args) -> dict:
             self.ends.append(time.perf_counter())
 
     config = GRPOConfig(
-        output_dir=str(args.result.parent / "trl"), per_device_train_batch_size=args.prompts * args.samples,
-        num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=TEMPERATURE,
-        beta=0.0, loss_type="dapo", num_iterations=1, epsilon=CLIP, learning_rate=LR, lr_scheduler_type="constant",
-        gradient_checkpointing=False, bf16=False, use_cpu=True, use_vllm=False, max_steps=args.steps + 1,
-        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(args.result.parent / "trl"),
+        per_device_train_batch_size=args.prompts * args.samples,
+        num_generations=args.samples,
+        max_completion_length=args.max_new_tokens,
+        temperature=TEMPERATURE,
+        beta=0.0,
+        loss_type="dapo",
+        num_iterations=1,
+        epsilon=CLIP,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=True,
+        use_vllm=False,
+        max_steps=args.steps + 1,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
         # the vision placeholders, as our engine's allowed_token_ids: a sampled <|image_pad|> breaks the forward
         generation_kwargs={"suppress_tokens": banned_token_ids(processor.tokenizer)},
-    )  # fmt: skip
+    )
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=torch.float32)
     clock = Clock()
-    GRPOTrainer(model=model, reward_funcs=distinct_words, args=config, train_dataset=data, processing_class=processor,
-                callbacks=[clock]).train()  # fmt: skip
+    GRPOTrainer(
+        model=model,
+        reward_funcs=distinct_words,
+        args=config,
+        train_dataset=data,
+        processing_class=processor,
+        callbacks=[clock],
+    ).train()
     # As TRL renders them: the check that both sides saw the same prompts.
     messages = [prepare_multimodal_messages(row["prompt"], [row["image"]]) for row in data]
-    rendered = [processor.apply_chat_template(conversation=[m], add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"][0] for m in messages]  # fmt: skip
+    rendered = [
+        processor.apply_chat_template(conversation=[m], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ][0]
+        for m in messages
+    ]
     steps = [{"seconds": b - a, "tokens": n} for a, b, n in zip(clock.ends, clock.ends[1:], tokens[1:])]
     return summarize(steps) | prompt_record(rendered) | {"threads": torch.get_num_threads()}
 
@@ -217,9 +261,23 @@ def run_side(side: str, args) -> dict:
     """One side in a fresh interpreter (no shared thread pools or memory); its log goes to a file."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        cmd = [sys.executable, __file__, "--side", side, "--result", str(result), "--prompts", str(args.prompts),
-               "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
-               "--sync-sizes" if args.sync_sizes else "--no-sync-sizes"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--result",
+            str(result),
+            "--prompts",
+            str(args.prompts),
+            "--samples",
+            str(args.samples),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--steps",
+            str(args.steps),
+            "--sync-sizes" if args.sync_sizes else "--no-sync-sizes",
+        ]
         t0 = time.perf_counter()
         with log.open("w") as f:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -235,8 +293,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side, after one warm-up step")
-    p.add_argument("--sync-sizes", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time weight sync for the tiny policy and two larger variants")  # fmt: skip
+    p.add_argument(
+        "--sync-sizes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time weight sync for the tiny policy and two larger variants",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train-results.json"))
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -248,20 +310,31 @@ def main() -> None:
     t0 = time.perf_counter()
     ours, trl = run_side("ours", args), run_side("trl", args)
     settings = {k: v for k, v in vars(args).items() if k not in ("side", "result")} | {"out": str(args.out)}
-    report = {"machine": machine(), "settings": settings, "ours": ours, "trl": trl,
-              "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
-              "same_prompts": ours["prompt_sha1"] == trl["prompt_sha1"]}  # fmt: skip
+    report = {
+        "machine": machine(),
+        "settings": settings,
+        "ours": ours,
+        "trl": trl,
+        "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
+        "same_prompts": ours["prompt_sha1"] == trl["prompt_sha1"],
+    }
     n = args.prompts * args.samples
-    print(f"\n{n} generations per step ({args.prompts} prompts x {args.samples}), at most {args.max_new_tokens} "
-          f"new tokens, {args.steps} timed steps; prompt tokens {ours['prompt_tokens']}")  # fmt: skip
+    print(
+        f"\n{n} generations per step ({args.prompts} prompts x {args.samples}), at most {args.max_new_tokens} "
+        f"new tokens, {args.steps} timed steps; prompt tokens {ours['prompt_tokens']}"
+    )
     print("| trainer | s/step | gen tokens/step | gen tokens/s | generate | log-probs | update | weight sync |")
     print("|---|---|---|---|---|---|---|---|")
     ph = ours["phases"]
-    print(f"| ours (vLLM + LocalTrainer) | {ours['step_seconds']:.2f} | {ours['tokens_per_step']:.0f} | "
-          f"{ours['tokens_per_s']:.0f} | {ph['generate']:.2f} s | {ph['logprobs']:.2f} s | {ph['update']:.2f} s | "
-          f"{ph['sync']:.3f} s |")  # fmt: skip
-    print(f"| TRL GRPOTrainer | {trl['step_seconds']:.2f} | {trl['tokens_per_step']:.0f} | {trl['tokens_per_s']:.0f} "
-          "| | | | |")  # fmt: skip
+    print(
+        f"| ours (vLLM + LocalTrainer) | {ours['step_seconds']:.2f} | {ours['tokens_per_step']:.0f} | "
+        f"{ours['tokens_per_s']:.0f} | {ph['generate']:.2f} s | {ph['logprobs']:.2f} s | {ph['update']:.2f} s | "
+        f"{ph['sync']:.3f} s |"
+    )
+    print(
+        f"| TRL GRPOTrainer | {trl['step_seconds']:.2f} | {trl['tokens_per_step']:.0f} | {trl['tokens_per_s']:.0f} "
+        "| | | | |"
+    )
     print(f"ours / TRL (tokens/s): {report['ratio_tokens_per_s']:.2f}x")
     if not report["same_prompts"]:
         print("WARNING: the two sides' prompt ids differ; the workloads are not the same")

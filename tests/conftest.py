@@ -99,7 +99,6 @@ def ray_session():
     ray.shutdown()
 
 
-
 @pytest.fixture(scope="session")
 def warm_policy(tiny_dirs, bundled_corpus) -> Path:
     """The tiny policy after its supervised warm start: it searches, crops and answers (cached on disk)."""

@@ -13,14 +13,27 @@ import pytest
 
 from tests.test_main import metrics, run_main
 
-SMALL = ["+recipe=tiny_cpu", "sft.steps=0", "data.max_grpo_questions=4", "algo.prompts_per_step=4",
-         "algo.group_size=8", "run.steps=5", "run.val_every=0", "run.save_every=0"]  # fmt: skip
+SMALL = [
+    "+recipe=tiny_cpu",
+    "sft.steps=0",
+    "data.max_grpo_questions=4",
+    "algo.prompts_per_step=4",
+    "algo.group_size=8",
+    "run.steps=5",
+    "run.val_every=0",
+    "run.save_every=0",
+]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_grpo_raises_ndcg(seed, tmp_path, warm_policy, tiny_dirs):
-    proc = run_main(*SMALL, f"seed={seed}", f"models.policy={warm_policy}",
-                    f"models.tiny_dir={tiny_dirs['policy'].parent}", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    proc = run_main(
+        *SMALL,
+        f"seed={seed}",
+        f"models.policy={warm_policy}",
+        f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 6))

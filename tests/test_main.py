@@ -14,18 +14,28 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["+recipe=tiny_cpu", "sft.steps=0", "algo.prompts_per_step=2", "algo.group_size=2", "run.val_every=2",
-         "run.save_every=1", "sampling.max_tokens=64"]  # fmt: skip
+SHORT = [
+    "+recipe=tiny_cpu",
+    "sft.steps=0",
+    "algo.prompts_per_step=2",
+    "algo.group_size=2",
+    "run.val_every=2",
+    "run.save_every=1",
+    "sampling.max_tokens=64",
+]
 
 
 def run_main(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vrag_rl.main", *overrides], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vrag_rl.main", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
 
 
 def metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/tokens", "perf/weight_sync_s"))} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "perf/tokens", "perf/weight_sync_s"))} for r in rows
+    ]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -37,8 +47,13 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, warm_policy, tiny_dirs):
     out = tmp_path_factory.mktemp("straight")
-    proc = run_main(*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny_dirs['policy'].parent}",
-                    "run.steps=2", f"hydra.run.dir={out}")  # fmt: skip
+    proc = run_main(
+        *SHORT,
+        f"models.policy={warm_policy}",
+        f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        "run.steps=2",
+        f"hydra.run.dir={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
 
@@ -47,8 +62,17 @@ def test_run_writes_metrics_checkpoints_plot_wandb_and_export(straight):
     out, proc = straight
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("train/reward", "train/ndcg", "train/invalid_rate", "actor/entropy", "actor/grad_norm",
-                "actor/pg_clipfrac", "perf/weight_sync_bytes", "val/reward", "val/synthetic/reward"):  # fmt: skip
+    for key in (
+        "train/reward",
+        "train/ndcg",
+        "train/invalid_rate",
+        "actor/entropy",
+        "actor/grad_norm",
+        "actor/pg_clipfrac",
+        "perf/weight_sync_bytes",
+        "val/reward",
+        "val/synthetic/reward",
+    ):
         assert key in rows[-1], key
     assert rows[0]["train/searches"] > 0 and rows[0]["actor/grad_norm"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
@@ -59,8 +83,12 @@ def test_run_writes_metrics_checkpoints_plot_wandb_and_export(straight):
 
 def test_resume_reproduces_the_straight_run(straight, tmp_path, warm_policy, tiny_dirs):
     out, _ = straight
-    common = [*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny_dirs['policy'].parent}",
-              f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    common = [
+        *SHORT,
+        f"models.policy={warm_policy}",
+        f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        f"hydra.run.dir={tmp_path}",
+    ]
     first = run_main(*common, "run.steps=1")
     assert first.returncode == 0, first.stderr[-4000:]
     resumed = run_main(*common, "run.steps=2")
@@ -76,8 +104,23 @@ def test_resume_reproduces_the_straight_run(straight, tmp_path, warm_policy, tin
 
 def test_export_serves_with_vllm(straight, tmp_path):
     out, _ = straight
-    proc = subprocess.run([sys.executable, "-m", "vrag_rl.rollout", "--policy", str(out / "export"), "--questions", "1",
-                           "--out", str(tmp_path / "watch")], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vrag_rl.rollout",
+            "--policy",
+            str(out / "export"),
+            "--questions",
+            "1",
+            "--out",
+            str(tmp_path / "watch"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "watch" / "trajectories.jsonl").read_text().strip()
 

@@ -14,8 +14,8 @@ it too: vLLM inspects model classes in a fresh ``python -m vllm...`` subprocess,
 """
 
 import importlib
-import importlib.util
 import importlib.abc
+import importlib.util
 import sys
 
 _MISSING_OP = "torchvision::nms does not exist"

@@ -43,9 +43,11 @@ def main(raw: DictConfig) -> None:
     out = Path(cfg.run.out_dir or HydraConfig.get().runtime.output_dir)
     summary = run(cfg, out)
     final = summary["final"]
-    print(f"\n{summary['steps']} GRPO steps in {summary['seconds']:.0f}s: train reward {final['train/reward']:.3f}, "
-          f"ndcg {final['train/ndcg']:.3f}; checkpoint for transformers / vLLM: {summary['export']}; "
-          f"metrics: {out / 'metrics.jsonl'} (plot: {out / 'metrics.png'})")  # fmt: skip
+    print(
+        f"\n{summary['steps']} GRPO steps in {summary['seconds']:.0f}s: train reward {final['train/reward']:.3f}, "
+        f"ndcg {final['train/ndcg']:.3f}; checkpoint for transformers / vLLM: {summary['export']}; "
+        f"metrics: {out / 'metrics.jsonl'} (plot: {out / 'metrics.png'})"
+    )
 
 
 if __name__ == "__main__":

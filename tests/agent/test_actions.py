@@ -184,8 +184,28 @@ def test_outcomes_of_large_inputs():
 plain = st.text(st.characters(blacklist_characters="<", blacklist_categories=("Cs",)), max_size=60)
 # Tag soup: fragments of tags, numbers, brackets and unicode glued together.
 fragments = st.sampled_from(
-    TAGS + ["<", ">", "/", "[", "]", ",", " ", "\n", "1", "-3.5", "1e309", "nan", "\u202e", "\u200b", "🙂",
-            "<|im_end|>", "<|endoftext|>", "<bbox>[1, 2, 3, 4]</bbox>", "<search>q</search>"]
+    TAGS
+    + [
+        "<",
+        ">",
+        "/",
+        "[",
+        "]",
+        ",",
+        " ",
+        "\n",
+        "1",
+        "-3.5",
+        "1e309",
+        "nan",
+        "\u202e",
+        "\u200b",
+        "🙂",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<bbox>[1, 2, 3, 4]</bbox>",
+        "<search>q</search>",
+    ]
 )
 soup = st.lists(st.one_of(fragments, plain), max_size=40).map("".join)
 

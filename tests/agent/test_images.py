@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 from PIL import Image
-
-import vrag_rl  # noqa: F401  (makes torchvision, hence qwen_vl_utils, importable on CPU torch)
 from qwen_vl_utils import fetch_image
 from qwen_vl_utils.vision_process import smart_resize as qwen_smart_resize
+
+import vrag_rl  # noqa: F401  (makes torchvision, hence qwen_vl_utils, importable on CPU torch)
 from vrag_rl.agent.images import (
     MAX_ASPECT_RATIO,
     ImageBudget,

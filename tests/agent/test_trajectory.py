@@ -57,7 +57,9 @@ def build_conversation(encoder, rng, num_turns, num_images, end_with_observation
             feedback = None if obs_images else FEEDBACK
             ids, enc = encoder.observation(obs_images, feedback)
             traj.add_observation(ids, enc.images, enc.pixel_values, enc.grids)
-            content = [{"type": "image"} for _ in obs_images] + ([{"type": "text", "text": feedback}] if feedback else [])
+            content = [{"type": "image"} for _ in obs_images] + (
+                [{"type": "text", "text": feedback}] if feedback else []
+            )
             messages.append({"role": "user", "content": content})
             images += obs_images
     return traj, messages, images
@@ -96,9 +98,16 @@ def _generate_turn(model, traj, encoder, max_new_tokens, generator_seed):
     inputs = traj.model_inputs(encoder.image_token_id)
     torch.manual_seed(generator_seed)
     out = model.generate(
-        **inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        output_logits=True, return_dict_in_generate=True, eos_token_id=encoder.eos_token_id,
-    )  # fmt: skip
+        **inputs,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+        eos_token_id=encoder.eos_token_id,
+    )
     new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     logits = torch.stack(out.logits, dim=1)[0, : len(new)].float()
     logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(new)[:, None])[:, 0]
@@ -117,8 +126,9 @@ def test_recomputed_logprobs_match_generate(tiny_processor, tiny_policy):
         ids, logprobs = _generate_turn(tiny_policy, traj, encoder, max_new_tokens=12, generator_seed=turn)
         assert traj.add_model_turn(ids, logprobs)
         obs_images = [random_image(rng) for _ in range(turn % 3)]  # 0, 1, 2, 0 images
-        ids, enc = encoder.observation(obs_images, None if obs_images else FEEDBACK,
-                                       close_turn=ids[-1] != encoder.eos_token_id)  # fmt: skip
+        ids, enc = encoder.observation(
+            obs_images, None if obs_images else FEEDBACK, close_turn=ids[-1] != encoder.eos_token_id
+        )
         assert traj.add_observation(ids, enc.images, enc.pixel_values, enc.grids)
     assert len(traj.images) == 3
 

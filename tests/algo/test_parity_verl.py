@@ -7,12 +7,11 @@ identical rewards, rows with gaps in the mask (multi-turn) and fully masked rows
 import numpy as np
 import pytest
 import torch
-
-import vrag_rl  # noqa: F401  (first: lets verl import torchvision on CPU torch)
 from verl.trainer.ppo import core_algos
 from verl.utils import torch_functional as verl_F
 from verl.workers.config import ActorConfig
 
+import vrag_rl  # noqa: F401  (first: lets verl import torchvision on CPU torch)
 from vrag_rl.algo.advantages import broadcast_to_tokens, grpo_advantages, rloo_advantages
 from vrag_rl.algo.losses import AGG_MODES, aggregate, entropy_from_logits, kl_penalty, policy_loss
 

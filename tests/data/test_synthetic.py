@@ -176,7 +176,7 @@ def test_qa_parquet_schema(corpus):
     box = schema.field("answer_box").type
     assert pa.types.is_struct(box) and [box.field(i).name for i in range(box.num_fields)] == [
         "page_id", "x0", "y0", "x1", "y1"
-    ]  # fmt: skip
+    ]
 
 
 def test_resume_completes_an_interrupted_run_and_refuses_another_config(corpus, tmp_path):
@@ -198,7 +198,7 @@ def test_resume_completes_an_interrupted_run_and_refuses_another_config(corpus, 
         {"pages_per_doc": 13}, {"page_size": (100, 100)}, {"page_size": (800,)}, {"page_size": "800x1100"},
         {"page_size": (800, 300)}, {"jpeg_quality": 0}, {"jpeg_quality": 96}, {"seed": -1}, {"seed": "0"},
     ],
-)  # fmt: skip
+)
 def test_bad_config_raises(change):
     with pytest.raises(ValueError):
         dataclasses.replace(CFG, **change)
@@ -210,7 +210,7 @@ def test_config_round_trips_through_json():
 
 def test_cli_writes_corpus(tmp_path, capsys):
     main(["--out", str(tmp_path / "c"), "--docs", "2", "--pages-per-doc", "2", "--width", "400", "--height", "560",
-          "--seed", "7", "--no-progress"])  # fmt: skip
+          "--seed", "7", "--no-progress"])
     assert "wrote 4 pages" in capsys.readouterr().out
     expected = [q for p in generate(dataclasses.replace(CFG, num_docs=2, pages_per_doc=2)) for q in p.questions]
     assert load_qa(tmp_path / "c") == expected
@@ -220,6 +220,6 @@ def test_cli_writes_corpus(tmp_path, capsys):
 
 def test_module_runs_as_a_script(tmp_path):
     cmd = [sys.executable, "-m", "vrag_rl.data.synthetic", "--out", str(tmp_path), "--docs", "1",
-           "--pages-per-doc", "1", "--width", "400", "--height", "560", "--no-progress"]  # fmt: skip
+           "--pages-per-doc", "1", "--width", "400", "--height", "560", "--no-progress"]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     assert [p.page_id for p in load_pages(tmp_path)] == ["doc0000_1"]

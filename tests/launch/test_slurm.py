@@ -39,7 +39,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 
 def _free_mb() -> int:
-    return int(subprocess.run(["free", "-m"], capture_output=True, text=True, check=True).stdout.split("\n")[1].split()[1])
+    return int(
+        subprocess.run(["free", "-m"], capture_output=True, text=True, check=True).stdout.split("\n")[1].split()[1]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +73,34 @@ def slurm(tmp_path_factory):
 
 def test_sbatch_runs_the_main_job_on_a_ray_cluster(slurm, tmp_path, warm_policy, tiny_dirs):
     log = tmp_path / "job.out"
-    job = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={log}", f"--cpus-per-task={os.cpu_count()}",
-         "launch/slurm.sbatch", "+recipe=tiny_cpu", "sft.steps=0", "run.steps=1", "run.val_every=0",
-         "algo.prompts_per_step=2", "algo.group_size=2", "sampling.max_tokens=64", f"models.policy={warm_policy}",
-         f"models.tiny_dir={tiny_dirs['policy'].parent}", f"hydra.run.dir={tmp_path / 'run'}"],
-        env=slurm, capture_output=True, text=True, check=True,
-    ).stdout.strip().split(";")[0]  # fmt: skip
+    job = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--chdir={ROOT}",
+                f"--output={log}",
+                f"--cpus-per-task={os.cpu_count()}",
+                "launch/slurm.sbatch",
+                "+recipe=tiny_cpu",
+                "sft.steps=0",
+                "run.steps=1",
+                "run.val_every=0",
+                "algo.prompts_per_step=2",
+                "algo.group_size=2",
+                "sampling.max_tokens=64",
+                f"models.policy={warm_policy}",
+                f"models.tiny_dir={tiny_dirs['policy'].parent}",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ],
+            env=slurm,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     deadline = time.monotonic() + 900
     while subprocess.run(["squeue", "-h", "-j", job], env=slurm, capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline, f"job {job} still queued or running after 15 minutes"

@@ -86,8 +86,9 @@ def test_policy_and_retriever_load_and_run(tiny_dirs, tiny_processor, tiny_polic
     image = Image.new("RGB", (112, 84), (200, 30, 30))
     text = tiny_processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
-        add_generation_prompt=True, tokenize=False,
-    )  # fmt: skip
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     enc = tiny_processor(text=[text], images=[image], return_tensors="pt")
     with torch.no_grad():
         out = tiny_policy.generate(**enc, max_new_tokens=4, do_sample=False)
@@ -134,18 +135,24 @@ def test_vllm_loads_policy_and_matches_hf_greedy(tiny_dirs, tiny_processor, tiny
     image = Image.new("RGB", (112, 84), (20, 200, 30))
     text = tiny_processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}],
-        add_generation_prompt=True, tokenize=False,
-    )  # fmt: skip
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     enc = tiny_processor(text=[text], images=[image], return_tensors="pt")
     with torch.no_grad():
         hf = tiny_policy.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1] :]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine: seconds, not tens
     # vLLM expands each image's placeholder itself: the prompt goes in with one <|image_pad|> per image.
-    prompt = collapse_runs(enc["input_ids"][0].tolist(), tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    prompt = collapse_runs(
+        enc["input_ids"][0].tolist(), tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    )
     proc = subprocess.run(
         [sys.executable, "-c", VLLM_GREEDY, str(tiny_dirs["policy"]), json.dumps(prompt)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     ids = json.loads(next(line for line in lines if line.startswith("IDS "))[4:])

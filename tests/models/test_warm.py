@@ -56,8 +56,11 @@ def prefix(full: Trajectory, num_segments: int) -> Trajectory:
     out, image = Trajectory(), 0
     for segment in full.segments[:num_segments]:
         n = segment.num_images
-        images = (full.images[image : image + n], full.pixel_values[image : image + n],
-                  full.image_grid_thw[image : image + n])  # fmt: skip
+        images = (
+            full.images[image : image + n],
+            full.pixel_values[image : image + n],
+            full.image_grid_thw[image : image + n],
+        )
         image += n
         if segment.role == ROLE_PROMPT:
             out.add_prompt(segment.ids, *images)

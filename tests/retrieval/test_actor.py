@@ -115,7 +115,10 @@ def test_actor_killed_mid_batch_is_restarted_and_no_query_lost(distributed, orac
 def test_front_actor(ray_session, oracle, bundled_corpus, visual_index, embedder_cfg):
     """The front itself as an actor (what rollout workers share): same answers."""
     handle = start_retriever_actor(
-        bundled_corpus, visual_index, embedder_cfg, num_cpus=0.25,
+        bundled_corpus,
+        visual_index,
+        embedder_cfg,
+        num_cpus=0.25,
         actors=ActorConfig(num_shard_actors=1, num_cpus=0.25),
     )
     try:

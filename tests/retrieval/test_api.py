@@ -27,8 +27,14 @@ from vrag_rl.retrieval.index import MultiVectorIndex
 from vrag_rl.retrieval.ocr import OCR_FILE, OCR_SCHEMA
 from vrag_rl.retrieval.service import Retriever
 
-LIMITS = Limits(max_batch=8, max_query_chars=200, max_top_k=20, max_image_bytes=300_000, max_image_pixels=4_000_000,
-                max_body_bytes=1_000_000)
+LIMITS = Limits(
+    max_batch=8,
+    max_query_chars=200,
+    max_top_k=20,
+    max_image_bytes=300_000,
+    max_image_pixels=4_000_000,
+    max_body_bytes=1_000_000,
+)
 QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "word4 odd"]
 
 
@@ -46,11 +52,15 @@ def corpus(bundled_corpus, tmp_path_factory) -> Path:
     pages = [dataclasses.replace(p, file=str(Path(p.file).relative_to(out))) for p in load_pages(out)]
     os.symlink(root / "secret.jpg", out / "pages" / "evil_1.jpg")
     evil = dataclasses.replace(pages[0], doc="evil", checksum=hashlib.sha256(secret).hexdigest())
-    evil = [dataclasses.replace(evil, page_id="evil_1", file="pages/evil_1.jpg"),
-            dataclasses.replace(evil, page_id="evil_2", page=2, file="../secret.jpg")]
+    evil = [
+        dataclasses.replace(evil, page_id="evil_1", file="pages/evil_1.jpg"),
+        dataclasses.replace(evil, page_id="evil_2", page=2, file="../secret.jpg"),
+    ]
     write_pages(pages + evil, out / "pages.parquet")
     texts = [f"word{i} {'even' if i % 2 == 0 else 'odd'}" for i in range(len(pages))]
-    rows = [{"page_id": p.page_id, "checksum": "", "text": t, "status": "ok", "error": ""} for p, t in zip(pages, texts)]
+    rows = [
+        {"page_id": p.page_id, "checksum": "", "text": t, "status": "ok", "error": ""} for p, t in zip(pages, texts)
+    ]
     pq.write_table(pa.Table.from_pylist(rows, schema=OCR_SCHEMA), out / OCR_FILE)
     return out
 
@@ -131,7 +141,9 @@ def test_post_search_modes(client, retriever, mode):
     body = r.json()
     assert body["image_results"] == []
     for got, hits in zip(body["results"], retriever.search(QUERIES, 4, mode), strict=True):
-        want = [{"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)]
+        want = [
+            {"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)
+        ]
         assert got == want
     if mode == "text":
         assert body["results"][2][0]["page_id"] == retriever.page_ids[4]
@@ -268,8 +280,19 @@ def test_page_traversal_is_refused(server, target, statuses):
 
 def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
     """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the Retriever."""
-    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(corpus), "--index", str(api_index),
-           "--model", str(tiny_dirs["retriever"]), "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrag_rl.retrieval.api",
+        "--corpus",
+        str(corpus),
+        "--index",
+        str(api_index),
+        "--model",
+        str(tiny_dirs["retriever"]),
+        "--port",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines, deadline = [], time.monotonic() + 120
@@ -295,8 +318,19 @@ def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
 
 def test_cli_refuses_a_stale_index(bundled_corpus, api_index, tiny_dirs):
     """The api index holds two pages the bundled corpus lacks: the server must not start on it."""
-    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(bundled_corpus), "--index", str(api_index),
-           "--model", str(tiny_dirs["retriever"]), "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrag_rl.retrieval.api",
+        "--corpus",
+        str(bundled_corpus),
+        "--index",
+        str(api_index),
+        "--model",
+        str(tiny_dirs["retriever"]),
+        "--port",
+        "0",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "stale" in out.stderr and "removed" in out.stderr and "Uvicorn running" not in out.stderr

@@ -89,7 +89,10 @@ def test_fingerprint_follows_weights_and_config(tiny_dirs, tmp_path, embedder):
 def test_model_class_follows_model_type(tmp_path):
     from colpali_engine.models import ColQwen2, ColQwen2_5, ColQwen2_5_Processor, ColQwen2Processor
 
-    for model_type, classes in (("qwen2_vl", (ColQwen2, ColQwen2Processor)), ("qwen2_5_vl", (ColQwen2_5, ColQwen2_5_Processor))):
+    for model_type, classes in (
+        ("qwen2_vl", (ColQwen2, ColQwen2Processor)),
+        ("qwen2_5_vl", (ColQwen2_5, ColQwen2_5_Processor)),
+    ):
         d = tmp_path / model_type
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": model_type}))

@@ -59,8 +59,10 @@ def random_pages(n: int, seed: int, max_len: int = 40) -> dict[str, torch.Tensor
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, max_len, (n,), generator=g).tolist()
     lengths[3] = 300  # longer than a chunk: gets a chunk of its own
-    pages = {f"p{i:04d}": torch.nn.functional.normalize(torch.randn(n_, 128, generator=g), dim=-1)
-             for i, n_ in enumerate(lengths)}  # fmt: skip
+    pages = {
+        f"p{i:04d}": torch.nn.functional.normalize(torch.randn(n_, 128, generator=g), dim=-1)
+        for i, n_ in enumerate(lengths)
+    }
     pages["p_dup_a"] = pages["p0007"].clone()  # exact ties: must come out in index order
     pages["p_dup_b"] = pages["p0007"].clone()
     return pages
@@ -93,7 +95,7 @@ def test_plan_chunks_covers_every_page_once():
     covered = []
     for c in chunks:
         assert c.stop - c.start <= 8 or len(c.pieces) == 1  # only an oversized page exceeds a chunk
-        for offset, page, n, length in c.pieces:
+        for _offset, page, n, length in c.pieces:
             assert all(lengths[page + i] == length for i in range(n))
             covered += list(range(page, page + n))
         assert c.stop - c.start == sum(n * length for _, _, n, length in c.pieces)
@@ -165,8 +167,13 @@ def recall_at_10(index, queries, **params) -> float:
 )
 def test_approx_recall_against_exact(clustered, cfg):
     corpus, queries, root = clustered
-    index = MultiVectorIndex.create(root / json.dumps(cfg, sort_keys=True).replace('"', ""), corpus.pages(), "fp", 128,
-                                    IndexConfig(shard_size=800, n_rerank=32, **cfg))  # fmt: skip
+    index = MultiVectorIndex.create(
+        root / json.dumps(cfg, sort_keys=True).replace('"', ""),
+        corpus.pages(),
+        "fp",
+        128,
+        IndexConfig(shard_size=800, n_rerank=32, **cfg),
+    )
     assert recall_at_10(index, queries) >= 0.95
     # The test can fail: starve candidate generation and recall drops.
     assert recall_at_10(index, queries, k_tokens=1, n_rerank=10) < 0.9
@@ -197,7 +204,10 @@ def test_shard_subsets_merge_to_the_full_result(tmp_path):
     assert parts[1].page_ids == list(pages)[30:60] and parts[1].loaded_shards == [1] and parts[1].num_shards == 4
     order = {p: i for i, p in enumerate(full.page_ids)}
     for mode in ("exact", "approx"):
-        merged = [rank([h for part in hits for h in part], order, 8) for hits in zip(*(p.search(queries, 8, mode) for p in parts))]
+        merged = [
+            rank([h for part in hits for h in part], order, 8)
+            for hits in zip(*(p.search(queries, 8, mode) for p in parts))
+        ]
         assert merged == full.search(queries, 8, mode)
     with pytest.raises(ValueError, match="shards"):
         MultiVectorIndex.load(tmp_path / "i", shards=[4])
@@ -249,7 +259,9 @@ def test_changed_corpus_is_stale(bundled_index, bundled_corpus, tmp_path):
     pages = file_relative(load_pages(corpus))
     changed = pages[2]
     Image.new("RGB", (changed.width, changed.height), "white").save(corpus / changed.file)
-    pages[2] = dataclasses.replace(changed, checksum=page_checksum(dataclasses.replace(changed, file=str(corpus / changed.file), checksum="")))
+    pages[2] = dataclasses.replace(
+        changed, checksum=page_checksum(dataclasses.replace(changed, file=str(corpus / changed.file), checksum=""))
+    )
     write_pages(pages[:-1], corpus / "pages.parquet")  # and the last page removed
     with pytest.raises(StaleIndexError, match=r"1 removed \(e\.g\. doc.*1 changed \(e\.g\. " + changed.page_id) as err:
         MultiVectorIndex.load(bundled_index, corpus_dir=corpus)
@@ -299,7 +311,11 @@ def test_bad_manifest_fails(bundled_index, tmp_path, edit):
     path.write_text(json.dumps(manifest))
     if edit == "missing":
         path.unlink()
-    expected = {"version": ("version", "version 99"), "pages": ("checksum", "page list"), "missing": ("missing", "no index")}
+    expected = {
+        "version": ("version", "version 99"),
+        "pages": ("checksum", "page list"),
+        "missing": ("missing", "no index"),
+    }
     with pytest.raises(StaleIndexError, match=expected[edit][1]) as err:
         MultiVectorIndex.load(index_dir)
     assert reason_of(err) == expected[edit][0]
@@ -310,9 +326,13 @@ def test_pooled_index_has_fewer_vectors_and_matches_oracle(bundled_corpus, embed
     ids = [p.page_id for p in load_pages(bundled_corpus)][:4]
     corpus = subset_corpus(bundled_corpus, tmp_path / "c", ids)
     pooled = PageEmbedder(dataclasses.replace(embedder_cfg, pool_factor=4))
-    index = MultiVectorIndex.build(tmp_path / "i", corpus, pooled, IndexConfig(dtype="float32", approx="hnsw"), progress=False)
+    index = MultiVectorIndex.build(
+        tmp_path / "i", corpus, pooled, IndexConfig(dtype="float32", approx="hnsw"), progress=False
+    )
     n_tokens = index.manifest["shards"][0]["n_tokens"]
-    full_tokens = 4 * int(pooled.processor.process_images([Image.open(load_pages(corpus)[0].file)])["attention_mask"].sum())
+    full_tokens = 4 * int(
+        pooled.processor.process_images([Image.open(load_pages(corpus)[0].file)])["attention_mask"].sum()
+    )
     assert 4 <= n_tokens <= full_tokens // 4
     vectors = {p: index.page_vectors(p) for p in ids}
     queries = pooled.embed_queries(["revenue table", "founded"])

@@ -169,8 +169,9 @@ def test_real_pdf_pages_names_sizes_and_manifest(gnuplot_pdf, pdf_corpus):
 def test_rendered_pages_match_poppler(gnuplot_pdf, pdf_corpus, tmp_path):
     """Page k of the corpus is page k of the PDF: compared with poppler's pdftoppm, an independent renderer."""
     out, _ = pdf_corpus
-    subprocess.run(["pdftoppm", "-r", "50", "-f", "1", "-l", "3", "-gray", str(gnuplot_pdf), str(tmp_path / "p")],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["pdftoppm", "-r", "50", "-f", "1", "-l", "3", "-gray", str(gnuplot_pdf), str(tmp_path / "p")], check=True
+    )
     ref = [_gray(f) for f in sorted(tmp_path.glob("p-*.pgm"))]
     assert len(ref) == 3
     ours = [_gray(out / "pages" / f"gnuplot_{k}.jpg") for k in (1, 2, 3)]
@@ -284,8 +285,19 @@ def test_every_bad_input_class_is_listed_and_skipped(gnuplot_pdf, tmp_path, caps
     bad |= {"b/SCAN.webp": ("name clash", None), "b/scan.jpg": ("name clash", None), "a/fig.png": ("empty file", None)}
     (src / "gnuplot.pdf").symlink_to(gnuplot_pdf)
 
-    code = main([str(src), str(tmp_path / "missing.pdf"), "--out", str(tmp_path / "c"), "--dpi", "40",
-                 "--max-pages", "2", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            str(src),
+            str(tmp_path / "missing.pdf"),
+            "--out",
+            str(tmp_path / "c"),
+            "--dpi",
+            "40",
+            "--max-pages",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "c" / "ingest_report.json").read_text())
     listed = {Path(p["source"]).relative_to(tmp_path).as_posix(): p["reason"] for p in report["problems"]}
@@ -307,8 +319,16 @@ def test_every_bad_input_class_is_listed_and_skipped(gnuplot_pdf, tmp_path, caps
 def test_nothing_usable_exits_nonzero(tmp_path):
     (tmp_path / "a.pdf").write_bytes(b"")
     (tmp_path / "b.txt").write_text("x")
-    cmd = [sys.executable, "-m", "vrag_rl.retrieval.ingest", str(tmp_path / "a.pdf"), str(tmp_path / "b.txt"),
-           "--out", str(tmp_path / "c"), "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrag_rl.retrieval.ingest",
+        str(tmp_path / "a.pdf"),
+        str(tmp_path / "b.txt"),
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 1, run.stderr
     assert "empty file" in run.stdout and "unsupported type" in run.stdout and "0 pages written" in run.stdout
@@ -393,8 +413,21 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(gnuplot_pdf,
 
 def test_killed_run_keeps_checkpointed_pages_and_rerun_completes(gnuplot_pdf, tmp_path):
     out, n = tmp_path / "c", 40
-    cmd = [sys.executable, "-m", "vrag_rl.retrieval.ingest", str(gnuplot_pdf), "--out", str(out), "--dpi", "90",
-           "--max-pages", str(n), "--checkpoint-seconds", "0", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrag_rl.retrieval.ingest",
+        str(gnuplot_pdf),
+        "--out",
+        str(out),
+        "--dpi",
+        "90",
+        "--max-pages",
+        str(n),
+        "--checkpoint-seconds",
+        "0",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

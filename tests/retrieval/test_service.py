@@ -207,8 +207,19 @@ def test_page_path_resolves_only_manifest_pages_inside_the_corpus(corpus_copy, t
     p = cat.page_path("doc0000_2")
     assert p == (corpus / "pages" / "doc0000_2.jpg").resolve() and p.read_bytes()[:2] == b"\xff\xd8"
     assert cat.page_path("alias_1") == (corpus / "pages" / "doc0000_1.jpg").resolve()
-    for bad in ["../pages.parquet", "/etc/passwd", "doc0000_1/../../outside", "", "doc0000_1.jpg",
-                "pages/doc0000_1.jpg", "..", "doc0000_1\x00", str(corpus / "pages" / "doc0000_1.jpg"), 3, None]:
+    for bad in [
+        "../pages.parquet",
+        "/etc/passwd",
+        "doc0000_1/../../outside",
+        "",
+        "doc0000_1.jpg",
+        "pages/doc0000_1.jpg",
+        "..",
+        "doc0000_1\x00",
+        str(corpus / "pages" / "doc0000_1.jpg"),
+        3,
+        None,
+    ]:
         with pytest.raises(KeyError):
             cat.page_path(bad)
     for evil in ["evil_1", "evil_2", "evil_3"]:

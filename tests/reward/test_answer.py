@@ -7,7 +7,7 @@ import pytest
 from vrag_rl.reward.answer import ANLS_MAX_CHARS, anls, exact_match, levenshtein, normalize_answer, token_f1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _brute_levenshtein(a: str, b: str) -> int:
     """Textbook recursion on the last characters, an independent oracle for short strings."""
     if not a:

@@ -53,8 +53,9 @@ def test_verdict_from_server(judge_server, fast_config, reply, expected):
 
 
 def test_request_payload_and_prompt(judge_server, fast_config):
-    config = fast_config(f"{judge_server.url}/auth/sekret", api_key="sekret", model="judge-7b", max_tokens=8,
-                         timeout_s=5.0)
+    config = fast_config(
+        f"{judge_server.url}/auth/sekret", api_key="sekret", model="judge-7b", max_tokens=8, timeout_s=5.0
+    )
     with JudgeClient(config) as client:
         result = client.judge("How tall is it?", ["324 m", "1083 ft"], "It is 324 m tall")
     assert result.status == "ok" and result.correct is True

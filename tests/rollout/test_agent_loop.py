@@ -31,9 +31,15 @@ def decoded_observations(encoder, trajectory) -> list[str]:
 
 def test_search_crop_answer(scripted, encoder, retriever):
     box = [10, 20, 110, 90]
-    engine = scripted({Q1: ["<think>find it</think><search>alpha report</search>",
-                            f"<think>zoom</think><bbox>{box}</bbox>",
-                            "<think>done</think><answer>Lyon</answer>"]})  # fmt: skip
+    engine = scripted(
+        {
+            Q1: [
+                "<think>find it</think><search>alpha report</search>",
+                f"<think>zoom</think><bbox>{box}</bbox>",
+                "<think>done</think><answer>Lyon</answer>",
+            ]
+        }
+    )
     (r,) = run(engine, encoder, retriever, [Task("q1", Q1)])
     best = retriever.search(["alpha report"], top_k=1)[0][0].page_id
     assert r.retrieved_pages == [best]
@@ -57,8 +63,12 @@ def test_search_crop_answer(scripted, encoder, retriever):
 
 
 def test_batched_search_and_unseen_pages(scripted, encoder, retriever):
-    engine = scripted({Q1: ["<search>alpha report</search>", "<search>alpha report</search>", "<answer>x</answer>"],
-                       Q2: ["<search>beta chart</search>", "<answer>y</answer>"]})  # fmt: skip
+    engine = scripted(
+        {
+            Q1: ["<search>alpha report</search>", "<search>alpha report</search>", "<answer>x</answer>"],
+            Q2: ["<search>beta chart</search>", "<answer>y</answer>"],
+        }
+    )
     r1, r2 = run(engine, encoder, retriever, [Task("q1", Q1), Task("q2", Q2)])
     ranked = [h.page_id for h in retriever.search(["alpha report"], top_k=2)[0]]
     assert r1.retrieved_pages == ranked  # the same query twice shows the next page, not the same one again
@@ -76,8 +86,17 @@ def test_no_unseen_page_left(scripted, encoder, retriever):
 
 
 def test_invalid_actions_get_feedback(scripted, encoder, retriever):
-    engine = scripted({Q1: ["no tags at all", "<bbox>[1, 2, 30, 40]</bbox>", "<search>alpha</search>",
-                            "<bbox>[5000, 5000, 6000, 6000]</bbox>", "<answer>x</answer>"]})  # fmt: skip
+    engine = scripted(
+        {
+            Q1: [
+                "no tags at all",
+                "<bbox>[1, 2, 30, 40]</bbox>",
+                "<search>alpha</search>",
+                "<bbox>[5000, 5000, 6000, 6000]</bbox>",
+                "<answer>x</answer>",
+            ]
+        }
+    )
     (r,) = run(engine, encoder, retriever, [Task("q1", Q1)], max_turns=5)
     # no tag; a crop before any image; a box outside the shown page: three invalid actions, each answered
     assert r.num_invalid == 3 and r.finished and r.crops == []
@@ -87,8 +106,12 @@ def test_invalid_actions_get_feedback(scripted, encoder, retriever):
 
 
 def test_turn_limit_then_answer_only(scripted, encoder, retriever):
-    engine = scripted({Q1: ["<search>alpha</search>", "<search>beta</search>", "<search>gamma</search>"],
-                       Q2: ["<search>alpha</search>", "<search>beta</search>", "<answer>late</answer>"]})  # fmt: skip
+    engine = scripted(
+        {
+            Q1: ["<search>alpha</search>", "<search>beta</search>", "<search>gamma</search>"],
+            Q2: ["<search>alpha</search>", "<search>beta</search>", "<answer>late</answer>"],
+        }
+    )
     r1, r2 = run(engine, encoder, retriever, [Task("q1", Q1), Task("q2", Q2)], max_turns=2)
     assert ANSWER_NOW_FEEDBACK in decoded_observations(encoder, r1.trajectory)[-1]
     assert r1.stop_reason == "turn_limit" and not r1.finished and r1.num_turns == 3
@@ -99,8 +122,9 @@ def test_turn_limit_then_answer_only(scripted, encoder, retriever):
 
 def test_length_limit_never_cuts_an_image(scripted, encoder, retriever):
     engine = scripted({Q1: ["<search>alpha</search>", "<answer>x</answer>"]})
-    prompt_len = len(run(scripted({Q1: ["<answer>x</answer>"]}), encoder, retriever, [Task("q1", Q1)])[0]
-                     .trajectory.segments[0].ids)  # fmt: skip
+    prompt_len = len(
+        run(scripted({Q1: ["<answer>x</answer>"]}), encoder, retriever, [Task("q1", Q1)])[0].trajectory.segments[0].ids
+    )
     (r,) = run(engine, encoder, retriever, [Task("q1", Q1)], max_length=prompt_len + 40)
     t = r.trajectory
     assert r.stop_reason == "length" and t.truncated and len(t) <= prompt_len + 40

@@ -23,8 +23,9 @@ from vrag_rl.rollout.hf_engine import HFEngine
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 
 LOGPROB_TOL = 1e-4
-VLLM_CPU = VLLMConfig(dtype="float32", max_model_len=4096, max_images=4, kv_cache_memory_bytes=64 << 20,
-                      enforce_eager=True)  # fmt: skip
+VLLM_CPU = VLLMConfig(
+    dtype="float32", max_model_len=4096, max_images=4, kv_cache_memory_bytes=64 << 20, enforce_eager=True
+)
 
 
 def prefix_request(traj: Trajectory, observations: int, **kw) -> GenerationRequest:
@@ -37,14 +38,17 @@ def prefix_request(traj: Trajectory, observations: int, **kw) -> GenerationReque
             break
     n_images = sum(s.num_images for s in segs)
     ids = [i for s in segs for i in s.ids]
-    return GenerationRequest(ids, traj.images[:n_images], traj.pixel_values[:n_images], traj.image_grid_thw[:n_images], **kw)
+    return GenerationRequest(
+        ids, traj.images[:n_images], traj.pixel_values[:n_images], traj.image_grid_thw[:n_images], **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def contexts(bundled_corpus, encoder):
     record = next(r for r in load_qa(bundled_corpus) if r.answer_box is not None)
-    traj = scripted_trajectory(record, load_page(bundled_corpus, record.answer_box[0]), encoder, "expert",
-                               budget=TINY_BUDGET).trajectory  # fmt: skip
+    traj = scripted_trajectory(
+        record, load_page(bundled_corpus, record.answer_box[0]), encoder, "expert", budget=TINY_BUDGET
+    ).trajectory
     return [prefix_request(traj, 0), prefix_request(traj, 1), prefix_request(traj, 2)]
 
 
@@ -70,7 +74,9 @@ def recomputed(model, request: GenerationRequest, new_ids: list[int], encoder, t
     traj.add_model_turn(new_ids)
     with torch.no_grad():
         inputs = traj.model_inputs(encoder.image_token_id)
-        return token_logprobs(model, inputs, temperature, banned_token_ids(encoder.tokenizer))[0, len(request.prompt_ids) :]
+        return token_logprobs(model, inputs, temperature, banned_token_ids(encoder.tokenizer))[
+            0, len(request.prompt_ids) :
+        ]
 
 
 def test_hf_logprobs_are_the_training_forward(hf, contexts, encoder):
@@ -99,8 +105,11 @@ def test_vllm_sampled_logprobs_match_recomputed(vllm_engine, hf, contexts, encod
     import ray
 
     sampling = SamplingConfig(temperature=temperature, max_tokens=32)
-    requests = [GenerationRequest(c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
-                for c in contexts for s in (1, 2)]  # fmt: skip
+    requests = [
+        GenerationRequest(c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
+        for c in contexts
+        for s in (1, 2)
+    ]
     gens = ray.get(vllm_engine.generate.remote(requests, sampling))
     assert gens[0].token_ids != gens[1].token_ids  # different seeds, different samples
     again = ray.get(vllm_engine.generate.remote(requests[:2], sampling))
@@ -118,8 +127,11 @@ def test_seeded_batch_larger_than_one_scheduler_step(vllm_engine, contexts):
 
     sampling = SamplingConfig(temperature=1.0, max_tokens=8)
     # Distinct first tokens: no shared cached prefix, so every prompt is computed in full.
-    requests = [GenerationRequest([100 + s] + c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
-                for s in range(8) for c in contexts]  # fmt: skip
+    requests = [
+        GenerationRequest([100 + s] + c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
+        for s in range(8)
+        for c in contexts
+    ]
     assert sum(len(r.prompt_ids) for r in requests) > max(VLLM_CPU.max_model_len, 8192)
     gens = ray.get(vllm_engine.generate.remote(requests, sampling))
     alone = ray.get(vllm_engine.generate.remote(requests[-1:], sampling))
@@ -172,13 +184,18 @@ def test_vision_placeholders_are_never_sampled(vllm_engine, contexts, tiny_dirs,
     hf.update_weights([(name, table)])
     ids = torch.tensor([contexts[0].prompt_ids])
     with torch.no_grad():
-        logits = hf.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids)).logits
+        logits = hf.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids)
+        ).logits
     assert logits[0, -1].argmax().item() == encoder.image_token_id
     ray.get(vllm_engine.update_weights.remote([(k, v.detach()) for k, v in hf.model.named_parameters()]))
     banned = set(banned_token_ids(encoder.tokenizer))
     assert encoder.image_token_id in banned
-    sampled = [GenerationRequest(c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
-               for c in contexts for s in range(4)]  # fmt: skip
+    sampled = [
+        GenerationRequest(c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
+        for c in contexts
+        for s in range(4)
+    ]
     for sampling, requests in ((greedy, contexts), (SamplingConfig(temperature=1.0, max_tokens=8), sampled)):
         got = ray.get(vllm_engine.generate.remote(requests, sampling))
         want = hf.generate(requests, sampling)

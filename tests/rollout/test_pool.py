@@ -30,18 +30,27 @@ def retriever_actor(ray_session, bundled_corpus, bundled_index, embedder_cfg):
 
     from vrag_rl.retrieval.actor import ActorConfig, start_retriever_actor
 
-    handle = start_retriever_actor(bundled_corpus, bundled_index, embedder_cfg,
-                                   actors=ActorConfig(num_shard_actors=2, num_cpus=0.1), num_cpus=0.1)  # fmt: skip
+    handle = start_retriever_actor(
+        bundled_corpus, bundled_index, embedder_cfg, actors=ActorConfig(num_shard_actors=2, num_cpus=0.1), num_cpus=0.1
+    )
     yield handle
     ray.kill(handle)
 
 
 @pytest.fixture(scope="module")
 def pool(retriever_actor, warm_policy, bundled_corpus):
-    vllm = VLLMConfig(dtype="float32", max_model_len=4096, max_images=3, kv_cache_memory_bytes=64 << 20,
-                      enforce_eager=True)  # fmt: skip
-    cfg = RolloutConfig(engine="vllm", model_dir=str(warm_policy), vllm=vllm, agent=AGENT, num_workers=2,
-                        num_cpus=0.5, bucket_bytes=256 << 10)  # fmt: skip
+    vllm = VLLMConfig(
+        dtype="float32", max_model_len=4096, max_images=3, kv_cache_memory_bytes=64 << 20, enforce_eager=True
+    )
+    cfg = RolloutConfig(
+        engine="vllm",
+        model_dir=str(warm_policy),
+        vllm=vllm,
+        agent=AGENT,
+        num_workers=2,
+        num_cpus=0.5,
+        bucket_bytes=256 << 10,
+    )
     p = RolloutPool(cfg, retriever_actor, str(bundled_corpus))
     yield p
     p.shutdown()

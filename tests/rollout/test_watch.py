@@ -11,8 +11,13 @@ from tests.conftest import CACHE
 def test_watch_writes_readable_transcripts(tmp_path, warm_policy, tiny_dirs):
     out = tmp_path / "watch"
     env = {**os.environ, "VRAG_RL_CACHE": str(CACHE)}
-    proc = subprocess.run([sys.executable, "-m", "vrag_rl.rollout", "--questions", "3", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "vrag_rl.rollout", "--questions", "3", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
     assert len(records) == 3

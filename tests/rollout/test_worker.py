@@ -47,8 +47,12 @@ def test_config_checks():
 
 @pytest.fixture(scope="module")
 def hf_worker(tiny_dirs, retriever):
-    cfg = RolloutConfig(engine="hf", model_dir=str(tiny_dirs["policy"]), dtype="float32",
-                        agent=AgentConfig(max_turns=2, max_length=2048, budget=TINY_BUDGET))  # fmt: skip
+    cfg = RolloutConfig(
+        engine="hf",
+        model_dir=str(tiny_dirs["policy"]),
+        dtype="float32",
+        agent=AgentConfig(max_turns=2, max_length=2048, budget=TINY_BUDGET),
+    )
     return RolloutWorker(cfg, retriever=retriever)
 
 

@@ -18,8 +18,7 @@ from vrag_rl.data.records import load_qa
 from vrag_rl.trainer.policy import OptimConfig, PolicyTrainer, TrainerConfig
 
 ALGO = AlgoConfig(prompts_per_step=2, group_size=4, kl_coef=0.01, entropy_coef=0.001)
-CFG = TrainerConfig(num_workers=2, num_cpus=0.5, micro_batch_tokens=2048,
-                    optim=OptimConfig(lr=1e-3, warmup_steps=0))  # fmt: skip
+CFG = TrainerConfig(num_workers=2, num_cpus=0.5, micro_batch_tokens=2048, optim=OptimConfig(lr=1e-3, warmup_steps=0))
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5]
 
 

@@ -140,7 +140,10 @@ def test_cli_draws_run_directory(tmp_path):
     write_rows(run_dir / "metrics.jsonl", range(1, 13))
     done = subprocess.run(
         [sys.executable, "-m", "vrag_rl.trainer.tracking", str(run_dir)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     png = run_dir / "metrics.png"
     assert done.stdout.strip() == str(png)

@@ -25,8 +25,12 @@ class EncodedImages:
     @staticmethod
     def join(parts: list[EncodedImages]) -> EncodedImages:
         """The images of ``parts``, in order, as one."""
-        return EncodedImages([i for p in parts for i in p.images], [v for p in parts for v in p.pixel_values],
-                             [g for p in parts for g in p.grids], [n for p in parts for n in p.num_tokens])  # fmt: skip
+        return EncodedImages(
+            [i for p in parts for i in p.images],
+            [v for p in parts for v in p.pixel_values],
+            [g for p in parts for g in p.grids],
+            [n for p in parts for n in p.num_tokens],
+        )
 
 
 class ChatEncoder:
@@ -93,8 +97,9 @@ class ChatEncoder:
             ids += [self.image_token_id] * n + self._ids(piece)
         return ids, encoded
 
-    def observation(self, images: list[Image.Image] | EncodedImages = (), text: str | None = None,
-                    close_turn: bool = False) -> tuple[list[int], EncodedImages]:  # fmt: skip
+    def observation(
+        self, images: list[Image.Image] | EncodedImages = (), text: str | None = None, close_turn: bool = False
+    ) -> tuple[list[int], EncodedImages]:
         """Ids of a user turn (images, then optional text) and the next assistant header.
 
         ``images`` may come encoded already (``encode_images``), e.g. a page shown to many trajectories.

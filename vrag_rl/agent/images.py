@@ -85,7 +85,7 @@ class ImageBudget:
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         if self.max_pixels < self.factor * self.factor:
-            raise ValueError(f"max_pixels ({self.max_pixels}) is below one factor² ({self.factor ** 2})")
+            raise ValueError(f"max_pixels ({self.max_pixels}) is below one factor² ({self.factor**2})")
 
     def shown_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) an image of the given size is shown at."""

@@ -89,7 +89,9 @@ class Trajectory:
     def add_prompt(self, ids: list[int], images=(), pixel_values=(), grids=()) -> bool:
         if self.segments:
             raise ValueError("the prompt must be the first segment")
-        return self._add_with_images(Segment(ROLE_PROMPT, list(ids), num_images=len(images)), images, pixel_values, grids)
+        return self._add_with_images(
+            Segment(ROLE_PROMPT, list(ids), num_images=len(images)), images, pixel_values, grids
+        )
 
     def add_model_turn(self, ids: list[int], logprobs: list[float] | None = None) -> bool:
         """Append the exact ids the policy sampled for one assistant turn (with their log-probs if known)."""
@@ -98,7 +100,9 @@ class Trajectory:
         return self._append(Segment(ROLE_MODEL, list(ids), None if logprobs is None else list(logprobs)))
 
     def add_observation(self, ids: list[int], images=(), pixel_values=(), grids=()) -> bool:
-        return self._add_with_images(Segment(ROLE_OBSERVATION, list(ids), num_images=len(images)), images, pixel_values, grids)
+        return self._add_with_images(
+            Segment(ROLE_OBSERVATION, list(ids), num_images=len(images)), images, pixel_values, grids
+        )
 
     def _add_with_images(self, segment, images, pixel_values, grids) -> bool:
         if not (len(images) == len(pixel_values) == len(grids)):

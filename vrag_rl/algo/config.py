@@ -50,4 +50,6 @@ class AlgoConfig:
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             raise ValueError(f"algo.dual_clip_c must be > 1 or null, got {self.dual_clip_c}")
         if self.kl_kind.removesuffix("+") not in KL_KINDS:
-            raise ValueError(f"algo.kl_kind must be one of {KL_KINDS} (optionally with a trailing +), got {self.kl_kind!r}")
+            raise ValueError(
+                f"algo.kl_kind must be one of {KL_KINDS} (optionally with a trailing +), got {self.kl_kind!r}"
+            )

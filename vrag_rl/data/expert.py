@@ -48,7 +48,7 @@ def _script(record: QARecord, variant: str, view: View, wrong_answer: str) -> li
     sx, sy = view.shown_size[0] / (rx1 - rx0), view.shown_size[1] / (ry1 - ry0)
     margin = 6  # shown pixels of context around the printed answer
     box = [max(0, round(x0 * sx) - margin), max(0, round(y0 * sy) - margin),
-           min(view.shown_size[0], round(x1 * sx) + margin), min(view.shown_size[1], round(y1 * sy) + margin)]  # fmt: skip
+           min(view.shown_size[0], round(x1 * sx) + margin), min(view.shown_size[1], round(y1 * sy) + margin)]
     # The question itself is the query: its content words tell the entity's pages apart (the entity alone
     # is printed on every page of its report), and copying it is the easiest search a small policy can learn.
     search = f"<think>I need the page that answers this question.</think>\n<search>{record.question}</search>"

@@ -204,7 +204,7 @@ def _fact_value(kind: str, rng: random.Random, names: _Names) -> str:
         "ticker": names.ticker, "year": lambda: str(rng.randint(1952, 2011)),
         "employees": lambda: str(rng.randint(140, 9800)), "patents": lambda: str(rng.randint(12, 980)),
         "factories": lambda: str(rng.randint(2, 48)), "percent": lambda: str(rng.randint(3, 64)),
-    }  # fmt: skip
+    }
     return makers[kind]()
 
 
@@ -240,14 +240,14 @@ def report_text(seed: int, num_docs: int) -> list[str]:
         for title, unit, rows, _, question in _TABLES:
             row = rng.choice(rows)
             lines += [f"{e}: {title}", f"Table 1. {title} of {e}", f"All values in {unit}.", " ".join(rows),
-                      question.format(e=e, row=row, row_l=row.lower(), col=rng.choice(("Q2", str(year))), year=year)]  # fmt: skip
+                      question.format(e=e, row=row, row_l=row.lower(), col=rng.choice(("Q2", str(year))), year=year)]
         for title, unit, cats, _, question in _BARS:
             cat = rng.choice(cats or (names.product().split()[0],))
             lines += [f"{e}: {title}, {year}", f"Figure 2. {title} of {e} in {year}", f"Values in {unit}",
-                      question.format(e=e, cat=cat, cat_l=cat.lower(), year=year)]  # fmt: skip
+                      question.format(e=e, cat=cat, cat_l=cat.lower(), year=year)]
         for title, unit, _, question in _LINES:
             lines += [f"{e}: {title}", f"Figure 3. {title} of {e}, {year - 6}-{year}", f"Yearly values in {unit}",
-                      question.format(e=e, x=rng.randint(year - 6, year))]  # fmt: skip
+                      question.format(e=e, x=rng.randint(year - 6, year))]
         lines.append(f"{e} · Annual Report {year} · Page {rng.randint(1, 12)}")
     return lines
 

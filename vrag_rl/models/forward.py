@@ -42,8 +42,13 @@ def target_logprobs(log_probs: torch.Tensor, targets: torch.Tensor, banned: Sequ
     return logp
 
 
-def mrope_position_ids(model, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
-                       image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
+def mrope_position_ids(
+    model,
+    input_ids: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
     """(4, batch, seq) position ids: text positions, then the model's 3-D rope index."""
     rope, _ = model.model.get_rope_index(
         input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
@@ -52,8 +57,9 @@ def mrope_position_ids(model, input_ids: torch.Tensor, mm_token_type_ids: torch.
     return torch.cat([text.unsqueeze(0), rope.to(text.dtype)], dim=0)
 
 
-def token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0,
-                   banned: Sequence[int] = ()) -> torch.Tensor:  # fmt: skip
+def token_logprobs(
+    model, inputs: dict[str, torch.Tensor], temperature: float = 1.0, banned: Sequence[int] = ()
+) -> torch.Tensor:
     """Log-prob of every token given its prefix: (batch, seq) with position 0 set to 0.
 
     ``inputs`` holds input_ids, attention_mask, mm_token_type_ids and, with images, pixel_values and

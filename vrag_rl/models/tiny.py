@@ -29,10 +29,21 @@ TOKENIZER_TEXT = 2  # part of the kit's stamp: bump when the tokenizer's trainin
 
 # Qwen2.5-VL's special tokens, in Qwen's order; they take the ids right after the learned vocabulary.
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # The Qwen2.5-VL chat format: ChatML turns, a default system turn, images as
 # <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad to the image's token count).
@@ -152,9 +163,13 @@ def build_tokenizer(cfg: TinyConfig):
         chat_template=CHAT_TEMPLATE,
         model_max_length=cfg.max_position_embeddings,
         padding_side="left",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-    )  # fmt: skip
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
 
 
 def build_processor(tokenizer, cfg: TinyConfig):
@@ -163,18 +178,24 @@ def build_processor(tokenizer, cfg: TinyConfig):
     image_processor = Qwen2VLImageProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     video_processor = Qwen2VLVideoProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     return Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
+    )
 
 
 def _token_ids(tokenizer) -> dict[str, int]:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return {
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
-    }  # fmt: skip
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
 
 
 def build_policy(tokenizer, cfg: TinyConfig):
@@ -184,22 +205,38 @@ def build_policy(tokenizer, cfg: TinyConfig):
     head_dim = cfg.hidden_size // cfg.num_heads
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-            max_window_layers=cfg.num_layers, rms_norm_eps=1e-6,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            max_window_layers=cfg.num_layers,
+            rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(head_dim)},
-            bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
         ),
         vision_config=dict(
-            depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size, intermediate_size=2 * cfg.vision_hidden_size,
-            num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, fullatt_block_indexes=[cfg.vision_depth - 1],
-            window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=cfg.vision_depth,
+            hidden_size=cfg.vision_hidden_size,
+            intermediate_size=2 * cfg.vision_hidden_size,
+            num_heads=cfg.vision_heads,
+            out_hidden_size=cfg.hidden_size,
+            fullatt_block_indexes=[cfg.vision_depth - 1],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = ids["eos_token_id"]
@@ -216,20 +253,34 @@ def build_retriever(tokenizer, cfg: TinyConfig):
     head_dim = cfg.retriever_hidden_size // cfg.retriever_heads
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=cfg.retriever_hidden_size,
-            intermediate_size=2 * cfg.retriever_hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.retriever_heads, num_key_value_heads=cfg.retriever_heads,
-            max_position_embeddings=cfg.max_position_embeddings, max_window_layers=cfg.num_layers,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.retriever_hidden_size,
+            intermediate_size=2 * cfg.retriever_hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.retriever_heads,
+            num_key_value_heads=cfg.retriever_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            max_window_layers=cfg.num_layers,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(head_dim)},
-            bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
         ),
         vision_config=dict(
-            depth=cfg.vision_depth, embed_dim=cfg.vision_hidden_size, hidden_size=cfg.retriever_hidden_size,
-            num_heads=cfg.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=cfg.vision_depth,
+            embed_dim=cfg.vision_hidden_size,
+            hidden_size=cfg.retriever_hidden_size,
+            num_heads=cfg.vision_heads,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
-    )  # fmt: skip
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
     torch.manual_seed(cfg.seed + 1)
     return ColQwen2(config).eval()
 
@@ -240,8 +291,10 @@ def build_retriever_processor(tokenizer, cfg: TinyConfig):
 
     return ColQwen2Processor(
         image_processor=Qwen2VLImageProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels),
-        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_models(out: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[str, Path]:

@@ -140,7 +140,9 @@ class DistributedRetriever(BaseRetriever):
                         raise
                     log.warning(
                         "shard actor call failed (%s); resubmitting (%d/%d)",
-                        type(err).__name__, attempt + 1, self.cfg.retries,
+                        type(err).__name__,
+                        attempt + 1,
+                        self.cfg.retries,
                     )
                     time.sleep(self.cfg.retry_wait_s)
                     ref = submit(actor)

@@ -126,9 +126,7 @@ def _decode_image(data: str, i: int, limits: Limits) -> Image.Image:
 
 
 def _hit_json(hits: list[Hit]) -> list[dict]:
-    return [
-        {"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)
-    ]
+    return [{"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)]
 
 
 def create_app(retriever: BaseRetriever, limits: Limits = Limits()):

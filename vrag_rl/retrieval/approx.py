@@ -1,11 +1,12 @@
 """Approximate MaxSim: FAISS nearest token vectors propose candidate pages, exact MaxSim ranks them.
 
-Per shard, a FAISS inner-product index holds every token vector (row i = token row i of the shard):
-IVF with a configurable codec (``ivf_codec``: "Flat" keeps float32 vectors, 512 B each at d=128; "SQ8"
-one byte per dimension, 4x less; "PQ16" 16 bytes, 32x less, but its codebook training is slow) or HNSW. Each query token fetches its ``k_tokens`` nearest token vectors; a page's approximate
-score is the sum over query tokens of its best fetched similarity (ColBERT's candidate stage, missing
-tokens count 0). The ``n_rerank`` best candidates per query are then scored exactly, so returned scores
-are exact MaxSim scores; only a page never proposed can be missed.
+Per shard, a FAISS inner-product index holds every token vector (row i = token row i of the shard): IVF with a
+configurable codec (``ivf_codec``: "Flat" keeps float32 vectors, 512 B each at d=128; "SQ8" one byte per
+dimension, 4x less; "PQ16" 16 bytes, 32x less, but its codebook training is slow) or HNSW. Each query token
+fetches its ``k_tokens`` nearest token vectors; a page's approximate score is the sum over query tokens of its
+best fetched similarity (ColBERT's candidate stage, missing tokens count 0). The ``n_rerank`` best candidates
+per query are then scored exactly, so returned scores are exact MaxSim scores; only a page never proposed can
+be missed.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
         try:
             index = faiss.index_factory(d, f"IVF{nlist},{cfg.ivf_codec}", faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as err:
-            raise ValueError(f"ivf_codec {cfg.ivf_codec!r} is not a FAISS IVF codec (Flat, SQ8, SQfp16, PQ16, ...)") from err
+            raise ValueError(
+                f"ivf_codec {cfg.ivf_codec!r} is not a FAISS IVF codec (Flat, SQ8, SQfp16, PQ16, ...)"
+            ) from err
         # A seeded sample of 64 points per list trains the coarse centroids (and the codec).
         rows = np.sort(np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False))
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))

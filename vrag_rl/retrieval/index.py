@@ -109,19 +109,36 @@ class MultiVectorIndex:
         pages = load_pages(corpus_dir)
         if not pages:
             raise ValueError(f"corpus {corpus_dir} has no pages")
-        return cls.create(out_dir, _embed_pages(pages, embedder), embedder.fingerprint, embedder.dim, cfg,
-                          len(pages), progress)  # fmt: skip
+        return cls.create(
+            out_dir, _embed_pages(pages, embedder), embedder.fingerprint, embedder.dim, cfg, len(pages), progress
+        )
 
     @classmethod
-    def create(cls, out_dir, pages: Iterable[tuple[str, str, Tensor]], fingerprint: str, dim: int,
-               cfg: IndexConfig = IndexConfig(), total: int | None = None, progress: bool = False):  # fmt: skip
+    def create(
+        cls,
+        out_dir,
+        pages: Iterable[tuple[str, str, Tensor]],
+        fingerprint: str,
+        dim: int,
+        cfg: IndexConfig = IndexConfig(),
+        total: int | None = None,
+        progress: bool = False,
+    ):
         """Write an index from (page_id, image checksum, token vectors) in index order."""
         out_dir = Path(out_dir)
         if (out_dir / MANIFEST).exists():
             raise FileExistsError(f"{out_dir} already holds an index; add pages with add_pages or remove it")
         out_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "dim": dim,
-                    "config": dataclasses.asdict(cfg), "pages": [], "corpus_checksum": "", "shards": []}  # fmt: skip
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "dim": dim,
+            "config": dataclasses.asdict(cfg),
+            "pages": [],
+            "corpus_checksum": "",
+            "shards": [],
+        }
         write_shards(out_dir, manifest, pages, total, progress)
         if not manifest["shards"]:
             raise ValueError("no pages to index")
@@ -131,8 +148,11 @@ class MultiVectorIndex:
     def add_pages(self, corpus_dir, page_ids: list[str], embedder, progress: bool = True) -> None:
         """Embed corpus pages not yet indexed (taken in corpus order) into new shards."""
         if embedder.fingerprint != self.fingerprint:
-            raise StaleIndexError("fingerprint", f"embedder fingerprint {embedder.fingerprint[:12]}… differs from the "
-                                  f"index's {self.fingerprint[:12]}…: add pages with the model the index was built with")  # fmt: skip
+            raise StaleIndexError(
+                "fingerprint",
+                f"embedder fingerprint {embedder.fingerprint[:12]}… differs from the "
+                f"index's {self.fingerprint[:12]}…: add pages with the model the index was built with",
+            )
         by_id = {p.page_id: p for p in load_pages(corpus_dir)}
         unknown = [pid for pid in page_ids if pid not in by_id]
         if unknown:
@@ -141,8 +161,9 @@ class MultiVectorIndex:
         records = [by_id[pid] for pid in sorted(page_ids, key=order.__getitem__)]
         self.add_embeddings(_embed_pages(records, embedder), len(records), progress)
 
-    def add_embeddings(self, pages: Iterable[tuple[str, str, Tensor]], total: int | None = None,
-                       progress: bool = False) -> None:  # fmt: skip
+    def add_embeddings(
+        self, pages: Iterable[tuple[str, str, Tensor]], total: int | None = None, progress: bool = False
+    ) -> None:
         """Append (page_id, image checksum, token vectors) as new shards; the manifest is replaced atomically."""
         if read_manifest(self.dir) != self.manifest:
             raise StaleIndexError("version", f"{self.dir} changed on disk since it was loaded; load it again")
@@ -154,8 +175,10 @@ class MultiVectorIndex:
         write_manifest(self.dir, manifest)
         self.manifest = manifest
         self.all_page_ids = [pid for pid, _ in manifest["pages"]]
-        self.shards += [load_shard(self.dir, manifest, i, verify=False, device=self._device)
-                        for i in range(first_new, len(manifest["shards"]))]  # fmt: skip
+        self.shards += [
+            load_shard(self.dir, manifest, i, verify=False, device=self._device)
+            for i in range(first_new, len(manifest["shards"]))
+        ]
 
     # ---- loading -----------------------------------------------------------------------------------
     @staticmethod
@@ -163,8 +186,15 @@ class MultiVectorIndex:
         return len(read_manifest(Path(index_dir))["shards"])
 
     @classmethod
-    def load(cls, index_dir, shards: list[int] | None = None, expected_fingerprint: str | None = None,
-             corpus_dir=None, verify: bool = True, device: str = "cpu") -> MultiVectorIndex:  # fmt: skip
+    def load(
+        cls,
+        index_dir,
+        shards: list[int] | None = None,
+        expected_fingerprint: str | None = None,
+        corpus_dir=None,
+        verify: bool = True,
+        device: str = "cpu",
+    ) -> MultiVectorIndex:
         """Open an index, or only ``shards`` of it, checking the manifest and (``verify``) every file's sha256.
 
         ``expected_fingerprint``: the query embedder's; ``corpus_dir``: the corpus it must be current for.
@@ -200,14 +230,22 @@ class MultiVectorIndex:
         removed = [pid for pid in indexed if pid not in current]
         changed = [pid for pid in indexed if pid in current and current[pid] != indexed[pid]]
         if added or removed or changed:
-            parts = [f"{len(v)} {k} (e.g. {', '.join(v[:3])})"
-                     for k, v in (("added", added), ("removed", removed), ("changed", changed)) if v]  # fmt: skip
-            raise StaleIndexError("corpus", f"index {self.dir} is stale for corpus {corpus_dir}: pages "
-                                  + "; ".join(parts) + ". Add new pages with add_pages, or rebuild the index")  # fmt: skip
+            parts = [
+                f"{len(v)} {k} (e.g. {', '.join(v[:3])})"
+                for k, v in (("added", added), ("removed", removed), ("changed", changed))
+                if v
+            ]
+            raise StaleIndexError(
+                "corpus",
+                f"index {self.dir} is stale for corpus {corpus_dir}: pages "
+                + "; ".join(parts)
+                + ". Add new pages with add_pages, or rebuild the index",
+            )
 
     # ---- search ------------------------------------------------------------------------------------
-    def search(self, query_embeddings: list[Tensor], top_k: int, mode: Mode = "exact", **overrides
-               ) -> list[list[tuple[str, float]]]:  # fmt: skip
+    def search(
+        self, query_embeddings: list[Tensor], top_k: int, mode: Mode = "exact", **overrides
+    ) -> list[list[tuple[str, float]]]:
         """Per query, the top-k (page_id, score) of the loaded shards, by score then index order.
 
         ``overrides``: search-time IndexConfig fields (nprobe, ef_search, k_tokens, n_rerank).
@@ -232,8 +270,10 @@ class MultiVectorIndex:
                     found = approx.search(shard, qs, cfg, top_k)
                 for j, (idx, vals) in enumerate(found):
                     per_query[q0 + j] += zip(shard.positions[idx].tolist(), vals.tolist())
-        return [[(self.all_page_ids[p], s) for p, s in sorted(hits, key=lambda h: (-h[1], h[0]))[:top_k]]
-                for hits in per_query]  # fmt: skip
+        return [
+            [(self.all_page_ids[p], s) for p, s in sorted(hits, key=lambda h: (-h[1], h[0]))[:top_k]]
+            for hits in per_query
+        ]
 
 
 def _embed_pages(records, embedder) -> Iterator[tuple[str, str, Tensor]]:
@@ -277,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     embedder = PageEmbedder(EmbedderConfig(a.model, a.device, a.dtype, a.batch_size, a.pool_factor))
     if a.cmd == "build":
-        cfg = IndexConfig(shard_size=a.shard_size, dtype=a.store_dtype, approx=a.approx, nlist=a.nlist,
-                          ivf_codec=a.ivf_codec)  # fmt: skip
+        cfg = IndexConfig(
+            shard_size=a.shard_size, dtype=a.store_dtype, approx=a.approx, nlist=a.nlist, ivf_codec=a.ivf_codec
+        )
         index = MultiVectorIndex.build(a.out, a.corpus, embedder, cfg)
         print(f"indexed {len(index.page_ids)} pages in {index.num_shards} shards: {a.out}")
     else:

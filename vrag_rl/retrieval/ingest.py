@@ -47,16 +47,32 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vrag_rl.data.records import (
-    PAGES_SCHEMA, PageRecord, atomic_write_bytes, page_id, sha256_file, sha256_hex, write_pages,
+    PAGES_SCHEMA,
+    PageRecord,
+    atomic_write_bytes,
+    page_id,
+    sha256_file,
+    sha256_hex,
+    write_pages,
 )
 from vrag_rl.data.synthetic import encode_jpeg
 
 PDF_SUFFIXES = frozenset({".pdf"})
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 REASONS = (
-    "not found", "unsupported type", "unreadable", "empty file", "name clash", "corrupt PDF", "encrypted PDF",
-    "empty PDF", "corrupt image", "truncated image", "decompression bomb", "page file missing",
-)  # fmt: skip
+    "not found",
+    "unsupported type",
+    "unreadable",
+    "empty file",
+    "name clash",
+    "corrupt PDF",
+    "encrypted PDF",
+    "empty PDF",
+    "corrupt image",
+    "truncated image",
+    "decompression bomb",
+    "page file missing",
+)
 STATE_KEY = "vrag_rl.ingest"  # parquet metadata key of the resume state
 STATE_VERSION = 1
 _PDFIUM_ERRORS = {

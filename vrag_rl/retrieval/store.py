@@ -108,8 +108,15 @@ def write_shards(out_dir: Path, manifest: dict, pages: Iterable[tuple[str, str, 
         vectors = np.concatenate([batch[i][2] for i in perm])
         table = np.stack([first + perm, lengths[perm]], axis=1).astype(np.int64)
         stem = f"shard_{shard_id:05d}"
-        entry = {"id": shard_id, "n_pages": len(batch), "n_tokens": int(lengths.sum()),
-                 "vectors": f"{stem}.vectors.npy", "pages": f"{stem}.pages.npy", "faiss": None, "sha256": {}}  # fmt: skip
+        entry = {
+            "id": shard_id,
+            "n_pages": len(batch),
+            "n_tokens": int(lengths.sum()),
+            "vectors": f"{stem}.vectors.npy",
+            "pages": f"{stem}.pages.npy",
+            "faiss": None,
+            "sha256": {},
+        }
         entry["sha256"]["vectors"] = save_npy(out_dir / entry["vectors"], vectors)
         entry["sha256"]["pages"] = save_npy(out_dir / entry["pages"], table)
         if cfg.approx != "none":
@@ -151,9 +158,12 @@ def read_manifest(index_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StaleIndexError("checksum", f"{path} is not valid JSON ({err}): the index is damaged") from err
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise StaleIndexError("version", f"{path}: format {manifest.get('format')!r} version "
-                              f"{manifest.get('format_version')!r}, this code reads {FORMAT!r} version "
-                              f"{FORMAT_VERSION}: rebuild the index")  # fmt: skip
+        raise StaleIndexError(
+            "version",
+            f"{path}: format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r}, this code reads {FORMAT!r} version "
+            f"{FORMAT_VERSION}: rebuild the index",
+        )
     if pages_checksum(manifest["pages"]) != manifest["corpus_checksum"]:
         raise StaleIndexError("checksum", f"{path}: page list does not match its checksum (edited by hand?)")
     return manifest
@@ -169,12 +179,19 @@ def load_shard(index_dir: Path, manifest: dict, shard_id: int, verify: bool, dev
         if not path.is_file():
             raise StaleIndexError("checksum", f"shard {shard_id}: file {path} is missing")
         if verify and sha256_file(path) != entry["sha256"][kind]:
-            raise StaleIndexError("checksum", f"shard {shard_id}: file {path} does not match the sha256 in the "
-                                  "manifest (corrupted or modified): rebuild the index")  # fmt: skip
+            raise StaleIndexError(
+                "checksum",
+                f"shard {shard_id}: file {path} does not match the sha256 in the "
+                "manifest (corrupted or modified): rebuild the index",
+            )
     vectors = np.load(index_dir / entry["vectors"])
     table = np.load(index_dir / entry["pages"])
     lengths = table[:, 1]
-    if vectors.shape != (entry["n_tokens"], manifest["dim"]) or len(table) != entry["n_pages"] or lengths.sum() != len(vectors):
+    if (
+        vectors.shape != (entry["n_tokens"], manifest["dim"])
+        or len(table) != entry["n_pages"]
+        or lengths.sum() != len(vectors)
+    ):
         raise StaleIndexError("checksum", f"shard {shard_id}: array shapes disagree with the manifest")
     faiss_index = approx.load(index_dir / entry["faiss"]) if entry["faiss"] else None
     return Shard(

@@ -12,7 +12,9 @@ class Hit:
     image_path: str  # absolute path of the page image
 
 
-def rank(scores: dict[str, float] | list[tuple[str, float]], order: dict[str, int], top_k: int) -> list[tuple[str, float]]:
+def rank(
+    scores: dict[str, float] | list[tuple[str, float]], order: dict[str, int], top_k: int
+) -> list[tuple[str, float]]:
     """Top-k (page_id, score) by score, ties broken by corpus order so results never depend on hash order.
 
     ``order`` maps page id to its position in the corpus manifest.

@@ -24,12 +24,28 @@ class RewardScorer:
     def score(self, items: list[tuple[QARecord, dict]]) -> list[dict]:
         """``items``: (question record, rollout summary with answer, retrieved_pages, num_searches,
         num_actions, num_invalid). Returns each reward breakdown as a dict."""
-        inputs = [RewardInput(r.question, r.answer, s["answer"], s["retrieved_pages"], r.gold_pages,
-                              s["num_searches"], s["num_actions"], s["num_invalid"]) for r, s in items]  # fmt: skip
+        inputs = [
+            RewardInput(
+                r.question,
+                r.answer,
+                s["answer"],
+                s["retrieved_pages"],
+                r.gold_pages,
+                s["num_searches"],
+                s["num_actions"],
+                s["num_invalid"],
+            )
+            for r, s in items
+        ]
         return [asdict(b) for b in score(inputs, self.cfg, self.judge)]
 
 
 def rollout_summary(rollout) -> dict:
     """What the reward needs of a rollout, small enough to send to the reward actor."""
-    return {"answer": rollout.answer, "retrieved_pages": rollout.retrieved_pages, "num_searches": rollout.num_searches,
-            "num_actions": len(rollout.actions), "num_invalid": rollout.num_invalid}  # fmt: skip
+    return {
+        "answer": rollout.answer,
+        "retrieved_pages": rollout.retrieved_pages,
+        "num_searches": rollout.num_searches,
+        "num_actions": len(rollout.actions),
+        "num_invalid": rollout.num_invalid,
+    }

@@ -167,9 +167,9 @@ class AgentLoop:
                 continue
             t = s.rollout.trajectory
             seed = None if s.rollout.task.seed is None else _derive_seed(s.rollout.task.seed, turn)
-            requests.append(GenerationRequest(
-                t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed
-            ))  # fmt: skip
+            requests.append(
+                GenerationRequest(t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed)
+            )
         t0 = time.perf_counter()
         generations = self.engine.generate(requests, sampling)
         self.timings["generate_s"] += time.perf_counter() - t0
@@ -197,9 +197,11 @@ class AgentLoop:
         elif action.kind == "search":
             s.query = action.content
         elif action.kind == "bbox":
-            result = "crop before any image" if s.view is None else crop_view(
-                s.view, action.bbox, self._page(s.view.page_id), self.cfg.budget, self.cfg.crop_padding
-            )  # fmt: skip
+            result = (
+                "crop before any image"
+                if s.view is None
+                else crop_view(s.view, action.bbox, self._page(s.view.page_id), self.cfg.budget, self.cfg.crop_padding)
+            )
             if isinstance(result, str):
                 r.num_invalid += 1
                 s.notes.append(INVALID_ACTION_FEEDBACK)
@@ -230,8 +232,9 @@ class AgentLoop:
 
     def _observe(self, s: _State, final_next: bool) -> None:
         notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
-        ids, enc = self.encoder.observation(EncodedImages.join(s.pending), "\n".join(notes) or None,
-                                            close_turn=s.close_turn)
+        ids, enc = self.encoder.observation(
+            EncodedImages.join(s.pending), "\n".join(notes) or None, close_turn=s.close_turn
+        )
         s.pending, s.notes = [], []
         if not s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids):
             s.stop(STOP_LENGTH)
@@ -240,8 +243,9 @@ class AgentLoop:
         """A page resized into the budget and encoded, once per run: a group's samples mostly find the same pages."""
         if page_id not in self._shown:
             b = self.cfg.budget
-            self._shown[page_id] = self.encoder.encode_images([fit_to_budget(self._page(page_id), b.min_pixels,
-                                                                             b.max_pixels, b.factor)])  # fmt: skip
+            self._shown[page_id] = self.encoder.encode_images(
+                [fit_to_budget(self._page(page_id), b.min_pixels, b.max_pixels, b.factor)]
+            )
         return self._shown[page_id]
 
     def _page(self, page_id: str) -> Image.Image:

@@ -79,7 +79,7 @@ class RolloutEngine(ABC):
         a caller can stream them bucket by bucket; returns the number of bytes loaded. Later generations use
         the new weights (cached prefixes and image encodings are dropped)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: engines without resources to free keep this one)
         """Free the engine's resources."""
 
 
@@ -90,7 +90,9 @@ def max_new_tokens(request: GenerationRequest, sampling: SamplingConfig) -> int:
     return limit
 
 
-def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Group (name, tensor) pairs into dicts of about ``bucket_bytes`` each (a tensor is never split; one
     larger than the bucket makes a bucket of its own), in order."""
     if bucket_bytes < 1:

@@ -18,7 +18,9 @@ from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine,
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", stop_token_ids: list[int] | None = None):
+    def __init__(
+        self, model_dir: str, dtype: str = "float32", device: str = "cpu", stop_token_ids: list[int] | None = None
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = torch.device(device)
@@ -50,8 +52,12 @@ class HFEngine(RolloutEngine):
             torch.manual_seed(request.seed)
         options = dict(do_sample=False)
         if not sampling.greedy:
-            options = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                           top_k=sampling.top_k if sampling.top_k > 0 else 0)  # fmt: skip
+            options = dict(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            )
         out = self.model.generate(
             **inputs,
             **options,

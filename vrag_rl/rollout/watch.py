@@ -41,8 +41,8 @@ def open_retriever(corpus: Path, index: Path | None, retriever_model: str):
     """The corpus's retriever; the default index in the cache is (re)built when missing or stale."""
     from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
     from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex
-    from vrag_rl.retrieval.store import StaleIndexError
     from vrag_rl.retrieval.service import Retriever
+    from vrag_rl.retrieval.store import StaleIndexError
 
     embedder = PageEmbedder(EmbedderConfig(model_dir=retriever_model, device="cpu", dtype="float32"))
     if index is not None:
@@ -97,10 +97,18 @@ def main(argv: list[str] | None = None) -> Path:
     if not records:
         raise SystemExit(f"{a.corpus} has no questions (qa.parquet)")
     retriever = open_retriever(a.corpus, a.index, a.retriever_model)
-    agent = AgentConfig(max_turns=a.max_turns, max_length=a.max_length,
-                        budget=ImageBudget(min_pixels=a.min_pixels, max_pixels=a.max_pixels))  # fmt: skip
-    vllm = VLLMConfig(dtype="float32", max_model_len=a.max_length, max_images=a.max_turns,
-                      kv_cache_memory_bytes=256 << 20, enforce_eager=True)  # fmt: skip
+    agent = AgentConfig(
+        max_turns=a.max_turns,
+        max_length=a.max_length,
+        budget=ImageBudget(min_pixels=a.min_pixels, max_pixels=a.max_pixels),
+    )
+    vllm = VLLMConfig(
+        dtype="float32",
+        max_model_len=a.max_length,
+        max_images=a.max_turns,
+        kv_cache_memory_bytes=256 << 20,
+        enforce_eager=True,
+    )
     cfg = RolloutConfig(engine=a.engine, model_dir=a.policy, dtype="float32", vllm=vllm, agent=agent)
     worker = RolloutWorker(cfg, retriever=retriever)
     tasks = make_groups([(r.qid, r.question) for r in records], a.samples, a.seed)
@@ -109,9 +117,14 @@ def main(argv: list[str] | None = None) -> Path:
     elapsed = time.perf_counter() - t0
     by_qid = {r.qid: r for r in records}
     rewards = RewardScorer(RewardConfig()).score([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts])
-    extras = [{"reference": by_qid[r.task.qid].answer, "gold_pages": by_qid[r.task.qid].gold_pages,
-               "reward": {k: b[k] for k in ("total", "ndcg", "answer", "format")}}
-              for r, b in zip(rollouts, rewards)]  # fmt: skip
+    extras = [
+        {
+            "reference": by_qid[r.task.qid].answer,
+            "gold_pages": by_qid[r.task.qid].gold_pages,
+            "reward": {k: b[k] for k in ("total", "ndcg", "answer", "format")},
+        }
+        for r, b in zip(rollouts, rewards)
+    ]
     out = a.out or Path("runs") / time.strftime("watch-%Y%m%d-%H%M%S")
     page = write_transcripts(rollouts, extras, worker.encoder.tokenizer, worker.encoder.image_token_id, out)
     worker.close()

@@ -36,8 +36,9 @@ class TrainerRank:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def setup(self, master: tuple[str, int], model_dir: str, cfg: TrainerConfig, total_steps: int,
-              with_reference: bool) -> None:  # fmt: skip
+    def setup(
+        self, master: tuple[str, int], model_dir: str, cfg: TrainerConfig, total_steps: int, with_reference: bool
+    ) -> None:
         import torch.distributed as dist
 
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
@@ -76,7 +77,7 @@ class TrainerRank:
 def _share(items: list, plan: list[tuple[list[int], float]]) -> tuple[list, list[tuple[list[int], float]], list[int]]:
     """A rank's own items (each once, in plan order), its plan re-indexed into them, and their global indices."""
     order: dict[int, int] = {}
-    for indices, weight in plan:
+    for indices, _ in plan:
         for i in indices:
             order.setdefault(i, len(order))
     glob = list(order)
@@ -112,7 +113,9 @@ class TrainerGroup:
             globs.append(glob)
         return self._call_all(calls), globs
 
-    def logprobs(self, trajectories: list[Trajectory], temperature: float, reference: bool = False) -> list[torch.Tensor]:
+    def logprobs(
+        self, trajectories: list[Trajectory], temperature: float, reference: bool = False
+    ) -> list[torch.Tensor]:
         results, globs = self._scatter("logprobs", trajectories, temperature=temperature, reference=reference)
         out: list[torch.Tensor | None] = [None] * len(trajectories)
         for values, glob in zip(results, globs):
@@ -121,12 +124,20 @@ class TrainerGroup:
                     out[i] = v
         return out
 
-    def grpo_update(self, trajectories: list[Trajectory], advantages: list[float], old: list[torch.Tensor],
-                    ref: list[torch.Tensor] | None, algo: AlgoConfig, temperature: float) -> dict[str, float]:  # fmt: skip
+    def grpo_update(
+        self,
+        trajectories: list[Trajectory],
+        advantages: list[float],
+        old: list[torch.Tensor],
+        ref: list[torch.Tensor] | None,
+        algo: AlgoConfig,
+        temperature: float,
+    ) -> dict[str, float]:
         tokens = sum(sum(t.response_mask) for t in trajectories)
         per_item = {"advantages": advantages, "old_logprobs": old} | ({"ref_logprobs": ref} if ref else {})
-        results, _ = self._scatter("grpo_update", trajectories, per_item, algo=algo, num_tokens=tokens,
-                                   temperature=temperature)  # fmt: skip
+        results, _ = self._scatter(
+            "grpo_update", trajectories, per_item, algo=algo, num_tokens=tokens, temperature=temperature
+        )
         return _means(results, per_token=("pg_clipfrac", "ppo_kl", "entropy", "kl"))
 
     def sft_update(self, trajectories: list[Trajectory]) -> dict[str, float]:

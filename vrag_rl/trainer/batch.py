@@ -75,8 +75,13 @@ def collate(trajectories: list[Trajectory], image_token_id: int, pad_token_id: i
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False,
-                     banned: Sequence[int] = ()):  # fmt: skip
+def forward_logprobs(
+    model,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    banned: Sequence[int] = (),
+):
     """(rows, width) log-prob of each response token given its prefix (0 at every other position) under the
     sampling distribution (temperature, ``banned`` ids excluded); with ``with_entropy`` also the entropy of
     the next-token distribution each response token was drawn from, aligned the same way.
@@ -86,8 +91,9 @@ def forward_logprobs(model, batch: dict[str, torch.Tensor], temperature: float =
     the cost of a step.
     """
     inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-    position_ids = mrope_position_ids(model, inputs["input_ids"], inputs["mm_token_type_ids"],
-                                      inputs.get("image_grid_thw"), inputs["attention_mask"])  # fmt: skip
+    position_ids = mrope_position_ids(
+        model, inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"), inputs["attention_mask"]
+    )
     response = batch["response_mask"]
     targets = response.any(0).nonzero().squeeze(1)  # columns holding a response token in some row
     targets = targets[targets > 0]  # position 0 has no prefix

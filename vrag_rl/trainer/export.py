@@ -23,9 +23,14 @@ from vrag_rl.trainer.policy import DTYPES
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], source_dir: str | Path, out_dir: str | Path,
-                        dtype: str = "bfloat16", max_shard_size: str = "5GB",
-                        extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+def write_hf_checkpoint(
+    named: Iterable[tuple[str, torch.Tensor]],
+    source_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "5GB",
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """``extra_files``: name -> text, written into the checkpoint too (before it appears under ``out_dir``)."""
     from huggingface_hub import save_torch_state_dict
 

@@ -101,21 +101,27 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     train_qa, val_qa = split_questions(load_qa(corpus), cfg)
     if not train_qa:
         raise ValueError(f"{corpus} has no training questions")
-    embedder = EmbedderConfig(model_dir=retriever_dir, device="cpu", dtype="float32",
-                              batch_size=cfg.retriever.embed_batch_size)  # fmt: skip
+    embedder = EmbedderConfig(
+        model_dir=retriever_dir, device="cpu", dtype="float32", batch_size=cfg.retriever.embed_batch_size
+    )
     index = ensure_index(corpus, Path(cfg.data.index) if cfg.data.index else None, retriever_dir)
 
     # 2. Actors that live for the whole run.
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    retriever = start_retriever_actor(str(corpus), str(index), embedder, num_cpus=cfg.retriever.num_cpus,
-                                      actors=ActorConfig(num_shard_actors=cfg.retriever.shard_actors,
-                                                         num_cpus=cfg.retriever.num_cpus))  # fmt: skip
+    retriever = start_retriever_actor(
+        str(corpus),
+        str(index),
+        embedder,
+        num_cpus=cfg.retriever.num_cpus,
+        actors=ActorConfig(num_shard_actors=cfg.retriever.shard_actors, num_cpus=cfg.retriever.num_cpus),
+    )
     scorer = ray.remote(RewardScorer).options(num_cpus=0.1).remote(cfg.reward, cfg.judge)
     resume = newest_checkpoint(out) if cfg.run.resume else None
     state = json.loads((resume / "controller.json").read_text()) if resume else {"step": 0}
-    tracker = Tracker(out, cfg.tracking, config=json.loads(json.dumps(asdict(cfg), default=str)),
-                      resume_step=state["step"])
+    tracker = Tracker(
+        out, cfg.tracking, config=json.loads(json.dumps(asdict(cfg), default=str)), resume_step=state["step"]
+    )
 
     # 3. SFT warm start.
     start_dir = policy_dir
@@ -145,8 +151,9 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         t0 = time.perf_counter()
         questions = [grpo_qa[i] for i in sampler.take(cfg.algo.prompts_per_step)]
         # Seeds depend on the step only, so a resumed run samples what the straight run sampled.
-        tasks = make_groups([(r.qid, r.question) for r in questions], cfg.algo.group_size,
-                            seed=cfg.seed * 1_000_003 + step)  # fmt: skip
+        tasks = make_groups(
+            [(r.qid, r.question) for r in questions], cfg.algo.group_size, seed=cfg.seed * 1_000_003 + step
+        )
         rollouts = pool.rollout(tasks, cfg.sampling)
         times["time/rollout_s"] = time.perf_counter() - t0
 
@@ -179,9 +186,14 @@ def run(cfg: TrainConfig, out: Path) -> dict:
             for part in np.array_split(np.array(order), cfg.algo.mini_batches):
                 chosen = set(part.tolist())
                 idx = [i for i, g in enumerate(group_ids) if g in chosen]
-                metrics = trainer.grpo_update([trajectories[i] for i in idx], [advantages[i] for i in idx],
-                                              [old[i] for i in idx], [ref[i] for i in idx] if ref else None,
-                                              cfg.algo, temperature)  # fmt: skip
+                metrics = trainer.grpo_update(
+                    [trajectories[i] for i in idx],
+                    [advantages[i] for i in idx],
+                    [old[i] for i in idx],
+                    [ref[i] for i in idx] if ref else None,
+                    cfg.algo,
+                    temperature,
+                )
                 for k, v in metrics.items():
                     update[k] = update.get(k, 0.0) + v / (cfg.algo.epochs * cfg.algo.mini_batches)
         lr = trainer.end_step()
@@ -190,10 +202,17 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         sync = trainer.sync_weights(pool)
         generated = sum(sum(t.response_mask) for t in trajectories)
         step_s = sum(times.values()) + sync["weight_sync_s"]
-        last = {**rollout_metrics(rollouts, rewards, "train/"), **{f"actor/{k}": v for k, v in update.items()},
-                "actor/lr": lr, **times, "time/step_s": step_s, "perf/tokens_per_s": generated / step_s,
-                "perf/weight_sync_s": sync["weight_sync_s"], "perf/weight_sync_bytes": sync["weight_sync_bytes"],
-                "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages)}  # fmt: skip
+        last = {
+            **rollout_metrics(rollouts, rewards, "train/"),
+            **{f"actor/{k}": v for k, v in update.items()},
+            "actor/lr": lr,
+            **times,
+            "time/step_s": step_s,
+            "perf/tokens_per_s": generated / step_s,
+            "perf/weight_sync_s": sync["weight_sync_s"],
+            "perf/weight_sync_bytes": sync["weight_sync_bytes"],
+            "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages),
+        }
         if val_qa and cfg.run.val_every and (step % cfg.run.val_every == 0 or step == cfg.run.steps):
             last |= validate(pool, scorer, val_qa, cfg)
         tracker.log(step, last)
@@ -210,8 +229,13 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     trainer.shutdown()
     ray.kill(retriever)
     ray.kill(scorer)
-    summary = {"steps": cfg.run.steps, "final": last, "seconds": time.perf_counter() - t_start,
-               "export": str(out / "export"), "out_dir": str(out)}  # fmt: skip
+    summary = {
+        "steps": cfg.run.steps,
+        "final": last,
+        "seconds": time.perf_counter() - t_start,
+        "export": str(out / "export"),
+        "out_dir": str(out),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -252,8 +276,9 @@ def save_checkpoint(out: Path, step: int, trainer, sampler: EpochSampler, keep: 
     return path
 
 
-def sft_warm_start(cfg: TrainConfig, policy_dir: str, corpus: Path, train_qa: list[QARecord], out_dir: Path,
-                   metrics_file: Path) -> None:  # fmt: skip
+def sft_warm_start(
+    cfg: TrainConfig, policy_dir: str, corpus: Path, train_qa: list[QARecord], out_dir: Path, metrics_file: Path
+) -> None:
     """Supervised steps on expert trajectories of the training questions (``trainer.sft``) on the trainer
     ranks, with a cosine schedule; exported to ``out_dir``."""
     from transformers import AutoProcessor
@@ -264,12 +289,23 @@ def sft_warm_start(cfg: TrainConfig, policy_dir: str, corpus: Path, train_qa: li
     from vrag_rl.trainer.sft import ExpertData, run_sft
 
     agent = cfg.rollout.agent
-    data = ExpertData(train_qa, corpus, ChatEncoder(AutoProcessor.from_pretrained(policy_dir)), prompt=agent.prompt,
-                      budget=agent.budget, max_length=agent.max_length)  # fmt: skip
-    optim = OptimConfig(lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps, schedule="cosine",
-                        grad_clip=cfg.trainer.optim.grad_clip)  # fmt: skip
-    trainer = TrainerGroup(replace(cfg.trainer, optim=optim, freeze_vision=cfg.sft.freeze_vision), policy_dir,
-                           cfg.sft.steps, with_reference=False)  # fmt: skip
+    data = ExpertData(
+        train_qa,
+        corpus,
+        ChatEncoder(AutoProcessor.from_pretrained(policy_dir)),
+        prompt=agent.prompt,
+        budget=agent.budget,
+        max_length=agent.max_length,
+    )
+    optim = OptimConfig(
+        lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps, schedule="cosine", grad_clip=cfg.trainer.optim.grad_clip
+    )
+    trainer = TrainerGroup(
+        replace(cfg.trainer, optim=optim, freeze_vision=cfg.sft.freeze_vision),
+        policy_dir,
+        cfg.sft.steps,
+        with_reference=False,
+    )
     run_sft(trainer, data, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.crop_batch_size, cfg.seed + 1, metrics_file)
     trainer.export(out_dir, "float32")
     trainer.shutdown()

@@ -108,8 +108,16 @@ def _shard(model, cfg: TrainerConfig) -> None:
 class PolicyTrainer:
     """The policy (and, for the KL term, a frozen reference) on one rank, with its optimizer and schedule."""
 
-    def __init__(self, model_dir: str, cfg: TrainerConfig, total_steps: int, with_reference: bool,
-                 image_token_id: int, pad_token_id: int, banned: list[int]):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: TrainerConfig,
+        total_steps: int,
+        with_reference: bool,
+        image_token_id: int,
+        pad_token_id: int,
+        banned: list[int],
+    ):
         self.cfg, self.total_steps = cfg, total_steps
         self.image_token_id, self.pad_token_id, self.banned = image_token_id, pad_token_id, banned
         self.sharded = dist.is_available() and dist.is_initialized()
@@ -147,8 +155,15 @@ class PolicyTrainer:
 
         tokenizer = AutoProcessor.from_pretrained(model_dir).tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(model_dir, cfg, total_steps, with_reference, tokenizer.convert_tokens_to_ids("<|image_pad|>"), pad,
-                   banned_token_ids(tokenizer))  # fmt: skip
+        return cls(
+            model_dir,
+            cfg,
+            total_steps,
+            with_reference,
+            tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            pad,
+            banned_token_ids(tokenizer),
+        )
 
     # ---- forward -------------------------------------------------------------------------------------------
     def _forward(self, model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
@@ -178,8 +193,9 @@ class PolicyTrainer:
         return widened
 
     @torch.no_grad()
-    def logprobs(self, trajectories: list[Trajectory], plan: list[MicroBatch], temperature: float,
-                 reference: bool = False) -> list[torch.Tensor]:  # fmt: skip
+    def logprobs(
+        self, trajectories: list[Trajectory], plan: list[MicroBatch], temperature: float, reference: bool = False
+    ) -> list[torch.Tensor]:
         """Per trajectory, the log-probs of its response tokens (in order), from the policy or the reference."""
         model = self.reference if reference else self.model
         if model is None:
@@ -213,9 +229,17 @@ class PolicyTrainer:
         sums["grad_norm"] = float(norm) / self.world_size  # the caller sums ranks: each rank holds the global norm
         return sums
 
-    def grpo_update(self, trajectories: list[Trajectory], plan: list[MicroBatch], advantages: list[float],
-                    old_logprobs: list[torch.Tensor], algo: AlgoConfig, num_tokens: int, temperature: float,
-                    ref_logprobs: list[torch.Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+    def grpo_update(
+        self,
+        trajectories: list[Trajectory],
+        plan: list[MicroBatch],
+        advantages: list[float],
+        old_logprobs: list[torch.Tensor],
+        algo: AlgoConfig,
+        num_tokens: int,
+        temperature: float,
+        ref_logprobs: list[torch.Tensor] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step on a mini-batch: PPO-clip GRPO loss, k-estimator KL to the reference, optional
         entropy bonus. ``num_tokens``: response tokens of the whole mini-batch over all ranks."""
         if algo.loss_agg != "token-mean":
@@ -232,14 +256,28 @@ class PolicyTrainer:
             mask = batch["response_mask"].bool()
             logp, entropy = self._forward(self.model, batch, temperature, with_entropy=True)
             adv = torch.tensor([advantages[i] for i in indices], device=device)
-            pg, m = policy_loss(logp, padded(old_logprobs, indices, mask), adv, mask, algo.clip_low, algo.clip_high,
-                                algo.dual_clip_c, "token-mean", num_tokens, self.world_size)  # fmt: skip
+            pg, m = policy_loss(
+                logp,
+                padded(old_logprobs, indices, mask),
+                adv,
+                mask,
+                algo.clip_low,
+                algo.clip_high,
+                algo.dual_clip_c,
+                "token-mean",
+                num_tokens,
+                self.world_size,
+            )
             count = mask.sum()
             loss = pg
             ent = (entropy * mask).sum()
-            metrics = {"pg_loss": pg.detach() / self.world_size, "tokens": count,
-                       "pg_clipfrac": m["pg_clipfrac"] * count, "ppo_kl": m["ppo_kl"] * count,
-                       "entropy": ent.detach()}  # fmt: skip
+            metrics = {
+                "pg_loss": pg.detach() / self.world_size,
+                "tokens": count,
+                "pg_clipfrac": m["pg_clipfrac"] * count,
+                "ppo_kl": m["ppo_kl"] * count,
+                "entropy": ent.detach(),
+            }
             if algo.entropy_coef:
                 loss = loss - algo.entropy_coef * ent / num_tokens * self.world_size
             if ref_logprobs is not None:

@@ -14,7 +14,10 @@ class EpochSampler:
 
     def _order(self) -> list[int]:
         if self._order_of is None or self._order_of[0] != self.epoch:
-            self._order_of = (self.epoch, random.Random(self.seed * 1_000_003 + self.epoch).sample(range(self.n), self.n))
+            self._order_of = (
+                self.epoch,
+                random.Random(self.seed * 1_000_003 + self.epoch).sample(range(self.n), self.n),
+            )
         return self._order_of[1]
 
     def take(self, k: int) -> list[int]:

@@ -36,17 +36,28 @@ def lone_crop(x_from: Action, y_from: Action, text: str, encoder: ChatEncoder) -
     _, y1, _, y2 = (int(v) for v in y_from.bbox)
     lone = Trajectory()
     lone.add_prompt(encoder.assistant_header_ids)
-    lone.add_model_turn(encoder.tokenizer(text.replace(x_from.content, f"[{x1}, {y1}, {x2}, {y2}]") + "<|im_end|>",
-                                          add_special_tokens=False)["input_ids"])  # fmt: skip
+    lone.add_model_turn(
+        encoder.tokenizer(
+            text.replace(x_from.content, f"[{x1}, {y1}, {x2}, {y2}]") + "<|im_end|>", add_special_tokens=False
+        )["input_ids"]
+    )
     return lone
 
 
 class ExpertData:
     """Expert trajectories of the questions that have an answer box, and their crop turns."""
 
-    def __init__(self, records: list[QARecord], corpus: str | Path, encoder: ChatEncoder, *,
-                 prompt: PromptConfig = PromptConfig(), budget: ImageBudget = ImageBudget(),
-                 max_length: int | None = None, progress: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        records: list[QARecord],
+        corpus: str | Path,
+        encoder: ChatEncoder,
+        *,
+        prompt: PromptConfig = PromptConfig(),
+        budget: ImageBudget = ImageBudget(),
+        max_length: int | None = None,
+        progress: bool = True,
+    ):
         usable = [r for r in records if r.answer_box is not None]
         if not usable:
             raise ValueError(f"no question of {corpus} has an answer box: nothing to build expert trajectories from")
@@ -54,8 +65,15 @@ class ExpertData:
         self.trajectories: list[Trajectory] = []
         self.crops: list[tuple[Action, str]] = []  # (crop action, its assistant text)
         for r in tqdm(usable, desc="expert trajectories", unit="question", disable=not progress):
-            expert = scripted_trajectory(r, load_page(corpus, r.answer_box[0]), encoder, "expert", prompt=prompt,
-                                         budget=budget, max_length=max_length)  # fmt: skip
+            expert = scripted_trajectory(
+                r,
+                load_page(corpus, r.answer_box[0]),
+                encoder,
+                "expert",
+                prompt=prompt,
+                budget=budget,
+                max_length=max_length,
+            )
             self.trajectories.append(expert.trajectory)
             self.crops += [(a, t) for a, t in zip(expert.actions, expert.texts) if a.kind == "bbox"]
 
@@ -69,8 +87,15 @@ class ExpertData:
             ]
 
 
-def run_sft(trainer, data: ExpertData, steps: int, batch_size: int, crop_batch_size: int, seed: int,
-            metrics_file: Path | None = None) -> list[dict]:  # fmt: skip
+def run_sft(
+    trainer,
+    data: ExpertData,
+    steps: int,
+    batch_size: int,
+    crop_batch_size: int,
+    seed: int,
+    metrics_file: Path | None = None,
+) -> list[dict]:
     """``steps`` optimizer steps of ``trainer.sft_update`` (token-mean NLL over each whole batch); returns and
     (optionally) writes one metrics row per step."""
     rows = []
