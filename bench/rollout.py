@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim first)
 from bench.machine import machine  # noqa: E402
-from vrag_rl.config import BUNDLED_CORPUS  # noqa: E402
+from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir  # noqa: E402
 from vrag_rl.data.records import load_qa  # noqa: E402
-from vrag_rl.models.tiny import TinyConfig, build_tiny_models  # noqa: E402
-from vrag_rl.models.warm import build_warm_policy  # noqa: E402
+from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models  # noqa: E402
+from vrag_rl.retrieval.cache import open_retriever  # noqa: E402
 from vrag_rl.rollout.agent_loop import AgentConfig, make_groups  # noqa: E402
 from vrag_rl.rollout.engine import SamplingConfig  # noqa: E402
 from vrag_rl.rollout.vllm_engine import VLLMConfig  # noqa: E402
-from vrag_rl.rollout.watch import CACHE, TINY_BUDGET, open_retriever  # noqa: E402
 from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker  # noqa: E402
+from vrag_rl.trainer.warm import build_warm_policy  # noqa: E402
 
 
 def run_engine(name: str, policy: str, retriever, tasks, warmup, sampling: SamplingConfig, args) -> dict:
@@ -83,9 +83,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("rollout-results.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tiny = build_tiny_models(CACHE / "tiny", TinyConfig(seed=0))
-    policy = str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, CACHE / "warm"))
-    retriever = open_retriever(Path(BUNDLED_CORPUS), None, str(tiny["retriever"]))
+    tiny = build_tiny_models(cache_dir() / "tiny", TinyConfig(seed=0))
+    policy = str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
+    retriever = open_retriever(BUNDLED_CORPUS, None, str(tiny["retriever"]))
     qa = load_qa(BUNDLED_CORPUS)
     tasks = make_groups([(r.qid, r.question) for r in qa[: args.questions]], args.samples, seed=0)
     warmup = make_groups([(r.qid, r.question) for r in qa[-2:]], 2, seed=1)

@@ -44,11 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vrag_rl  # noqa: E402,F401  (torchvision shim first)
 from bench.machine import machine  # noqa: E402
 from vrag_rl.agent.images import fit_to_budget  # noqa: E402
-from vrag_rl.config import BUNDLED_CORPUS  # noqa: E402
 from vrag_rl.data.expert import load_page  # noqa: E402
+from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir  # noqa: E402
 from vrag_rl.data.records import load_qa  # noqa: E402
-from vrag_rl.models.tiny import TinyConfig, build_tiny_models  # noqa: E402
-from vrag_rl.rollout.watch import CACHE, TINY_BUDGET  # noqa: E402
+from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models  # noqa: E402
 
 LR, CLIP, TEMPERATURE = 1e-5, 0.2, 1.0
 PHASES = ("generate", "logprobs", "update", "sync")  # ours; generate includes prompt encoding and reward
@@ -62,7 +61,7 @@ SYNC_SIZES = {
 
 def workload(args) -> tuple[str, list[tuple]]:
     """The policy directory and (image as shown, question) per prompt: the same on both sides."""
-    policy = str(build_tiny_models(CACHE / "tiny", SYNC_SIZES["tiny"])["policy"])
+    policy = str(build_tiny_models(cache_dir() / "tiny", SYNC_SIZES["tiny"])["policy"])
     b = TINY_BUDGET
     pages = [(load_page(BUNDLED_CORPUS, r.gold_pages[0]), r.question) for r in load_qa(BUNDLED_CORPUS)[: args.prompts]]
     return policy, [(fit_to_budget(page, b.min_pixels, b.max_pixels, b.factor), q) for page, q in pages]
@@ -136,7 +135,7 @@ def run_ours(args) -> dict:
         trainer.grpo_update(trajectories, advantages, old, None, algo, TEMPERATURE)
         trainer.end_step()
         marks.append(time.perf_counter())
-        nbytes = trainer.sync_weights(engine)
+        nbytes = engine.update_weights(trainer.policy.full_parameters())
         marks.append(time.perf_counter())
         phases = {k: b - a for k, a, b in zip(PHASES, marks, marks[1:])}
         steps.append(
@@ -160,12 +159,12 @@ def sync_speed(name: str, cfg: TinyConfig, vllm, trainer_cfg) -> dict:
     from vrag_rl.rollout.vllm_engine import VLLMEngine
     from vrag_rl.trainer.actor import LocalTrainer
 
-    model_dir = str(build_tiny_models(CACHE / ("tiny" if name == "tiny" else f"tiny-{name}"), cfg)["policy"])
+    model_dir = str(build_tiny_models(cache_dir() / ("tiny" if name == "tiny" else f"tiny-{name}"), cfg)["policy"])
     engine, trainer = VLLMEngine(model_dir, vllm), LocalTrainer(trainer_cfg, model_dir, 1, with_reference=False)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        nbytes = trainer.sync_weights(engine)
+        nbytes = engine.update_weights(trainer.policy.full_parameters())
         times.append(time.perf_counter() - t0)
     engine.close()
     seconds = statistics.median(times)

@@ -102,6 +102,6 @@ def ray_session():
 @pytest.fixture(scope="session")
 def warm_policy(tiny_dirs, bundled_corpus) -> Path:
     """The tiny policy after its supervised warm start: it searches, crops and answers (cached on disk)."""
-    from vrag_rl.models.warm import build_warm_policy
+    from vrag_rl.trainer.warm import build_warm_policy
 
     return build_warm_policy(tiny_dirs["policy"], bundled_corpus, CACHE / "warm")

@@ -108,7 +108,7 @@ def test_export_serves_with_vllm(straight, tmp_path):
         [
             sys.executable,
             "-m",
-            "vrag_rl.rollout",
+            "vrag_rl.watch",
             "--policy",
             str(out / "export"),
             "--questions",

@@ -1,8 +1,9 @@
 """The main job: ``python -m vrag_rl.main +recipe=NAME`` (Hydra; any key can be overridden on the command line).
 
 Recipes live in ``recipes/NAME.yaml`` and only set values; the schema (keys, types, defaults, checks) is
-``vrag_rl.config.TrainConfig``. ``+recipe=tiny_cpu`` is the built-in default ``make demo`` runs: tiny models,
-the bundled corpus, 2 CPU cores. What a run does, step by step: ``vrag_rl/trainer/grpo.py``.
+``vrag_rl.trainer.config.TrainConfig``, registered here as ``train_schema``. ``+recipe=tiny_cpu`` is the built-in
+default ``make demo`` runs: tiny models, the bundled corpus, 2 CPU cores. What a run does, step by step:
+``vrag_rl/trainer/grpo.py``.
 A bad key or value stops the job at start, with the key named.
 """
 
@@ -16,9 +17,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vrag_rl.config import TrainConfig
+from vrag_rl.trainer.config import TrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 def register_recipes(directory: Path = RECIPES) -> list[str]:

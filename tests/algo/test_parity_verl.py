@@ -168,9 +168,10 @@ def test_aggregate_matches_verl(seed, dtype, shape, agg):
 
     torch.testing.assert_close(aggregate(values, mask, agg), core_algos.agg_loss(values, mask, agg), **agg_tol)
 
-    # One micro-batch of a larger data-parallel batch, normalised by the global count.
+    # One micro-batch of a larger data-parallel batch, normalised by the global count; the trainer scales each
+    # rank's loss by the world size (gradients are averaged over ranks), where verl's agg_loss takes dp_size.
     global_count = 3 * n * length if agg == "token-mean" else 3 * n
-    ours = aggregate(values, mask, agg, global_count=global_count, dp_size=4)
+    ours = aggregate(values, mask, agg, global_count=global_count) * 4
     expected = core_algos.agg_loss(
         values, mask, agg, dp_size=4, batch_num_tokens=global_count, global_batch_size=global_count
     )

@@ -4,11 +4,9 @@ import pytest
 from PIL import ImageOps
 
 from vrag_rl.agent.chat import ChatEncoder
-from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.expert import VARIANTS, load_page, scripted_trajectory
 from vrag_rl.data.records import load_qa
-
-BUDGET = ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
+from vrag_rl.models.tiny import TINY_BUDGET as BUDGET
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The retriever on Ray: shard actors give the single-process answers and survive a kill in the middle of a batch."""
 
+import sys
 import threading
 import time
 
@@ -9,11 +10,34 @@ from PIL import Image
 from ray.exceptions import ActorDiedError
 
 from vrag_rl.data.records import load_pages
-from vrag_rl.retrieval.actor import ActorConfig, DistributedRetriever, shard_groups, start_retriever_actor
-from vrag_rl.retrieval.service import Retriever
+from vrag_rl.retrieval.actor import (
+    DistributedRetriever,
+    RetrieverConfig,
+    ShardActor,
+    shard_groups,
+    start_retriever_actor,
+)
+from vrag_rl.retrieval.local import LocalRetriever
 
 QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "bar chart", "who founded it", "net profit", "map"]
 DELAY = 0.5  # each shard search sleeps this long: time to kill an actor while a batch is in flight
+
+
+class SlowShardActor(ShardActor):
+    """A shard actor whose searches take ``DELAY`` longer: a test can kill it while a batch is in flight."""
+
+    def search(self, embeddings, top_k, mode):
+        with self._lock:
+            self._started += 1  # stats() sees the search under way while it sleeps
+        time.sleep(DELAY)
+        out = self.index.search(embeddings, top_k, mode)
+        with self._lock:
+            self._finished += 1
+        return out
+
+
+# Ray's workers cannot import this test module: the class travels by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_shard_groups():
@@ -47,7 +71,7 @@ def test_front_resubmits_after_ray_gave_up_and_bounds_it(monkeypatch):
 
     monkeypatch.setattr(actor_mod.ray, "get", fake_get)
     front = DistributedRetriever.__new__(DistributedRetriever)
-    front.cfg = ActorConfig(retries=2, retry_wait_s=0.0)
+    front.cfg = RetrieverConfig(retries=2, retry_wait_s=0.0)
     front.shard_actors = [_FlakyActor(0), _FlakyActor(2)]
     assert front._call_all(lambda a: a.search.remote(7)) == [("answer", (7,)), ("answer", (7,))]
     assert [a.calls for a in front.shard_actors] == [1, 3]
@@ -58,15 +82,15 @@ def test_front_resubmits_after_ray_gave_up_and_bounds_it(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def oracle(bundled_corpus, visual_index, embedder) -> Retriever:
-    return Retriever(bundled_corpus, visual_index, embedder)
+def oracle(bundled_corpus, visual_index, embedder) -> LocalRetriever:
+    return LocalRetriever(bundled_corpus, visual_index, embedder)
 
 
 @pytest.fixture(scope="module")
 def distributed(ray_session, bundled_corpus, visual_index, embedder) -> DistributedRetriever:
     """Embeds in this process with the oracle's own model; the index's 3 shards live in 2 shard actors."""
-    cfg = ActorConfig(num_shard_actors=2, num_cpus=0.25, search_delay_s=DELAY, retry_wait_s=0.5)
-    return DistributedRetriever(bundled_corpus, visual_index, embedder, actors=cfg)
+    cfg = RetrieverConfig(shard_actors=2, num_cpus=0.25, retry_wait_s=0.5)
+    return DistributedRetriever(bundled_corpus, visual_index, embedder, actors=cfg, shard_actor=SlowShardActor)
 
 
 def test_shards_are_spread_over_actors(distributed, oracle):
@@ -114,13 +138,7 @@ def test_actor_killed_mid_batch_is_restarted_and_no_query_lost(distributed, orac
 
 def test_front_actor(ray_session, oracle, bundled_corpus, visual_index, embedder_cfg):
     """The front itself as an actor (what rollout workers share): same answers."""
-    handle = start_retriever_actor(
-        bundled_corpus,
-        visual_index,
-        embedder_cfg,
-        num_cpus=0.25,
-        actors=ActorConfig(num_shard_actors=1, num_cpus=0.25),
-    )
+    handle = start_retriever_actor(bundled_corpus, visual_index, embedder_cfg, RetrieverConfig(num_cpus=0.25))
     try:
         got = ray.get(handle.search.remote(QUERIES[:3], 5, "visual"))
         assert got == oracle.search(QUERIES[:3], top_k=5)

@@ -24,8 +24,8 @@ from PIL import Image
 from vrag_rl.data.records import load_pages, write_pages
 from vrag_rl.retrieval.api import Limits, create_app
 from vrag_rl.retrieval.index import MultiVectorIndex
+from vrag_rl.retrieval.local import LocalRetriever
 from vrag_rl.retrieval.ocr import OCR_FILE, OCR_SCHEMA
-from vrag_rl.retrieval.service import Retriever
 
 LIMITS = Limits(
     max_batch=8,
@@ -75,8 +75,8 @@ def api_index(corpus, bundled_index, embedder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def retriever(corpus, api_index, embedder) -> Retriever:
-    return Retriever(corpus, api_index, embedder)
+def retriever(corpus, api_index, embedder) -> LocalRetriever:
+    return LocalRetriever(corpus, api_index, embedder)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_page_traversal_is_refused(server, target, statuses):
 
 
 def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
-    """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the Retriever."""
+    """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the LocalRetriever."""
     cmd = [
         sys.executable,
         "-m",

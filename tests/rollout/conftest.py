@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vrag_rl.agent.images import ImageBudget
+from vrag_rl.models.tiny import TINY_BUDGET  # noqa: F401 (the tests' budget, imported from here)
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, max_new_tokens
-
-# The tiny policy's processor takes images of 4..512 merged patches; pages are shown small in tests.
-TINY_BUDGET = ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
 
 
 class ScriptedEngine(RolloutEngine):
@@ -44,9 +41,9 @@ class ScriptedEngine(RolloutEngine):
 
 @pytest.fixture(scope="session")
 def retriever(bundled_corpus, bundled_index, embedder):
-    from vrag_rl.retrieval.service import Retriever
+    from vrag_rl.retrieval.local import LocalRetriever
 
-    return Retriever(bundled_corpus, bundled_index, embedder)
+    return LocalRetriever(bundled_corpus, bundled_index, embedder)
 
 
 @pytest.fixture

@@ -28,10 +28,10 @@ SAMPLING = SamplingConfig(temperature=0.7, max_tokens=96)
 def retriever_actor(ray_session, bundled_corpus, bundled_index, embedder_cfg):
     import ray
 
-    from vrag_rl.retrieval.actor import ActorConfig, start_retriever_actor
+    from vrag_rl.retrieval.actor import RetrieverConfig, start_retriever_actor
 
     handle = start_retriever_actor(
-        bundled_corpus, bundled_index, embedder_cfg, actors=ActorConfig(num_shard_actors=2, num_cpus=0.1), num_cpus=0.1
+        bundled_corpus, bundled_index, embedder_cfg, RetrieverConfig(shard_actors=2, num_cpus=0.1)
     )
     yield handle
     ray.kill(handle)
@@ -106,8 +106,8 @@ def test_streamed_update_then_greedy_equals_hf(pool, tasks, warm_policy, retriev
     g = torch.Generator().manual_seed(0)
     new = {k: v.detach() + 0.003 * torch.randn(v.shape, generator=g) for k, v in hf.engine.model.named_parameters()}
     hf.update_weights(new)
-    stats = pool.update_weights(new.items())
-    assert stats["weight_sync_bytes"] == sum(v.numel() * 4 for v in new.values()) and stats["weight_sync_s"] > 0
+    sync = pool.update_weights(new.items())
+    assert sync.bytes == sum(v.numel() * 4 for v in new.values()) and sync.seconds > 0
     greedy = SamplingConfig(temperature=0.0, max_tokens=96)
     got, want = pool.rollout(tasks, greedy), hf.rollout(tasks, greedy)
     assert [r.trajectory.input_ids for r in got] == [r.trajectory.input_ids for r in want]

@@ -39,3 +39,35 @@ def test_padded_batch_equals_single_forwards(tiny_processor, tiny_policy, bundle
             # Prompts, images, tool outputs and padding are outside the loss: 0, not computed.
             assert not logp[row, : len(t)][~response].any() and not entropy[row, : len(t)][~response].any()
             assert not logp[row, len(t) :].any() and not entropy[row, len(t) :].any()
+
+
+def test_minibatches_keep_groups_whole_and_follow_the_rng():
+    import random
+
+    from vrag_rl.trainer.batch import minibatches_by_group
+
+    group_ids = [g for g in range(4) for _ in range(3)]  # 4 groups of 3
+    parts = minibatches_by_group(group_ids, 2, random.Random(5))
+    assert sorted(i for p in parts for i in p) == list(range(12)) and [len(p) for p in parts] == [6, 6]
+    assert all(len({group_ids[i] for i in p}) == 2 for p in parts)  # whole groups only
+    assert parts == minibatches_by_group(group_ids, 2, random.Random(5))
+    orders = {tuple(map(tuple, minibatches_by_group(group_ids, 4, random.Random(s)))) for s in range(6)}
+    assert len(orders) > 1  # the seed decides the order
+
+
+def test_split_over_ranks_gives_each_trajectory_once_with_local_plans():
+    from vrag_rl.agent.trajectory import Trajectory
+    from vrag_rl.trainer.batch import split_over_ranks
+
+    trajectories = []
+    for n in (50, 7, 30, 12, 40):
+        t = Trajectory()
+        t.add_prompt(list(range(n)))
+        trajectories.append(t)
+    shares = split_over_ranks(trajectories, 2, 64)
+    real = sorted(i for s in shares for ix, w in s.plan if w for i in (s.indices[j] for j in ix))
+    assert real == list(range(len(trajectories)))  # every trajectory in exactly one real micro-batch
+    assert len(shares[0].plan) == len(shares[1].plan)  # the same number of forwards on every rank
+    for s in shares:
+        assert s.trajectories == [trajectories[i] for i in s.indices]
+        assert s.take(list(range(100, 100 + len(trajectories)))) == [100 + i for i in s.indices]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vrag_rl.trainer.tracking import Tracker, TrackingConfig, plot_metrics
+from vrag_rl.trainer.plots import Line, Panel, dashboard_panels, plot_dashboard, plot_metrics, to_series
+from vrag_rl.trainer.tracking import Tracker, TrackingConfig, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -109,13 +110,13 @@ def test_plot_metrics_writes_png(tmp_path):
     rows = [{"step": s, **metrics(s), "note": "text", "flag": True} for s in range(1, 31)]
     rows.append({"step": 31, "kl": 0.01})  # a key first seen late gets its own panel
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = plot_metrics(jsonl, tmp_path / "curves" / "m.png")
+    out = plot_metrics(read_metrics(jsonl), tmp_path / "curves" / "m.png")
     assert out == tmp_path / "curves" / "m.png"
     assert out.read_bytes().startswith(PNG_MAGIC)
     with Image.open(out) as image:
         assert image.width > 0 and image.height > 0
         three_panels = image.size
-    narrow = plot_metrics(jsonl, tmp_path / "one.png", keys=["loss"])
+    narrow = plot_metrics(read_metrics(jsonl), tmp_path / "one.png", keys=["loss"])
     with Image.open(narrow) as image:
         assert image.width < three_panels[0]
 
@@ -123,15 +124,15 @@ def test_plot_metrics_writes_png(tmp_path):
 def test_plot_metrics_rejects_empty_and_unknown_keys(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty.jsonl"):
-        plot_metrics(empty, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no metric rows"):
+        plot_metrics(read_metrics(empty), tmp_path / "x.png")
     steps_only = tmp_path / "steps.jsonl"
     steps_only.write_text('{"step": 1}\n{"step": 2, "note": "x"}\n')
-    with pytest.raises(ValueError, match="steps.jsonl"):
-        plot_metrics(steps_only, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no metric rows"):
+        plot_dashboard(read_metrics(steps_only), tmp_path / "x.png")
     write_rows(tmp_path / "m.jsonl", range(1, 3))
     with pytest.raises(ValueError, match="nope"):
-        plot_metrics(tmp_path / "m.jsonl", tmp_path / "x.png", keys=["loss", "nope"])
+        plot_metrics(read_metrics(tmp_path / "m.jsonl"), tmp_path / "x.png", keys=["loss", "nope"])
     assert not (tmp_path / "x.png").exists()
 
 
@@ -145,9 +146,52 @@ def test_cli_draws_run_directory(tmp_path):
         timeout=60,
         check=True,
     )
-    png = run_dir / "metrics.png"
-    assert done.stdout.strip() == str(png)
-    assert png.read_bytes().startswith(PNG_MAGIC)
+    pictures = [run_dir / "metrics.png", run_dir / "metrics_all.png"]
+    assert done.stdout.split() == [str(p) for p in pictures]
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pictures)
+
+
+def training_rows(steps: int, val_every: int) -> list[dict]:
+    """Rows shaped like the GRPO loop's: training metrics every step, validation every ``val_every``."""
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, "train/reward": 0.1 * s, "train/ndcg": 0.05 * s, "train/answer": 0.0, "train/format": 0.9}
+        row |= {"train/finish_rate": 0.8, "train/invalid_rate": 0.1, "actor/entropy": 2.0, "actor/ppo_kl": 1e-3}
+        row |= {"actor/pg_clipfrac": 0.01, "time/rollout_s": 5.0, "time/update_s": 3.0, "actor/grad_norm": 1.0}
+        if s % val_every == 0:
+            row |= {"val/reward": 0.2, "val/ndcg": 0.3, "val/finish_rate": 1.0, "val/synthetic/reward": 0.2}
+        rows.append(row)
+    return rows
+
+
+def test_dashboard_draws_validation_on_the_training_axes(tmp_path):
+    panels = {p.title: p for p in dashboard_panels(to_series(training_rows(8, 4)))}
+    assert list(panels) == [
+        "reward",
+        "reward parts",
+        "retrieval NDCG",
+        "finish and invalid-action rates",
+        "policy",
+        "seconds per phase",
+    ]
+    assert panels["reward"] == Panel("reward", (Line("train/reward", False), Line("val/reward", True)))
+    assert panels["finish and invalid-action rates"].lines == (
+        Line("train/finish_rate", False),
+        Line("val/finish_rate", True),
+        Line("train/invalid_rate", False),
+    )
+    assert panels["policy"].lines == (
+        Line("actor/ppo_kl", False),
+        Line("actor/entropy", False, right=True),
+        Line("actor/pg_clipfrac", False),
+    )
+    # Without validation rows the panels hold training alone; metrics outside the dashboard stay in the grid.
+    alone = dashboard_panels(to_series(training_rows(3, 10)))
+    assert all(not line.validation for p in alone for line in p.lines)
+    dashboard = plot_dashboard(training_rows(8, 4), tmp_path / "metrics.png")
+    grid = plot_metrics(training_rows(8, 4), tmp_path / "metrics_all.png")
+    with Image.open(dashboard) as d, Image.open(grid) as g:
+        assert d.height < g.height / 2  # six panels against one per metric
 
 
 @pytest.mark.parametrize("field, value", [("wandb", "cloud"), ("plot_every", 0)])

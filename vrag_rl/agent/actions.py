@@ -27,7 +27,17 @@ import math
 import re
 from dataclasses import dataclass
 
-ACTION_KINDS = frozenset({"search", "bbox", "answer"})
+from vrag_rl.choice import Choice
+
+
+class ActionKind(Choice):
+    SEARCH = "search"
+    BBOX = "bbox"
+    ANSWER = "answer"
+    INVALID = "invalid"  # no well-formed action: counted, answered by the feedback turn
+
+
+ACTION_KINDS = frozenset({ActionKind.SEARCH, ActionKind.BBOX, ActionKind.ANSWER})  # the kinds a turn can take
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 _OPENING = re.compile(r"<(think|search|bbox|answer)>")  # alternation of literals: no backtracking
@@ -40,7 +50,7 @@ _MAX_REASON_CHARS = 160
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "search" | "bbox" | "answer" | "invalid"
+    kind: ActionKind
     think: str | None  # stripped text of the first <think>…</think>, None if there is none
     content: str  # search query / answer text / raw bbox text, stripped; "" when invalid
     bbox: tuple[float, float, float, float] | None = None  # only for kind == "bbox"
@@ -62,11 +72,11 @@ def parse_action(text: str, allowed: frozenset[str] = ACTION_KINDS) -> Action:
     if any(tag in content for tag in _PROTOCOL_TAGS):
         return _invalid(think, f"<{kind}> contains another tag")
     content = content.strip()
-    if kind == "bbox":
+    if kind == ActionKind.BBOX:
         box = _parse_bbox(content)
         if isinstance(box, str):
             return _invalid(think, box)
-        return Action("bbox", think, content, bbox=box)
+        return Action(kind, think, content, bbox=box)
     if not content:
         return _invalid(think, f"empty <{kind}>")
     return Action(kind, think, content)
@@ -92,7 +102,7 @@ def _first_think(text: str) -> str | None:
     return None if end < 0 else text[start + len("<think>") : end].strip()
 
 
-def _first_action_tag(text: str) -> tuple[str, str] | None:
+def _first_action_tag(text: str) -> tuple[ActionKind, str] | None:
     """(kind, raw content) of the first complete action tag outside think blocks."""
     # Closing-tag positions are cached per tag: each find runs past a position at most once, so a
     # text of many unclosed openers (e.g. "<search>" * 100000) stays linear.
@@ -113,7 +123,7 @@ def _first_action_tag(text: str) -> tuple[str, str] | None:
         elif kind == "think":
             pos = close + len(close_tag)
         else:
-            return kind, text[body:close]
+            return ActionKind(kind), text[body:close]
 
 
 def _parse_bbox(content: str) -> tuple[float, float, float, float] | str:
@@ -142,4 +152,4 @@ def _parse_bbox(content: str) -> tuple[float, float, float, float] | str:
 
 
 def _invalid(think: str | None, reason: str) -> Action:
-    return Action("invalid", think, "", reason=reason[:_MAX_REASON_CHARS])
+    return Action(ActionKind.INVALID, think, "", reason=reason[:_MAX_REASON_CHARS])

@@ -34,24 +34,20 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(keep, values, 0.0).sum() / keep.sum().clamp_min(1)
 
 
-def aggregate(
-    values: Tensor, mask: Tensor, mode: AggMode, global_count: float | Tensor | None = None, dp_size: int = 1
-) -> Tensor:
+def aggregate(values: Tensor, mask: Tensor, mode: AggMode, global_count: float | Tensor | None = None) -> Tensor:
     """Reduce a per-token loss ``[N, L]`` to a scalar.
 
     * "token-mean": sum over valid tokens / number of valid tokens (long answers weigh more).
     * "seq-mean-token-sum": per-sequence token sums, averaged over sequences with any valid token.
     * "seq-mean-token-mean": per-sequence token means, averaged over sequences with any valid token.
 
-    When a batch is split into micro-batches (gradient accumulation) or across ``dp_size`` data-parallel
-    ranks that average gradients, pass ``global_count``: the number of valid tokens ("token-mean") or of
-    non-empty sequences (seq modes) in the whole batch. Each part then contributes
-    ``sum / global_count * dp_size`` and the accumulated/averaged gradient equals the whole batch's.
+    When a batch is split into parts (micro-batches, data-parallel ranks), pass ``global_count``: the number
+    of valid tokens ("token-mean") or of non-empty sequences (seq modes) in the whole batch. Each part then
+    contributes ``sum / global_count`` and the parts add up to the whole batch's loss. How gradients are
+    combined across ranks (averaged, so the trainer scales by the world size) is the trainer's business.
     """
     if mode not in AGG_MODES:
         raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGG_MODES}")
-    if dp_size > 1 and global_count is None:
-        raise ValueError("global_count is required when dp_size > 1")
     keep = mask.bool()
     token_values = torch.where(keep, values, 0.0)
     if mode == "token-mean":
@@ -65,7 +61,7 @@ def aggregate(
         total = row_values.sum()  # empty rows contribute 0
         local_count = (row_tokens > 0).sum()
     count = local_count.clamp_min(1) if global_count is None else global_count
-    return total / count * dp_size
+    return total / count
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -108,7 +104,6 @@ def policy_loss(
     dual_clip_c: float | None = 3.0,
     agg: AggMode = "token-mean",
     global_count: float | Tensor | None = None,
-    dp_size: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss with asymmetric clip range and dual clip, aggregated by ``agg``.
 
@@ -143,7 +138,7 @@ def policy_loss(
         negative = advantages < 0
         lower_clipfrac = masked_mean((negative & (token_loss > cap)).to(logp.dtype), mask)
         token_loss = torch.where(negative, torch.minimum(token_loss, cap), token_loss)
-    loss = aggregate(token_loss, mask, agg, global_count=global_count, dp_size=dp_size)
+    loss = aggregate(token_loss, mask, agg, global_count=global_count)
     metrics = {
         "pg_clipfrac": clipfrac.detach(),
         "pg_clipfrac_lower": lower_clipfrac.detach(),

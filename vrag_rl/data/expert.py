@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vrag_rl.agent.actions import Action, parse_action
+from vrag_rl.agent.actions import Action, ActionKind, parse_action
 from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.agent.images import ImageBudget, View, crop_view, fit_to_budget, page_view
 from vrag_rl.agent.prompt import INVALID_ACTION_FEEDBACK, PromptConfig, build_messages
@@ -93,11 +93,11 @@ def scripted_trajectory(
         if not traj.add_model_turn(tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"]):
             break
         images, feedback = [], None
-        if action.kind == "search":
+        if action.kind == ActionKind.SEARCH:
             view = shown_view
             out.retrieved_pages.append(gold)
             images = [fit_to_budget(page_image, budget.min_pixels, budget.max_pixels, budget.factor)]
-        elif action.kind == "bbox":
+        elif action.kind == ActionKind.BBOX:
             result = crop_view(view, action.bbox, page_image, budget) if view else "crop before any image"
             if isinstance(result, str):
                 feedback = INVALID_ACTION_FEEDBACK
@@ -105,7 +105,7 @@ def scripted_trajectory(
                 view, shown = result
                 out.crops.append((gold, tuple(int(v) for v in view.region)))
                 images = [shown]
-        elif action.kind == "answer":
+        elif action.kind == ActionKind.ANSWER:
             out.answer = action.content
             break
         else:

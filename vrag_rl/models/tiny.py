@@ -22,8 +22,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.synthetic import report_text
 
+# The tiny policy's processor takes images of 4..512 merged patches; its pages are shown small.
+TINY_BUDGET = ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
 REPORT_DOCS = 300  # fictional reports in the tokenizer's training text
 TOKENIZER_TEXT = 2  # part of the kit's stamp: bump when the tokenizer's training text changes
 

@@ -4,9 +4,9 @@ Topology: each ``ShardActor`` loads a contiguous group of the index's shards
 (``MultiVectorIndex.load(dir, shards=[...])``). ``DistributedRetriever`` embeds a batch of queries once,
 puts the embeddings in the object store, asks every shard actor for its local top-k and merges them by
 score with ties broken by index order — the rule of ``MultiVectorIndex.search`` itself, so the
-single-process ``Retriever`` and this one give the same lists. ``start_retriever_actor`` runs that
-front as an actor too, for callers (rollout workers) that should share one retriever instead of each
-loading the model.
+in-process ``LocalRetriever`` and this one give the same lists. ``start_retriever_actor`` runs that front
+as an actor too, for callers (rollout workers) that should share one retriever instead of each loading the
+model; ``RemoteRetriever`` is that actor's handle seen as a local retriever.
 
 Fault tolerance: shard actors are created with ``max_restarts`` (Ray starts a dead actor again, which
 reloads its shards) and ``max_task_retries`` (Ray resubmits calls that were in flight when it died). On
@@ -29,34 +29,39 @@ import ray
 from ray.exceptions import RayActorError
 from torch import Tensor
 
+from vrag_rl.retrieval.base import BaseRetriever, PageCatalog, as_embedder
 from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.index import MultiVectorIndex
-from vrag_rl.retrieval.service import BaseRetriever, IndexMode, as_embedder
-from vrag_rl.retrieval.types import rank
+from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode, rank
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ActorConfig:
-    num_shard_actors: int = 2  # capped at the index's shard count
-    num_cpus: float = 0.5  # per shard actor; fractional, so they fit next to the trainers on small machines
+@dataclass
+class RetrieverConfig:
+    """The retriever on Ray: how many shard actors, their resources, and how calls survive a dead actor."""
+
+    shard_actors: int = 1  # capped at the index's shard count
+    num_cpus: float = 0.25  # per actor (the front and each shard actor); fractional, to fit beside trainers
+    embed_batch_size: int = 4  # query embedding batch of the front's model
     max_restarts: int = -1  # -1: Ray restarts a dead shard actor without limit
     max_task_retries: int = 3  # Ray's resubmissions of a call that was in flight when its actor died
     retries: int = 5  # the front's own resubmissions after Ray gave up on a call
     retry_wait_s: float = 1.0  # between the front's resubmissions (a restart takes seconds: imports, load)
-    search_delay_s: float = 0.0  # test knob: each shard search sleeps this long, so a test can kill one mid-batch
+
+    def __post_init__(self) -> None:
+        if self.shard_actors < 1 or self.num_cpus <= 0 or self.embed_batch_size < 1 or self.retries < 0:
+            raise ValueError("retriever: shard_actors >= 1, num_cpus > 0, embed_batch_size >= 1, retries >= 0")
 
 
 class ShardActor:
     """Holds some of the index's shards and answers top-k over them. Threaded (see ``options``) so that
     ``stats`` answers while a search runs; searches only read the index."""
 
-    def __init__(self, index_dir: str, shards: list[int], fingerprint: str | None, search_delay_s: float = 0.0):
+    def __init__(self, index_dir: str, shards: list[int], fingerprint: str | None):
         self.shards = list(shards)
         self.index = MultiVectorIndex.load(index_dir, shards=self.shards, expected_fingerprint=fingerprint)
-        self.search_delay_s = search_delay_s
         self._lock = threading.Lock()
         self._started = 0
         self._finished = 0
@@ -64,8 +69,6 @@ class ShardActor:
     def search(self, embeddings: list[Tensor], top_k: int, mode: IndexMode) -> list[list[tuple[str, float]]]:
         with self._lock:
             self._started += 1
-        if self.search_delay_s:
-            time.sleep(self.search_delay_s)
         out = self.index.search(embeddings, top_k, mode)
         with self._lock:
             self._finished += 1
@@ -92,7 +95,8 @@ def shard_groups(num_shards: int, num_actors: int) -> list[list[int]]:
 class DistributedRetriever(BaseRetriever):
     """``Retriever`` with the visual index spread over Ray shard actors; the embedder runs in this process.
 
-    Needs a running Ray (``ray.init``). Same constructor as ``Retriever`` plus ``actors``.
+    Needs a running Ray (``ray.init``). Same constructor as ``LocalRetriever`` plus ``actors`` and the class
+    the shard actors run (``ShardActor`` or a subclass of it).
     """
 
     def __init__(
@@ -101,15 +105,16 @@ class DistributedRetriever(BaseRetriever):
         index_dir: str | Path,
         embedder: EmbedderConfig | PageEmbedder,
         text_index: BM25Index | str | Path | None = None,
-        index_mode: IndexMode = "exact",
+        index_mode: str = IndexMode.EXACT,
         fusion_depth: int = 50,
         rrf_k: int = 60,
-        actors: ActorConfig = ActorConfig(),
+        actors: RetrieverConfig = RetrieverConfig(),
+        shard_actor: type[ShardActor] = ShardActor,
     ):
         super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k)
         self.cfg = actors
         index_dir = str(Path(index_dir).resolve())  # actors may run with another working directory
-        remote = ray.remote(ShardActor).options(
+        remote = ray.remote(shard_actor).options(
             num_cpus=actors.num_cpus,
             max_restarts=actors.max_restarts,
             max_task_retries=actors.max_task_retries,
@@ -122,8 +127,8 @@ class DistributedRetriever(BaseRetriever):
             index_dir, shards=[], expected_fingerprint=fingerprint, corpus_dir=self.catalog.root
         )
         self._tie_order = {pid: i for i, pid in enumerate(manifest.all_page_ids)}
-        groups = shard_groups(manifest.num_shards, actors.num_shard_actors)
-        self.shard_actors = [remote.remote(index_dir, g, fingerprint, actors.search_delay_s) for g in groups]
+        groups = shard_groups(manifest.num_shards, actors.shard_actors)
+        self.shard_actors = [remote.remote(index_dir, g, fingerprint) for g in groups]
         self.shard_stats()  # wait until every actor has loaded its shards (their load errors surface here)
 
     def _call_all(self, submit) -> list:
@@ -160,12 +165,30 @@ class DistributedRetriever(BaseRetriever):
         return self._call_all(lambda a: a.stats.remote())
 
 
-def start_retriever_actor(*args, num_cpus: float = 0.5, **kwargs):
-    """A ``DistributedRetriever`` running as a Ray actor (arguments as for ``DistributedRetriever``).
+def start_retriever_actor(
+    corpus_dir: str | Path, index_dir: str | Path, embedder: EmbedderConfig, cfg: RetrieverConfig, **kwargs
+):
+    """A ``DistributedRetriever`` running as a Ray actor (further arguments as for ``DistributedRetriever``).
 
-    Call ``ray.get(handle.search.remote(queries, top_k, mode))``. Pass the ``EmbedderConfig``, not a loaded
-    embedder: the actor loads the model itself. If the front actor dies, Ray restarts it (it starts fresh
-    shard actors; the old ones die with their owner) and resubmits the calls that were in flight.
+    Call ``ray.get(handle.search.remote(queries, top_k, mode))``, or wrap the handle in ``RemoteRetriever``.
+    Pass the ``EmbedderConfig``, not a loaded embedder: the actor loads the model itself. If the front actor
+    dies, Ray restarts it (it starts fresh shard actors; the old ones die with their owner) and resubmits the
+    calls that were in flight.
     """
-    remote = ray.remote(DistributedRetriever).options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=3)
-    return remote.remote(*args, **kwargs)
+    remote = ray.remote(DistributedRetriever).options(num_cpus=cfg.num_cpus, max_restarts=-1, max_task_retries=3)
+    return remote.remote(corpus_dir, index_dir, embedder, actors=cfg, **kwargs)
+
+
+class RemoteRetriever:
+    """The retriever actor (``start_retriever_actor``) seen as a local retriever; page files are read from the
+    corpus directory, which every node of the cluster sees."""
+
+    def __init__(self, handle, corpus_dir: str | Path):
+        self.handle = handle
+        self.catalog = PageCatalog(corpus_dir)
+
+    def search(self, queries: list[str], top_k: int = 5, mode: str = SearchMode.VISUAL) -> list[list[Hit]]:
+        return ray.get(self.handle.search.remote(queries, top_k, mode))
+
+    def page_path(self, page_id: str) -> Path:
+        return self.catalog.page_path(page_id)

@@ -28,15 +28,14 @@ import json
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from vrag_rl.retrieval.service import MODES, BaseRetriever
-from vrag_rl.retrieval.types import Hit
+from vrag_rl.retrieval.base import BaseRetriever
+from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class SearchRequest(BaseModel):
     queries: list[str] = []
     image_queries: list[str] = []  # base64 image files, optionally as "data:image/...;base64,..." URLs
     top_k: int = 5
-    mode: Literal["visual", "text", "hybrid"] = "visual"
+    mode: SearchMode = SearchMode.VISUAL
 
 
 class _BodyLimit:
@@ -142,7 +141,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
 
     @app.get("/health")
     def health():
-        modes = list(MODES) if retriever.text_index is not None else ["visual"]
+        modes = list(SearchMode) if retriever.text_index is not None else [SearchMode.VISUAL]
         return {"status": "ok", "pages": len(retriever.page_ids), "modes": modes}
 
     @app.get("/search")
@@ -154,7 +153,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
     @app.post("/search")
     def search_post(req: SearchRequest):
         _check_queries(req.queries, len(req.image_queries), req.top_k, limits)
-        if req.mode != "visual" and req.queries and retriever.text_index is None:
+        if req.mode != SearchMode.VISUAL and req.queries and retriever.text_index is None:
             raise HTTPException(400, f"mode {req.mode!r} needs a text index, and this server has none (no OCR)")
         images = [_decode_image(data, i, limits) for i, data in enumerate(req.image_queries)]
         results = run(retriever.search, req.queries, req.top_k, req.mode) if req.queries else []
@@ -181,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from vrag_rl.retrieval.embed import EmbedderConfig
     from vrag_rl.retrieval.index import StaleIndexError
-    from vrag_rl.retrieval.service import Retriever
+    from vrag_rl.retrieval.local import LocalRetriever
 
     p = argparse.ArgumentParser(prog="python -m vrag_rl.retrieval.api", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", required=True, help="corpus directory (pages.parquet + pages/)")
     p.add_argument("--index", required=True, help="visual index directory (vrag_rl.retrieval.index build)")
     p.add_argument("--model", required=True, help="ColQwen2 retriever model directory the index was built with")
     p.add_argument("--text-index", default=None, help="saved BM25 index (default: from CORPUS/ocr.parquet if any)")
-    p.add_argument("--index-mode", choices=["exact", "approx"], default="exact")
+    p.add_argument("--index-mode", choices=list(IndexMode), default=IndexMode.EXACT)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--pool-factor", type=int, default=1, help="must match the index's token pooling")
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = EmbedderConfig(model_dir=a.model, device=a.device, dtype=a.dtype, pool_factor=a.pool_factor)
-        retriever = Retriever(a.corpus, a.index, cfg, text_index=a.text_index, index_mode=a.index_mode)
+        retriever = LocalRetriever(a.corpus, a.index, cfg, text_index=a.text_index, index_mode=a.index_mode)
     except (StaleIndexError, FileNotFoundError, ValueError) as err:  # a wrong path, model or stale index
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,16 +14,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 
 from vrag_rl.data.records import sha256_file
 from vrag_rl.retrieval.maxsim import gather_pages, maxsim, plan_chunks, top_k_ties
-
-if TYPE_CHECKING:
-    from vrag_rl.retrieval.store import IndexConfig, Shard
+from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
 
 _ADD_ROWS = 1 << 18  # vectors widened to float32 and added to FAISS at a time
 
@@ -61,7 +58,7 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
 
     faiss = _faiss()
     n, d = vectors.shape
-    if cfg.approx == "hnsw":
+    if cfg.approx == ApproxKind.HNSW:
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.ef_construction
     else:

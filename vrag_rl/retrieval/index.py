@@ -30,7 +30,6 @@ import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from torch import Tensor
@@ -42,8 +41,6 @@ from vrag_rl.retrieval.store import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    IndexConfig,
-    Shard,
     StaleIndexError,
     load_shard,
     page_checksum,
@@ -51,11 +48,11 @@ from vrag_rl.retrieval.store import (
     write_manifest,
     write_shards,
 )
+from vrag_rl.retrieval.types import ApproxKind, IndexConfig, IndexMode, Shard
 
-__all__ = ["IndexConfig", "MultiVectorIndex", "StaleIndexError", "page_checksum"]
+__all__ = ["MultiVectorIndex", "StaleIndexError", "page_checksum"]
 
 _MAX_QUERY_COLUMNS = 512  # query tokens scored per matrix product: bounds the (chunk x columns) buffer
-Mode = Literal["exact", "approx"]
 
 
 class MultiVectorIndex:
@@ -244,18 +241,17 @@ class MultiVectorIndex:
 
     # ---- search ------------------------------------------------------------------------------------
     def search(
-        self, query_embeddings: list[Tensor], top_k: int, mode: Mode = "exact", **overrides
+        self, query_embeddings: list[Tensor], top_k: int, mode: str = IndexMode.EXACT, **overrides
     ) -> list[list[tuple[str, float]]]:
         """Per query, the top-k (page_id, score) of the loaded shards, by score then index order.
 
         ``overrides``: search-time IndexConfig fields (nprobe, ef_search, k_tokens, n_rerank).
         """
-        if mode not in ("exact", "approx"):
-            raise ValueError(f"mode must be 'exact' or 'approx', got {mode!r}")
+        mode = IndexMode.parse(mode, "mode")
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
         cfg = dataclasses.replace(self.cfg, **overrides)
-        if mode == "approx" and cfg.approx == "none":
+        if mode == IndexMode.APPROX and cfg.approx == ApproxKind.NONE:
             raise ValueError("this index was built with approx='none': only exact search is available")
         queries = pad_queries(list(query_embeddings), self.dim, self._device)
         per_query: list[list[tuple[int, float]]] = [[] for _ in range(len(queries))]
@@ -263,7 +259,7 @@ class MultiVectorIndex:
         for shard in self.shards:
             for q0 in range(0, len(queries), block):
                 qs = queries[q0 : q0 + block]
-                if mode == "exact":
+                if mode == IndexMode.EXACT:
                     scores = maxsim(shard.vectors, shard.chunks, shard.n_pages, qs)
                     found = [top_k_ties(scores[:, j], shard.positions, top_k) for j in range(len(qs))]
                 else:
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument("--out", required=True, help="index directory to create")
             s.add_argument("--shard-size", type=int, default=IndexConfig.shard_size, help="pages per shard")
             s.add_argument("--store-dtype", choices=["float16", "float32"], default=IndexConfig.dtype)
-            s.add_argument("--approx", choices=["ivf", "hnsw", "none"], default=IndexConfig.approx)
+            s.add_argument("--approx", choices=list(ApproxKind), default=IndexConfig.approx)
             s.add_argument("--nlist", type=int, default=0, help="IVF lists per shard (0 = auto)")
             s.add_argument("--ivf-codec", default="Flat", help="FAISS codec of the IVF lists: Flat, SQ8, PQ16, ...")
         else:

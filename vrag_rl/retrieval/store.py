@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,38 +17,12 @@ from torch import Tensor
 
 from vrag_rl.data.records import atomic_write_bytes, sha256_file
 from vrag_rl.retrieval import approx
-from vrag_rl.retrieval.maxsim import Chunk, plan_chunks
+from vrag_rl.retrieval.maxsim import plan_chunks
+from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
 
 FORMAT = "vrag-rl.multivector-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    shard_size: int = 4096  # pages per shard
-    dtype: str = "float16"  # storage of token vectors: float16 or float32 (scoring is always float32)
-    approx: str = "ivf"  # FAISS index per shard for approximate mode: "ivf", "hnsw" or "none"
-    nlist: int = 0  # IVF lists per shard; 0 = about sqrt(n_tokens), a power of two
-    ivf_codec: str = "Flat"  # FAISS codec of IVF lists: Flat (exact float32), SQ8 (4x smaller), PQ16, ...
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    nprobe: int = 16  # search-time settings below; search() can override them per call
-    ef_search: int = 64
-    k_tokens: int = 512  # FAISS neighbours per query token: a page has many near-identical tokens, so
-    # a small k is used up by the best page alone (k=64 found 22% of the exact top 10 at 700 tokens per page)
-    n_rerank: int = 128  # candidate pages per query and shard scored exactly
-    chunk_tokens: int = 8192  # token rows per matrix product: its similarity block stays in cache
-
-    def __post_init__(self):
-        if self.shard_size < 1:
-            raise ValueError("shard_size must be >= 1")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.approx not in ("ivf", "hnsw", "none"):
-            raise ValueError(f"approx must be 'ivf', 'hnsw' or 'none', got {self.approx!r}")
-        if min(self.nprobe, self.ef_search, self.k_tokens, self.n_rerank, self.chunk_tokens) < 1:
-            raise ValueError("nprobe, ef_search, k_tokens, n_rerank and chunk_tokens must be >= 1")
 
 
 class StaleIndexError(RuntimeError):
@@ -79,20 +52,6 @@ def save_npy(path: Path, array: np.ndarray) -> str:
     return sha256_file(path)
 
 
-@dataclass
-class Shard:
-    id: int
-    vectors: Tensor  # (n_tokens, dim), storage dtype
-    positions: np.ndarray  # global page position of each stored page
-    offsets: np.ndarray  # (n_pages + 1,) token offsets
-    chunks: list[Chunk]
-    faiss_index: object | None
-
-    @property
-    def n_pages(self) -> int:
-        return len(self.positions)
-
-
 def write_shards(out_dir: Path, manifest: dict, pages: Iterable[tuple[str, str, Tensor]], total, progress) -> None:
     """Append shards of ``shard_size`` pages to ``out_dir`` and to ``manifest`` (not written here)."""
     cfg = IndexConfig(**manifest["config"])
@@ -119,7 +78,7 @@ def write_shards(out_dir: Path, manifest: dict, pages: Iterable[tuple[str, str, 
         }
         entry["sha256"]["vectors"] = save_npy(out_dir / entry["vectors"], vectors)
         entry["sha256"]["pages"] = save_npy(out_dir / entry["pages"], table)
-        if cfg.approx != "none":
+        if cfg.approx != ApproxKind.NONE:
             entry["faiss"] = f"{stem}.faiss"
             entry["sha256"]["faiss"] = approx.build_and_save(vectors, cfg, out_dir / entry["faiss"], progress)
         manifest["shards"].append(entry)

@@ -25,22 +25,32 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vrag_rl.agent.actions import ACTION_KINDS, Action, parse_action
+from vrag_rl.agent.actions import ACTION_KINDS, Action, ActionKind, parse_action
 from vrag_rl.agent.chat import ChatEncoder, EncodedImages
 from vrag_rl.agent.images import ImageBudget, View, crop_view, fit_to_budget, page_view
 from vrag_rl.agent.prompt import ANSWER_NOW_FEEDBACK, INVALID_ACTION_FEEDBACK, PromptConfig, build_messages
 from vrag_rl.agent.trajectory import Trajectory
+from vrag_rl.choice import Choice
+from vrag_rl.retrieval.types import SearchMode
 from vrag_rl.rollout.engine import GenerationRequest, RolloutEngine, SamplingConfig
 
 NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
-STOP_ANSWER, STOP_TURN_LIMIT, STOP_LENGTH = "answer", "turn_limit", "length"
+ANSWER_ONLY = frozenset({ActionKind.ANSWER})  # the final turn's allowed actions
+
+
+class StopReason(Choice):
+    """Why a trajectory ended."""
+
+    ANSWER = "answer"  # it answered
+    TURN_LIMIT = "turn_limit"  # the final answer-only turn did not answer
+    LENGTH = "length"  # the next piece would have passed max_length
 
 
 @dataclass
 class AgentConfig:
     max_turns: int = 4  # action turns before the final answer-only turn
     max_length: int = 8192  # tokens per trajectory: prompt, turns and observations
-    search_mode: str = "visual"  # visual | text | hybrid (see retrieval.service)
+    search_mode: str = SearchMode.VISUAL  # visual | text | hybrid (retrieval.types.SearchMode)
     crop_padding: float = 0.0  # fraction of the box added on each side before cropping
     budget: ImageBudget = field(default_factory=ImageBudget)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -48,6 +58,7 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.max_turns < 1 or self.max_length < 64:
             raise ValueError(f"agent: max_turns >= 1 and max_length >= 64, got {self.max_turns}, {self.max_length}")
+        self.search_mode = SearchMode.parse(self.search_mode, "agent.search_mode")
 
 
 @dataclass(frozen=True)
@@ -89,11 +100,11 @@ class Rollout:
     crops: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (page, raw box)
     answer: str | None = None
     num_invalid: int = 0
-    stop_reason: str = ""  # answer | turn_limit | length
+    stop_reason: StopReason | None = None  # set when the trajectory ends
 
     @property
     def finished(self) -> bool:
-        return self.stop_reason == STOP_ANSWER
+        return self.stop_reason == StopReason.ANSWER
 
     @property
     def num_turns(self) -> int:
@@ -101,7 +112,7 @@ class Rollout:
 
     @property
     def num_searches(self) -> int:
-        return sum(a.kind == "search" for a in self.actions)
+        return sum(a.kind == ActionKind.SEARCH for a in self.actions)
 
 
 @dataclass
@@ -114,7 +125,7 @@ class _State:
     close_turn: bool = False  # the last turn hit the token limit without <|im_end|>
     query: str | None = None  # this turn's search
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         self.done, self.rollout.stop_reason = True, reason
 
 
@@ -122,7 +133,8 @@ class AgentLoop:
     """Runs tasks to completion with an engine and a retriever.
 
     ``retriever`` needs ``search(queries, top_k, mode) -> list[list[Hit]]`` and ``page_path(page_id)``:
-    ``retrieval.Retriever``, ``DistributedRetriever`` or ``RemoteRetriever`` (an actor handle).
+    ``retrieval.local.LocalRetriever``, ``retrieval.actor.DistributedRetriever`` or ``RemoteRetriever`` (an
+    actor handle).
     """
 
     def __init__(self, engine: RolloutEngine, encoder: ChatEncoder, retriever, cfg: AgentConfig = AgentConfig()):
@@ -154,7 +166,7 @@ class AgentLoop:
         ids, _ = self.encoder.prompt(build_messages(task.question, self.cfg.prompt))
         state = _State(Rollout(task, traj))
         if not traj.add_prompt(ids):
-            state.stop(STOP_LENGTH)
+            state.stop(StopReason.LENGTH)
         return state
 
     def _generate(self, live: list[_State], sampling: SamplingConfig, turn: int) -> None:
@@ -162,7 +174,7 @@ class AgentLoop:
         for s in list(live):
             room = s.rollout.trajectory.room()
             if room is not None and room < 1:
-                s.stop(STOP_LENGTH)
+                s.stop(StopReason.LENGTH)
                 live.remove(s)
                 continue
             t = s.rollout.trajectory
@@ -179,24 +191,24 @@ class AgentLoop:
             r = s.rollout
             r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
             text = self.encoder.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
-            action = parse_action(text, frozenset({"answer"}) if final else ACTION_KINDS)
+            action = parse_action(text, ANSWER_ONLY if final else ACTION_KINDS)
             r.texts.append(text)
             r.actions.append(action)
             self._act(s, action, final)
 
     def _act(self, s: _State, action: Action, final: bool) -> None:
         r = s.rollout
-        if action.kind == "answer":
+        if action.kind == ActionKind.ANSWER:
             r.answer = action.content
-            s.stop(STOP_ANSWER)
+            s.stop(StopReason.ANSWER)
             return
-        if action.kind == "invalid":
+        if action.kind == ActionKind.INVALID:
             r.num_invalid += 1
         if final:
-            s.stop(STOP_TURN_LIMIT)
-        elif action.kind == "search":
+            s.stop(StopReason.TURN_LIMIT)
+        elif action.kind == ActionKind.SEARCH:
             s.query = action.content
-        elif action.kind == "bbox":
+        elif action.kind == ActionKind.BBOX:
             result = (
                 "crop before any image"
                 if s.view is None
@@ -237,7 +249,7 @@ class AgentLoop:
         )
         s.pending, s.notes = [], []
         if not s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids):
-            s.stop(STOP_LENGTH)
+            s.stop(StopReason.LENGTH)
 
     def _shown_page(self, page_id: str) -> EncodedImages:
         """A page resized into the budget and encoded, once per run: a group's samples mostly find the same pages."""

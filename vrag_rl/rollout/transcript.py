@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vrag_rl.agent.actions import ActionKind
 from vrag_rl.rollout.agent_loop import Rollout
 
 
@@ -93,7 +94,7 @@ def _card(record: dict, rollout: Rollout, out_dir: Path, n: int) -> str:
     last_image = None  # index of the most recent image shown: a bbox refers to it
     for t, turn in enumerate(record["turns"]):
         img = ""
-        if turn["action"] == "bbox" and last_image is not None and rollout.actions[t].bbox is not None:
+        if turn["action"] == ActionKind.BBOX and last_image is not None and rollout.actions[t].bbox is not None:
             name = f"images/{n:03d}_{last_image}_box{t}.png"
             _boxed(rollout.trajectory.images[last_image], rollout.actions[t].bbox).save(out_dir / name)
             img += f'<figure><img src="{name}"><figcaption>crop box on the image it refers to</figcaption></figure>'

@@ -1,12 +1,14 @@
 """Rollout workers: an engine plus the agent loop in one process, and a pool of them on Ray.
 
-``RolloutWorker`` is a plain class (unit-testable in-process with the transformers engine); the pool runs
-it as Ray actors, one engine each, spreads the tasks of a batch over them group by group (a GRPO group
+``RolloutWorker`` is a plain class (usable in-process, with either engine); the pool runs it as Ray actors,
+one engine each, spreads the tasks of a batch over them group by group (a GRPO group
 stays on one worker, so its samples see the same weights and batch) and returns rollouts in task order.
 
 Weight updates stream: the pool puts one bucket of tensors in the object store at a time and every worker
 feeds it into a single running ``update_weights`` call (``WeightStream``), so neither side ever holds a
 second full copy of the model.
+
+Both are a ``RolloutBackend``: what the GRPO step needs of rollouts (sample them, take new weights).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +29,22 @@ from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig, iter_buckets
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 
 ENGINES = ("vllm", "hf")
+
+
+@dataclass(frozen=True)
+class WeightSync:
+    """One weight update of the rollout engines: how long it took and the bytes each engine loaded."""
+
+    seconds: float
+    bytes: int
+
+
+class RolloutBackend(Protocol):
+    """Rollouts for a batch of tasks, and new weights for the engines behind them."""
+
+    def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightSync: ...
 
 
 @dataclass
@@ -51,25 +70,6 @@ class RolloutConfig:
                 f"vllm.max_images ({self.vllm.max_images}) must be >= agent.max_turns ({self.agent.max_turns}): "
                 "every action turn can add an image"
             )
-
-
-class RemoteRetriever:
-    """The retriever actor (``retrieval.actor.start_retriever_actor``) seen as a local retriever; page files
-    are read from the corpus directory, which every node of the cluster sees."""
-
-    def __init__(self, handle, corpus_dir: str | Path):
-        from vrag_rl.retrieval.service import PageCatalog
-
-        self.handle = handle
-        self.catalog = PageCatalog(corpus_dir)
-
-    def search(self, queries: list[str], top_k: int = 5, mode: str = "visual"):
-        import ray
-
-        return ray.get(self.handle.search.remote(queries, top_k, mode))
-
-    def page_path(self, page_id: str) -> Path:
-        return self.catalog.page_path(page_id)
 
 
 def make_engine(cfg: RolloutConfig) -> RolloutEngine:
@@ -136,6 +136,8 @@ class RolloutWorker:
         if (retriever is None) == (retriever_actor is None):
             raise ValueError("give either a retriever or a retriever actor handle (with its corpus_dir)")
         if retriever is None:
+            from vrag_rl.retrieval.actor import RemoteRetriever
+
             retriever = RemoteRetriever(retriever_actor, corpus_dir)
         self.cfg = cfg
         self.engine = make_engine(cfg)
@@ -150,9 +152,11 @@ class RolloutWorker:
         """Seconds spent generating, searching and in total during the last ``rollout``."""
         return dict(self.loop.timings)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> int:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> WeightSync:
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        return self.engine.update_weights(items)
+        t0 = time.perf_counter()
+        nbytes = self.engine.update_weights(items)
+        return WeightSync(time.perf_counter() - t0, nbytes)
 
     def begin_weight_update(self) -> None:
         if self._stream is not None:
@@ -211,7 +215,7 @@ class RolloutPool:
         self.last_timings = ray.get([w.timings.remote() for w in self.workers[: len(chunks)]])
         return out
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightSync:
         """Stream weights to every worker in buckets; returns seconds and bytes moved (per worker)."""
         import ray
 
@@ -227,7 +231,7 @@ class RolloutPool:
         loaded = ray.get([w.finish_weight_update.remote() for w in self.workers])
         if any(n != sent for n in loaded):
             raise RuntimeError(f"workers loaded {loaded} bytes of the {sent} sent")
-        return {"weight_sync_s": time.perf_counter() - t0, "weight_sync_bytes": float(sent)}
+        return WeightSync(time.perf_counter() - t0, sent)
 
     def shutdown(self) -> None:
         import ray

@@ -1,31 +1,96 @@
-"""Trainer ranks as Ray actors (``TrainerRank``, a shell over ``PolicyTrainer``) and the driver's handle on
-all of them (``TrainerGroup``): it plans micro-batches over ranks, sends each rank its share, and adds up
-what comes back.
+"""The trainer as the controller sees it (``Trainer``), and its two implementations.
 
-Ranks join one torch.distributed group (gloo on CPU, nccl on GPUs) at the address of rank 0's node. Every
-call goes to all ranks at once, because each forward of a sharded model is a collective.
+``TrainerGroup`` drives the Ray trainer ranks (``TrainerRank``, a thin shell over ``PolicyTrainer``): it plans
+micro-batches over ranks (``batch.split_over_ranks``), sends each rank its share through the rank's own remote
+methods, and adds up what comes back. Ranks join one torch.distributed group (gloo on CPU, nccl on GPUs) at
+the address of rank 0's node. Every call goes to all ranks at once, because each forward of a sharded model
+is a collective.
+
+``LocalTrainer`` is the same interface over one in-process ``PolicyTrainer``: no Ray, no process group (the
+cached warm start, the in-process GRPO step test, benchmarks).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.algo.config import AlgoConfig
-from vrag_rl.trainer.batch import plan_ranks
+from vrag_rl.rollout.worker import RolloutBackend, WeightSync
+from vrag_rl.trainer.batch import MicroBatch, RankShare, split_over_ranks
 from vrag_rl.trainer.export import write_hf_checkpoint
 from vrag_rl.trainer.policy import PolicyTrainer, TrainerConfig
 
+GRPO_PER_TOKEN = ("pg_clipfrac", "ppo_kl", "entropy", "kl")  # metrics summed per token, reported as means
+SFT_PER_TOKEN = ("nll",)
+
+
+class Trainer(Protocol):
+    """What the GRPO controller and the SFT loop need of a trainer, however many ranks it has."""
+
+    def logprobs(
+        self, trajectories: list[Trajectory], temperature: float, reference: bool = False
+    ) -> list[torch.Tensor]: ...
+
+    def grpo_update(
+        self,
+        trajectories: list[Trajectory],
+        advantages: list[float],
+        old: list[torch.Tensor],
+        ref: list[torch.Tensor] | None,
+        algo: AlgoConfig,
+        temperature: float,
+    ) -> dict[str, float]: ...
+
+    def sft_update(self, trajectories: list[Trajectory]) -> dict[str, float]: ...
+
+    def end_step(self) -> float: ...
+
+    def sync_weights(self, rollouts: RolloutBackend) -> WeightSync: ...
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+    def export(self, out_dir: Path, dtype: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def response_tokens(trajectories: list[Trajectory]) -> int:
+    return sum(sum(t.response_mask) for t in trajectories)
+
+
+def merge_logprobs(results: list[list[torch.Tensor | None]], shares: list[RankShare]) -> list[torch.Tensor]:
+    """Per trajectory of the whole batch, the log-probs its rank computed (fillers come back as None)."""
+    out: list[torch.Tensor | None] = [None] * sum(len(s.indices) for s in shares)
+    for values, share in zip(results, shares):
+        for i, v in zip(share.indices, values):
+            if v is not None:
+                out[i] = v
+    return out
+
+
+def mean_metrics(results: list[dict[str, float]], per_token: tuple[str, ...]) -> dict[str, float]:
+    """Sum the ranks' metric sums; per-token sums become means over the mini-batch's tokens."""
+    total: dict[str, float] = {}
+    for r in results:
+        for k, v in r.items():
+            total[k] = total.get(k, 0.0) + v
+    tokens = max(total.get("tokens", 0.0), 1.0)
+    return {k: (v / tokens if k in per_token else v) for k, v in total.items()}
+
 
 class TrainerRank:
-    """One rank: joins the process group, then holds a ``PolicyTrainer``."""
+    """One rank: joins the process group, then holds a ``PolicyTrainer`` and answers for it."""
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.trainer: PolicyTrainer | None = None
+        self.policy: PolicyTrainer | None = None
 
     def address(self) -> tuple[str, int]:
         import socket
@@ -45,22 +110,47 @@ class TrainerRank:
         if cfg.device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each rank its own GPU as device 0
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", rank=self.rank, world_size=self.world_size)
-        self.trainer = PolicyTrainer.for_model(model_dir, cfg, total_steps, with_reference)
+        self.policy = PolicyTrainer.for_model(model_dir, cfg, total_steps, with_reference)
         self.model_dir = model_dir
 
-    def call(self, method: str, *args, **kwargs):
-        return getattr(self.trainer, method)(*args, **kwargs)
+    def logprobs(self, trajectories: list[Trajectory], plan: list[MicroBatch], temperature: float, reference: bool):
+        return self.policy.logprobs(trajectories, plan, temperature, reference)
 
-    def sync_weights(self, pool) -> dict[str, float] | None:
-        """Rank 0 streams the gathered weights into the rollout pool; the others only take part in gathering."""
+    def grpo_update(
+        self,
+        trajectories: list[Trajectory],
+        plan: list[MicroBatch],
+        advantages: list[float],
+        old: list[torch.Tensor],
+        ref: list[torch.Tensor] | None,
+        algo: AlgoConfig,
+        num_tokens: int,
+        temperature: float,
+    ) -> dict[str, float]:
+        return self.policy.grpo_update(trajectories, plan, advantages, old, algo, num_tokens, temperature, ref)
+
+    def sft_update(self, trajectories: list[Trajectory], plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
+        return self.policy.sft_update(trajectories, plan, num_tokens)
+
+    def end_step(self) -> float:
+        return self.policy.end_step()
+
+    def save(self, path: str) -> None:
+        self.policy.save(Path(path))
+
+    def load(self, path: str) -> None:
+        self.policy.load(Path(path))
+
+    def sync_weights(self, rollouts: RolloutBackend) -> WeightSync | None:
+        """Rank 0 streams the gathered weights into the rollouts; the others only take part in gathering."""
         if self.rank == 0:
-            return pool.update_weights(self.trainer.full_parameters())
-        for _ in self.trainer.full_parameters():
+            return rollouts.update_weights(self.policy.full_parameters())
+        for _ in self.policy.full_parameters():
             pass
         return None
 
     def export(self, out_dir: str, dtype: str) -> None:
-        named = self.trainer.full_parameters()
+        named = self.policy.full_parameters()
         if self.rank == 0:
             write_hf_checkpoint(named, self.model_dir, out_dir, dtype)
         else:
@@ -74,18 +164,8 @@ class TrainerRank:
             dist.destroy_process_group()
 
 
-def _share(items: list, plan: list[tuple[list[int], float]]) -> tuple[list, list[tuple[list[int], float]], list[int]]:
-    """A rank's own items (each once, in plan order), its plan re-indexed into them, and their global indices."""
-    order: dict[int, int] = {}
-    for indices, _ in plan:
-        for i in indices:
-            order.setdefault(i, len(order))
-    glob = list(order)
-    return [items[i] for i in glob], [([order[i] for i in ix], w) for ix, w in plan], glob
-
-
 class TrainerGroup:
-    """All trainer ranks of a run, driven from the controller."""
+    """All trainer ranks of a run (Ray actors), driven from the controller."""
 
     def __init__(self, cfg: TrainerConfig, model_dir: str, total_steps: int, with_reference: bool):
         import ray
@@ -96,33 +176,15 @@ class TrainerGroup:
         master = ray.get(self.ranks[0].address.remote())
         ray.get([r.setup.remote(master, model_dir, cfg, total_steps, with_reference) for r in self.ranks])
 
-    def _call_all(self, calls: list[tuple[str, tuple, dict]]) -> list:
-        """Per rank, ``(method, args, kwargs)`` of its ``PolicyTrainer``; all at once, results in rank order."""
+    def _shares(self, trajectories: list[Trajectory]) -> list[RankShare]:
+        return split_over_ranks(trajectories, self.world_size, self.cfg.micro_batch_tokens)
+
+    def logprobs(self, trajectories: list[Trajectory], temperature: float, reference: bool = False):
         import ray
 
-        return ray.get([r.call.remote(m, *a, **k) for r, (m, a, k) in zip(self.ranks, calls)])
-
-    def _scatter(self, method: str, trajectories: list[Trajectory], per_item: dict[str, list] | None = None, **kwargs):
-        """Call ``method(trajectories, plan, **per_item shares, **kwargs)`` on every rank with its share."""
-        plans = plan_ranks([len(t) for t in trajectories], self.world_size, self.cfg.micro_batch_tokens)
-        calls, globs = [], []
-        for plan in plans:
-            mine, local_plan, glob = _share(trajectories, plan)
-            extra = {k: [v[i] for i in glob] for k, v in (per_item or {}).items()}
-            calls.append((method, (mine, local_plan), extra | kwargs))
-            globs.append(glob)
-        return self._call_all(calls), globs
-
-    def logprobs(
-        self, trajectories: list[Trajectory], temperature: float, reference: bool = False
-    ) -> list[torch.Tensor]:
-        results, globs = self._scatter("logprobs", trajectories, temperature=temperature, reference=reference)
-        out: list[torch.Tensor | None] = [None] * len(trajectories)
-        for values, glob in zip(results, globs):
-            for i, v in zip(glob, values):
-                if v is not None:
-                    out[i] = v
-        return out
+        shares = self._shares(trajectories)
+        calls = [r.logprobs.remote(s.trajectories, s.plan, temperature, reference) for r, s in zip(self.ranks, shares)]
+        return merge_logprobs(ray.get(calls), shares)
 
     def grpo_update(
         self,
@@ -133,31 +195,52 @@ class TrainerGroup:
         algo: AlgoConfig,
         temperature: float,
     ) -> dict[str, float]:
-        tokens = sum(sum(t.response_mask) for t in trajectories)
-        per_item = {"advantages": advantages, "old_logprobs": old} | ({"ref_logprobs": ref} if ref else {})
-        results, _ = self._scatter(
-            "grpo_update", trajectories, per_item, algo=algo, num_tokens=tokens, temperature=temperature
-        )
-        return _means(results, per_token=("pg_clipfrac", "ppo_kl", "entropy", "kl"))
-
-    def sft_update(self, trajectories: list[Trajectory]) -> dict[str, float]:
-        tokens = sum(sum(t.response_mask) for t in trajectories)
-        results, _ = self._scatter("sft_update", trajectories, num_tokens=tokens)
-        return _means(results, per_token=("nll",))
-
-    def end_step(self) -> float:
-        return self._call_all([("end_step", (), {})] * self.world_size)[0]
-
-    def sync_weights(self, pool) -> dict[str, float]:
         import ray
 
-        return ray.get([r.sync_weights.remote(pool) for r in self.ranks])[0]
+        tokens = response_tokens(trajectories)
+        calls = [
+            r.grpo_update.remote(
+                s.trajectories,
+                s.plan,
+                s.take(advantages),
+                s.take(old),
+                s.take(ref) if ref else None,
+                algo,
+                tokens,
+                temperature,
+            )
+            for r, s in zip(self.ranks, self._shares(trajectories))
+        ]
+        return mean_metrics(ray.get(calls), GRPO_PER_TOKEN)
+
+    def sft_update(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        import ray
+
+        tokens = response_tokens(trajectories)
+        calls = [
+            r.sft_update.remote(s.trajectories, s.plan, tokens) for r, s in zip(self.ranks, self._shares(trajectories))
+        ]
+        return mean_metrics(ray.get(calls), SFT_PER_TOKEN)
+
+    def end_step(self) -> float:
+        import ray
+
+        return ray.get([r.end_step.remote() for r in self.ranks])[0]
+
+    def sync_weights(self, rollouts: RolloutBackend) -> WeightSync:
+        import ray
+
+        return ray.get([r.sync_weights.remote(rollouts) for r in self.ranks])[0]
 
     def save(self, path: Path) -> None:
-        self._call_all([("save", (Path(path),), {})] * self.world_size)
+        import ray
+
+        ray.get([r.save.remote(str(path)) for r in self.ranks])
 
     def load(self, path: Path) -> None:
-        self._call_all([("load", (Path(path),), {})] * self.world_size)
+        import ray
+
+        ray.get([r.load.remote(str(path)) for r in self.ranks])
 
     def export(self, out_dir: Path, dtype: str) -> None:
         import ray
@@ -172,33 +255,61 @@ class TrainerGroup:
             ray.kill(r)
 
 
-class LocalTrainer(TrainerGroup):
-    """``TrainerGroup``'s calls on one in-process ``PolicyTrainer``: no Ray, no process group (the cached warm
-    start, benchmarks)."""
+class LocalTrainer:
+    """The ``Trainer`` interface over one in-process ``PolicyTrainer`` (``policy``)."""
 
     def __init__(self, cfg: TrainerConfig, model_dir: str, total_steps: int, with_reference: bool):
-        self.cfg, self.world_size, self.model_dir = cfg, 1, model_dir
-        self.trainer = PolicyTrainer.for_model(model_dir, cfg, total_steps, with_reference)
+        self.cfg, self.model_dir = cfg, model_dir
+        self.policy = PolicyTrainer.for_model(model_dir, cfg, total_steps, with_reference)
 
-    def _call_all(self, calls: list[tuple[str, tuple, dict]]) -> list:
-        return [getattr(self.trainer, m)(*a, **k) for m, a, k in calls]
+    def _share(self, trajectories: list[Trajectory]) -> RankShare:
+        return split_over_ranks(trajectories, 1, self.cfg.micro_batch_tokens)[0]
 
-    def sync_weights(self, pool):
-        """The weights into ``pool`` (a rollout pool, or one engine); returns what its ``update_weights`` does."""
-        return pool.update_weights(self.trainer.full_parameters())
+    def logprobs(self, trajectories: list[Trajectory], temperature: float, reference: bool = False):
+        share = self._share(trajectories)
+        return merge_logprobs([self.policy.logprobs(share.trajectories, share.plan, temperature, reference)], [share])
+
+    def grpo_update(
+        self,
+        trajectories: list[Trajectory],
+        advantages: list[float],
+        old: list[torch.Tensor],
+        ref: list[torch.Tensor] | None,
+        algo: AlgoConfig,
+        temperature: float,
+    ) -> dict[str, float]:
+        s = self._share(trajectories)
+        metrics = self.policy.grpo_update(
+            s.trajectories,
+            s.plan,
+            s.take(advantages),
+            s.take(old),
+            algo,
+            response_tokens(trajectories),
+            temperature,
+            s.take(ref) if ref else None,
+        )
+        return mean_metrics([metrics], GRPO_PER_TOKEN)
+
+    def sft_update(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        s = self._share(trajectories)
+        metrics = self.policy.sft_update(s.trajectories, s.plan, response_tokens(trajectories))
+        return mean_metrics([metrics], SFT_PER_TOKEN)
+
+    def end_step(self) -> float:
+        return self.policy.end_step()
+
+    def sync_weights(self, rollouts: RolloutBackend) -> WeightSync:
+        return rollouts.update_weights(self.policy.full_parameters())
+
+    def save(self, path: Path) -> None:
+        self.policy.save(Path(path))
+
+    def load(self, path: Path) -> None:
+        self.policy.load(Path(path))
 
     def export(self, out_dir: Path, dtype: str, extra_files: dict[str, str] | None = None) -> None:
-        write_hf_checkpoint(self.trainer.full_parameters(), self.model_dir, out_dir, dtype, extra_files=extra_files)
+        write_hf_checkpoint(self.policy.full_parameters(), self.model_dir, out_dir, dtype, extra_files=extra_files)
 
     def shutdown(self) -> None:
-        pass
-
-
-def _means(results: list[dict[str, float]], per_token: tuple[str, ...]) -> dict[str, float]:
-    """Sum the ranks' metric sums; per-token sums become means over the mini-batch's tokens."""
-    total: dict[str, float] = {}
-    for r in results:
-        for k, v in r.items():
-            total[k] = total.get(k, 0.0) + v
-    tokens = max(total.get("tokens", 0.0), 1.0)
-    return {k: (v / tokens if k in per_token else v) for k, v in total.items()}
+        """Nothing to stop: the model goes with this object."""

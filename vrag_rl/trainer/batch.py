@@ -5,17 +5,25 @@ concatenated in sequence order (the order the model's ``get_rope_index`` and ima
 Positions are the model's 3-D mRoPE index over each whole sequence; padding is masked out of attention and
 of the loss. Micro-batches are cut by a token budget (padded length x rows), keeping the given order, so a
 step's memory is bounded however long the trajectories grow.
+
+Above micro-batches: a step's rollouts are cut into mini-batches of whole GRPO groups
+(``minibatches_by_group``), and a mini-batch is spread over the data-parallel ranks (``split_over_ranks``).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.algo.losses import entropy_from_logits
 from vrag_rl.models.forward import mrope_position_ids, policy_log_softmax, target_logprobs
+
+MicroBatch = tuple[list[int], float]  # indices into a rank's trajectories, loss weight (0: collective filler)
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -109,7 +117,7 @@ def forward_logprobs(
     return logp, entropy * response
 
 
-def plan_ranks(lengths: list[int], world_size: int, max_tokens: int) -> list[list[tuple[list[int], float]]]:
+def plan_ranks(lengths: list[int], world_size: int, max_tokens: int) -> list[list[MicroBatch]]:
     """Spread sequences over data-parallel ranks and cut each rank's share into token-budget micro-batches.
 
     Returns per rank a list of (indices, weight). Every rank gets the same number of micro-batches, because
@@ -135,3 +143,42 @@ def plan_ranks(lengths: list[int], world_size: int, max_tokens: int) -> list[lis
         filler = p[0][0] if p else [0]
         p.extend((filler, 0.0) for _ in range(count - len(p)))
     return plans
+
+
+@dataclass
+class RankShare:
+    """One rank's part of a batch: its trajectories (each once), its micro-batch plan indexing into them, and
+    each trajectory's index in the whole batch."""
+
+    trajectories: list[Trajectory]
+    plan: list[MicroBatch]
+    indices: list[int]
+
+    def take(self, values: list) -> list:
+        """This rank's items of a per-trajectory list of the whole batch."""
+        return [values[i] for i in self.indices]
+
+
+def split_over_ranks(trajectories: list[Trajectory], world_size: int, max_tokens: int) -> list[RankShare]:
+    """``plan_ranks`` over the trajectories, each rank's plan re-indexed into its own trajectories."""
+    shares = []
+    for plan in plan_ranks([len(t) for t in trajectories], world_size, max_tokens):
+        local: dict[int, int] = {}  # batch index -> index into the rank's trajectories, in plan order
+        for indices, _ in plan:
+            for i in indices:
+                local.setdefault(i, len(local))
+        mine = list(local)
+        shares.append(RankShare([trajectories[i] for i in mine], [([local[i] for i in ix], w) for ix, w in plan], mine))
+    return shares
+
+
+def minibatches_by_group(group_ids: list[int], parts: int, rng: random.Random) -> list[list[int]]:
+    """One pass's mini-batches: trajectory indices, the groups in an order drawn from ``rng`` and cut into
+    ``parts`` near-equal runs. A group is never split: its advantages are relative to each other."""
+    groups = sorted(set(group_ids))
+    order = rng.sample(groups, len(groups))
+    out = []
+    for part in np.array_split(np.array(order), parts):
+        chosen = set(part.tolist())
+        out.append([i for i, g in enumerate(group_ids) if g in chosen])
+    return out

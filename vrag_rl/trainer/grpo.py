@@ -2,21 +2,27 @@
 
     python -m vrag_rl.main +recipe=tiny_cpu
 
+``run`` is the whole job:
+
 1. Models and data: the policy and retriever checkpoints (the tiny kit by default), the corpus's questions
-   split into training and held-out validation questions, the page index (built into the cache if needed).
+   split into training and held-out validation questions, the page index (the corpus's cached index if none
+   is given, built when needed).
 2. Actors: the retriever (sharded index), the reward scorer (judge client inside), and, per phase, the trainer
    ranks (FSDP2) and the rollout workers (vLLM).
 3. SFT warm start (``sft.steps`` > 0): supervised steps on expert trajectories of the training questions, on
    the trainer ranks; the result is exported as ``OUT/sft`` and is both GRPO's starting point and its KL
    reference.
-4. GRPO, each step: questions → rollout workers (``algo.group_size`` seeded samples each) → rewards →
-   reference and old log-probs → group advantages → ``algo.epochs`` x ``algo.mini_batches`` updates → the
-   new weights streamed into every rollout engine → metrics. Greedy validation on held-out questions every
-   ``run.val_every`` steps. Checkpoints every ``run.save_every`` steps and at the end; a rerun in the same
-   directory resumes from the newest one (model, optimizer, schedule, the ranks' RNG states, data position,
-   step) and continues as the uninterrupted run would have; every sampling seed derives from (run seed, step).
+4. GRPO: ``grpo_step`` per step, greedy validation on held-out questions every ``run.val_every`` steps,
+   checkpoints every ``run.save_every`` steps and at the end; a rerun in the same directory resumes from the
+   newest one (model, optimizer, schedule, the ranks' RNG states, data position, step) and continues as the
+   uninterrupted run would have; every sampling seed derives from (run seed, step).
 5. The end: ``OUT/export`` (a Hugging Face checkpoint transformers and vLLM load), ``metrics.jsonl``,
    ``metrics.png``, the wandb run (offline unless configured).
+
+``grpo_step`` is one step, given its collaborators (a ``RolloutBackend``, a ``Scorer``, a ``Trainer``): questions
+→ ``algo.group_size`` seeded rollouts each → rewards → group advantages → old (and reference) log-probs →
+``algo.epochs`` x ``algo.mini_batches`` updates → the new weights streamed into the rollout engines → the
+step's metrics. It runs the same on Ray actors and in one process.
 """
 
 from __future__ import annotations
@@ -26,21 +32,106 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
-from vrag_rl.config import TrainConfig
 from vrag_rl.data.records import QARecord, holdout_split, load_qa
+from vrag_rl.reward.actor import Scorer
+from vrag_rl.reward.score import RewardBreakdown
 from vrag_rl.rollout.agent_loop import make_groups
+from vrag_rl.rollout.scoring import rollout_metrics, score_rollouts
+from vrag_rl.rollout.worker import RolloutBackend
+from vrag_rl.trainer.actor import Trainer, TrainerGroup, response_tokens
+from vrag_rl.trainer.batch import minibatches_by_group
+from vrag_rl.trainer.config import TrainConfig
 from vrag_rl.trainer.sampler import EpochSampler
 
 log = logging.getLogger("vrag_rl.grpo")
 CHECKPOINT = "step-{:06d}"
+
+
+@dataclass
+class StepResult:
+    """What one GRPO step did: its metrics, and per rollout its group, reward and advantage."""
+
+    metrics: dict[str, float]
+    group_ids: list[int]
+    rewards: list[RewardBreakdown]
+    advantages: list[float]
+
+
+def grpo_step(
+    step: int,
+    questions: list[QARecord],
+    rollouts: RolloutBackend,
+    scorer: Scorer,
+    trainer: Trainer,
+    cfg: TrainConfig,
+) -> StepResult:
+    """One GRPO step on ``questions`` (a group of ``algo.group_size`` samples each); see the module docstring."""
+    algo, times = cfg.algo, {}
+    t0 = time.perf_counter()
+    # Seeds depend on the step only, so a resumed run samples what the straight run sampled.
+    tasks = make_groups([(r.qid, r.question) for r in questions], algo.group_size, seed=cfg.seed * 1_000_003 + step)
+    batch = rollouts.rollout(tasks, cfg.sampling)
+    times["time/rollout_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rewards = score_rollouts(scorer, {r.qid: r for r in questions}, batch)
+    totals = torch.tensor([b.total for b in rewards], dtype=torch.float32)
+    group_ids = [r.task.group for r in batch]
+    if algo.advantage == "grpo":
+        advantages = grpo_advantages(totals, group_ids, norm_by_std=algo.norm_by_std).tolist()
+    else:
+        advantages = rloo_advantages(totals, group_ids).tolist()
+    times["time/reward_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    trajectories = [r.trajectory for r in batch]
+    temperature = cfg.sampling.logprob_temperature
+    if algo.old_logprobs == "recompute":
+        old = trainer.logprobs(trajectories, temperature)
+    else:
+        old = [torch.tensor([lp for lp, m in zip(t.sampled_logprobs, t.response_mask) if m]) for t in trajectories]
+    ref = trainer.logprobs(trajectories, temperature, reference=True) if algo.kl_coef > 0 else None
+    times["time/logprobs_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    update: dict[str, float] = {}
+    rng = random.Random(cfg.seed * 7_919 + step)
+    for _ in range(algo.epochs):
+        for idx in minibatches_by_group(group_ids, algo.mini_batches, rng):
+            metrics = trainer.grpo_update(
+                [trajectories[i] for i in idx],
+                [advantages[i] for i in idx],
+                [old[i] for i in idx],
+                [ref[i] for i in idx] if ref else None,
+                algo,
+                temperature,
+            )
+            for k, v in metrics.items():
+                update[k] = update.get(k, 0.0) + v / (algo.epochs * algo.mini_batches)
+    lr = trainer.end_step()
+    times["time/update_s"] = time.perf_counter() - t0
+
+    sync = trainer.sync_weights(rollouts)
+    step_s = sum(times.values()) + sync.seconds
+    metrics = {
+        **rollout_metrics(batch, rewards, "train/"),
+        **{f"actor/{k}": v for k, v in update.items()},
+        "actor/lr": lr,
+        **times,
+        "time/step_s": step_s,
+        "perf/tokens_per_s": response_tokens(trajectories) / step_s,
+        "perf/weight_sync_s": sync.seconds,
+        "perf/weight_sync_bytes": float(sync.bytes),
+        "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages),
+    }
+    return StepResult(metrics, group_ids, rewards, advantages)
 
 
 def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QARecord], list[QARecord]]:
@@ -49,42 +140,15 @@ def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QAR
     return train, held[: cfg.data.max_val_questions]
 
 
-def finished_checkpoints(out: Path) -> list[Path]:
-    """Checkpoints in step order; one counts once its controller.json exists (written last)."""
-    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "controller.json").exists())
-
-
-def newest_checkpoint(out: Path) -> Path | None:
-    done = finished_checkpoints(out)
-    return done[-1] if done else None
-
-
-def rollout_metrics(rollouts, rewards: list[dict], prefix: str) -> dict[str, float]:
-    n = len(rollouts)
-    actions = sum(len(r.actions) for r in rollouts)
-    return {
-        f"{prefix}reward": sum(b["total"] for b in rewards) / n,
-        f"{prefix}ndcg": sum(b["ndcg"] for b in rewards) / n,
-        f"{prefix}answer": sum(b["answer"] for b in rewards) / n,
-        f"{prefix}format": sum(b["format"] for b in rewards) / n,
-        f"{prefix}invalid_rate": sum(r.num_invalid for r in rollouts) / max(actions, 1),
-        f"{prefix}finish_rate": sum(r.finished for r in rollouts) / n,
-        f"{prefix}turns": sum(r.num_turns for r in rollouts) / n,
-        f"{prefix}searches": sum(r.num_searches for r in rollouts) / n,
-        f"{prefix}response_tokens": sum(sum(r.trajectory.response_mask) for r in rollouts) / n,
-    }
-
-
 def run(cfg: TrainConfig, out: Path) -> dict:
     import ray
 
     from vrag_rl.models.tiny import TinyConfig, build_tiny_models
-    from vrag_rl.retrieval.actor import ActorConfig, start_retriever_actor
+    from vrag_rl.retrieval.actor import start_retriever_actor
+    from vrag_rl.retrieval.cache import ensure_index
     from vrag_rl.retrieval.embed import EmbedderConfig
-    from vrag_rl.reward.actor import RewardScorer
-    from vrag_rl.rollout.watch import ensure_index
+    from vrag_rl.reward.actor import start_reward_actor
     from vrag_rl.rollout.worker import RolloutPool
-    from vrag_rl.trainer.actor import TrainerGroup
     from vrag_rl.trainer.tracking import Tracker
 
     t_start = time.perf_counter()
@@ -104,19 +168,13 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     embedder = EmbedderConfig(
         model_dir=retriever_dir, device="cpu", dtype="float32", batch_size=cfg.retriever.embed_batch_size
     )
-    index = ensure_index(corpus, Path(cfg.data.index) if cfg.data.index else None, retriever_dir)
+    index = ensure_index(corpus, cfg.data.index, retriever_dir)
 
     # 2. Actors that live for the whole run.
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    retriever = start_retriever_actor(
-        str(corpus),
-        str(index),
-        embedder,
-        num_cpus=cfg.retriever.num_cpus,
-        actors=ActorConfig(num_shard_actors=cfg.retriever.shard_actors, num_cpus=cfg.retriever.num_cpus),
-    )
-    scorer = ray.remote(RewardScorer).options(num_cpus=0.1).remote(cfg.reward, cfg.judge)
+    retriever = start_retriever_actor(str(corpus), str(index), embedder, cfg.retriever)
+    scorer = start_reward_actor(cfg.reward, cfg.judge)
     resume = newest_checkpoint(out) if cfg.run.resume else None
     state = json.loads((resume / "controller.json").read_text()) if resume else {"step": 0}
     tracker = Tracker(
@@ -142,77 +200,12 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         sampler.restore(state["sampler"])
         trainer.sync_weights(pool)
         log.info("resumed from %s (step %d)", resume, step)
-    by_qid = {r.qid: r for r in train_qa + val_qa}
     bar = tqdm(total=cfg.run.steps, initial=step, desc="grpo", unit="step")
     last: dict[str, float] = {}
     while step < cfg.run.steps:
         step += 1
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
         questions = [grpo_qa[i] for i in sampler.take(cfg.algo.prompts_per_step)]
-        # Seeds depend on the step only, so a resumed run samples what the straight run sampled.
-        tasks = make_groups(
-            [(r.qid, r.question) for r in questions], cfg.algo.group_size, seed=cfg.seed * 1_000_003 + step
-        )
-        rollouts = pool.rollout(tasks, cfg.sampling)
-        times["time/rollout_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        rewards = score_rollouts(scorer, by_qid, rollouts)
-        totals = torch.tensor([b["total"] for b in rewards], dtype=torch.float32)
-        group_ids = [r.task.group for r in rollouts]
-        if cfg.algo.advantage == "grpo":
-            advantages = grpo_advantages(totals, group_ids, norm_by_std=cfg.algo.norm_by_std).tolist()
-        else:
-            advantages = rloo_advantages(totals, group_ids).tolist()
-        times["time/reward_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        trajectories = [r.trajectory for r in rollouts]
-        temperature = cfg.sampling.logprob_temperature
-        if cfg.algo.old_logprobs == "recompute":
-            old = trainer.logprobs(trajectories, temperature)
-        else:
-            old = [torch.tensor([lp for lp, m in zip(t.sampled_logprobs, t.response_mask) if m]) for t in trajectories]
-        ref = trainer.logprobs(trajectories, temperature, reference=True) if cfg.algo.kl_coef > 0 else None
-        times["time/logprobs_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        update: dict[str, float] = {}
-        groups = sorted(set(group_ids))
-        rng = random.Random(cfg.seed * 7_919 + step)
-        for _ in range(cfg.algo.epochs):
-            order = rng.sample(groups, len(groups))
-            for part in np.array_split(np.array(order), cfg.algo.mini_batches):
-                chosen = set(part.tolist())
-                idx = [i for i, g in enumerate(group_ids) if g in chosen]
-                metrics = trainer.grpo_update(
-                    [trajectories[i] for i in idx],
-                    [advantages[i] for i in idx],
-                    [old[i] for i in idx],
-                    [ref[i] for i in idx] if ref else None,
-                    cfg.algo,
-                    temperature,
-                )
-                for k, v in metrics.items():
-                    update[k] = update.get(k, 0.0) + v / (cfg.algo.epochs * cfg.algo.mini_batches)
-        lr = trainer.end_step()
-        times["time/update_s"] = time.perf_counter() - t0
-
-        sync = trainer.sync_weights(pool)
-        generated = sum(sum(t.response_mask) for t in trajectories)
-        step_s = sum(times.values()) + sync["weight_sync_s"]
-        last = {
-            **rollout_metrics(rollouts, rewards, "train/"),
-            **{f"actor/{k}": v for k, v in update.items()},
-            "actor/lr": lr,
-            **times,
-            "time/step_s": step_s,
-            "perf/tokens_per_s": generated / step_s,
-            "perf/weight_sync_s": sync["weight_sync_s"],
-            "perf/weight_sync_bytes": sync["weight_sync_bytes"],
-            "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages),
-        }
+        last = grpo_step(step, questions, pool, scorer, trainer, cfg).metrics
         if val_qa and cfg.run.val_every and (step % cfg.run.val_every == 0 or step == cfg.run.steps):
             last |= validate(pool, scorer, val_qa, cfg)
         tracker.log(step, last)
@@ -228,7 +221,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     pool.shutdown()
     trainer.shutdown()
     ray.kill(retriever)
-    ray.kill(scorer)
+    scorer.shutdown()
     summary = {
         "steps": cfg.run.steps,
         "final": last,
@@ -240,30 +233,31 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     return summary
 
 
-def score_rollouts(scorer, by_qid: dict[str, QARecord], rollouts) -> list[dict]:
-    """Reward breakdowns from the reward actor, one per rollout."""
-    import ray
-
-    from vrag_rl.reward.actor import rollout_summary
-
-    return ray.get(scorer.score.remote([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts]))
-
-
-def validate(pool, scorer, val_qa: list[QARecord], cfg: TrainConfig) -> dict[str, float]:
+def validate(rollouts: RolloutBackend, scorer: Scorer, val_qa: list[QARecord], cfg: TrainConfig) -> dict[str, float]:
     """Greedy rollouts on the held-out questions; metrics over all (``val/``) and per data source
     (``val/SOURCE/``)."""
     tasks = make_groups([(r.qid, r.question) for r in val_qa], 1, seed=cfg.seed)
-    rollouts = pool.rollout(tasks, replace(cfg.sampling, temperature=0.0))
+    batch = rollouts.rollout(tasks, replace(cfg.sampling, temperature=0.0))
     by_qid = {r.qid: r for r in val_qa}
-    rewards = score_rollouts(scorer, by_qid, rollouts)
-    metrics = rollout_metrics(rollouts, rewards, "val/")
+    rewards = score_rollouts(scorer, by_qid, batch)
+    metrics = rollout_metrics(batch, rewards, "val/")
     for source in sorted({r.data_source for r in val_qa}):
-        mine = [i for i, r in enumerate(rollouts) if by_qid[r.task.qid].data_source == source]
-        metrics |= rollout_metrics([rollouts[i] for i in mine], [rewards[i] for i in mine], f"val/{source}/")
+        mine = [i for i, r in enumerate(batch) if by_qid[r.task.qid].data_source == source]
+        metrics |= rollout_metrics([batch[i] for i in mine], [rewards[i] for i in mine], f"val/{source}/")
     return metrics
 
 
-def save_checkpoint(out: Path, step: int, trainer, sampler: EpochSampler, keep: int) -> Path:
+def finished_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints in step order; one counts once its controller.json exists (written last)."""
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "controller.json").exists())
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    done = finished_checkpoints(out)
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, step: int, trainer: Trainer, sampler: EpochSampler, keep: int) -> Path:
     """Trainer state (sharded), then the controller's; a checkpoint counts once controller.json exists."""
     path = out / "checkpoints" / CHECKPOINT.format(step)
     shutil.rmtree(path, ignore_errors=True)
@@ -284,7 +278,6 @@ def sft_warm_start(
     from transformers import AutoProcessor
 
     from vrag_rl.agent.chat import ChatEncoder
-    from vrag_rl.trainer.actor import TrainerGroup
     from vrag_rl.trainer.policy import OptimConfig
     from vrag_rl.trainer.sft import ExpertData, run_sft
 

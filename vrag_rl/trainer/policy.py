@@ -7,9 +7,10 @@ Without a process group it is an ordinary single-process model, which is what un
 
 A sharded forward is a collective, so every rank runs the same number of micro-batches (``batch.plan_ranks``)
 and the same modules in the same order: a micro-batch without images gets a 4-patch dummy image outside the
-loss, so its forward runs the vision tower first, like any other. Losses are sums over a micro-batch divided by
-the token count of the whole mini-batch, times the world size (gradients are averaged over ranks), so the
-accumulated gradient equals the whole mini-batch's on one rank.
+loss, so its forward runs the vision tower first, like any other. A micro-batch's loss is its sum divided by
+the token count of the whole mini-batch (over all ranks); ``_step`` multiplies it by the world size, the one
+place that knows gradients are averaged over ranks, so the accumulated gradient equals the whole mini-batch's
+on one rank.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ import torch.distributed as dist
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.algo.config import AlgoConfig
 from vrag_rl.algo.losses import kl_penalty, policy_loss
-from vrag_rl.trainer.batch import collate, forward_logprobs
+from vrag_rl.trainer.batch import MicroBatch, collate, forward_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("constant", "cosine")
-
-MicroBatch = tuple[list[int], float]  # indices into the rank's trajectories, loss weight (0: collective filler)
 
 
 @dataclass
@@ -212,14 +211,17 @@ class PolicyTrainer:
 
     # ---- updates -------------------------------------------------------------------------------------------
     def _step(self, trajectories: list[Trajectory], plan: list[MicroBatch], loss_fn) -> dict[str, float]:
-        """Accumulate ``loss_fn`` over the plan, clip, step. Returns summed metrics (the caller adds ranks)."""
+        """Accumulate ``loss_fn`` over the plan, clip, step. Returns summed metrics (the caller adds ranks).
+
+        ``loss_fn`` gives a micro-batch's share of the mini-batch loss over all ranks; the data-parallel
+        gradient average divides by the world size, which the scale here undoes."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for indices, weight in plan:
             batch = self._batch([trajectories[i] for i in indices])
             loss, metrics = loss_fn(indices, batch)
-            (loss * weight).backward()
+            (loss * weight * self.world_size).backward()
             if weight:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -266,23 +268,22 @@ class PolicyTrainer:
                 algo.dual_clip_c,
                 "token-mean",
                 num_tokens,
-                self.world_size,
             )
             count = mask.sum()
             loss = pg
             ent = (entropy * mask).sum()
             metrics = {
-                "pg_loss": pg.detach() / self.world_size,
+                "pg_loss": pg.detach(),
                 "tokens": count,
                 "pg_clipfrac": m["pg_clipfrac"] * count,
                 "ppo_kl": m["ppo_kl"] * count,
                 "entropy": ent.detach(),
             }
             if algo.entropy_coef:
-                loss = loss - algo.entropy_coef * ent / num_tokens * self.world_size
+                loss = loss - algo.entropy_coef * ent / num_tokens
             if ref_logprobs is not None:
                 kl = (kl_penalty(logp, padded(ref_logprobs, indices, mask), algo.kl_kind) * mask).sum()
-                loss = loss + algo.kl_coef * kl / num_tokens * self.world_size
+                loss = loss + algo.kl_coef * kl / num_tokens
                 metrics["kl"] = kl.detach()
             return loss, metrics
 
@@ -294,7 +295,7 @@ class PolicyTrainer:
         def loss_fn(indices, batch):
             mask = batch["response_mask"]
             nll = -(self._forward(self.model, batch, 1.0, with_entropy=False) * mask).sum()
-            return nll / num_tokens * self.world_size, {"nll": nll.detach(), "tokens": mask.sum()}
+            return nll / num_tokens, {"nll": nll.detach(), "tokens": mask.sum()}
 
         return self._step(trajectories, plan, loss_fn)
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vrag_rl.agent.actions import Action
+from vrag_rl.agent.actions import Action, ActionKind
 from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.agent.images import ImageBudget
 from vrag_rl.agent.prompt import PromptConfig
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import QARecord
+from vrag_rl.trainer.actor import Trainer
 from vrag_rl.trainer.sampler import EpochSampler
 
 
@@ -75,7 +76,7 @@ class ExpertData:
                 max_length=max_length,
             )
             self.trajectories.append(expert.trajectory)
-            self.crops += [(a, t) for a, t in zip(expert.actions, expert.texts) if a.kind == "bbox"]
+            self.crops += [(a, t) for a, t in zip(expert.actions, expert.texts) if a.kind == ActionKind.BBOX]
 
     def batches(self, batch_size: int, crop_batch_size: int, seed: int):
         """Forever: ``batch_size`` expert trajectories (each once per epoch) plus ``crop_batch_size`` lone crops."""
@@ -88,7 +89,7 @@ class ExpertData:
 
 
 def run_sft(
-    trainer,
+    trainer: Trainer,
     data: ExpertData,
     steps: int,
     batch_size: int,

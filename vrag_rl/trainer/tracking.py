@@ -1,8 +1,9 @@
-"""Metric tracking for the training loop: a resumable JSON-lines log, optional wandb, and PNG curves.
+"""Metric tracking for the training loop: a resumable JSON-lines log, optional wandb, and PNG pictures.
 
 ``metrics.jsonl`` in the run directory is the record of truth: one ``{"step": ..., **metrics}`` object per
-logged step, flushed as it is written, so a killed run keeps everything it logged and the curves can be
-redrawn without wandb (``python -m vrag_rl.trainer.tracking RUN_DIR``). A run resumed from a step-k
+logged step, flushed as it is written, so a killed run keeps everything it logged and the pictures can be
+redrawn without wandb (``python -m vrag_rl.trainer.tracking RUN_DIR``): ``metrics.png``, the dashboard to read
+first, and ``metrics_all.png``, every metric (``trainer/plots.py``). A run resumed from a step-k
 checkpoint recomputes the steps after k, so the tracker first cuts the log back to steps <= k, and reuses the
 wandb run id saved in the run directory so wandb continues the same run.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
+from vrag_rl.trainer.plots import is_number, plot_dashboard, plot_metrics
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -55,7 +55,7 @@ def read_metrics(jsonl: Path) -> list[dict[str, Any]]:
 
 
 class Tracker:
-    """Appends metrics to ``out_dir/metrics.jsonl``, mirrors them to wandb, and redraws ``metrics.png``.
+    """Appends metrics to ``out_dir/metrics.jsonl``, mirrors them to wandb, and redraws the pictures.
 
     ``resume_step=k`` keeps the logged steps <= k and continues the wandb run saved in the directory;
     ``resume_step=0`` is a fresh start: an existing log is emptied and wandb gets a new run id.
@@ -67,6 +67,7 @@ class Tracker:
         self.cfg = cfg
         self.jsonl = self.out_dir / "metrics.jsonl"
         self.png = self.out_dir / "metrics.png"
+        self.grid_png = self.out_dir / "metrics_all.png"
         self._rows = self._truncate(resume_step) if self.jsonl.exists() else 0
         self._logged = 0
         self._file = self.jsonl.open("a")
@@ -88,7 +89,7 @@ class Tracker:
             )
 
     def _truncate(self, resume_step: int) -> int:
-        kept = [row for row in read_metrics(self.jsonl) if _is_number(row.get("step")) and row["step"] <= resume_step]
+        kept = [row for row in read_metrics(self.jsonl) if is_number(row.get("step")) and row["step"] <= resume_step]
         tmp = self.jsonl.with_suffix(".jsonl.tmp")
         with tmp.open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in kept)
@@ -119,7 +120,13 @@ class Tracker:
         if self._run is not None:
             self._run.log(dict(metrics), step=step)
         if self._logged % self.cfg.plot_every == 0:
-            plot_metrics(self.jsonl, self.png)
+            self.plot()
+
+    def plot(self) -> None:
+        """Redraw the dashboard and the grid from the log."""
+        rows = read_metrics(self.jsonl)
+        plot_dashboard(rows, self.png)
+        plot_metrics(rows, self.grid_png)
 
     def close(self) -> None:
         if self._closed:
@@ -127,7 +134,7 @@ class Tracker:
         self._closed = True
         self._file.close()
         if self._rows:
-            plot_metrics(self.jsonl, self.png)
+            self.plot()
         if self._run is not None:
             self._run.finish()
 
@@ -140,69 +147,15 @@ class Tracker:
         self.close()
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def plot_metrics(jsonl: Path, out_png: Path, keys: list[str] | None = None) -> Path:
-    """Draw one panel per metric (x = step) to ``out_png``; returns ``out_png``."""
-    # The Agg canvas directly, not pyplot: no global figure state or GUI backend inside a training process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    jsonl, out_png = Path(jsonl), Path(out_png)
-    rows = [row for row in read_metrics(jsonl) if _is_number(row.get("step"))]
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key != "step" and _is_number(value):
-                xs, ys = series.setdefault(key, ([], []))
-                xs.append(row["step"])
-                ys.append(value)
-    if not series:
-        raise ValueError(f"{jsonl} has no metric rows")
-    if keys is None:
-        keys = list(series)
-    missing = [key for key in keys if key not in series]
-    if missing:
-        raise ValueError(f"{jsonl} has no numeric values for {missing}")
-
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig = Figure(figsize=(4.5 * ncols, 3.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, key in enumerate(keys):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        xs, ys = (np.asarray(v, dtype=float) for v in series[key])
-        if len(ys) > 10:
-            ax.plot(xs, ys, ".", color="tab:blue", alpha=0.3, markersize=3)
-            window = max(3, len(ys) // 10)
-            csum = np.cumsum(np.insert(ys, 0, 0.0))
-            ax.plot(xs[window - 1 :], (csum[window:] - csum[:-window]) / window, color="tab:blue", linewidth=1.2)
-        else:
-            ax.plot(xs, ys, "o-", color="tab:blue", markersize=3)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 4.5
-        ax.grid(alpha=0.3)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside and moved into place: a viewer polling the PNG never reads a half-written file.
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out_png)
-    return out_png
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw a run's metrics.jsonl as PNG curves.")
+    parser = argparse.ArgumentParser(description="Draw a run's metrics.jsonl: the dashboard and every metric.")
     parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl")
-    parser.add_argument("--keys", help="comma-separated metric names (default: every numeric metric)")
-    parser.add_argument("--out", type=Path, help="output PNG (default: RUN_DIR/metrics.png)")
+    parser.add_argument("--keys", help="comma-separated metrics for the grid (default: every numeric metric)")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
-    out = args.out if args.out is not None else args.run_dir / "metrics.png"
-    print(plot_metrics(args.run_dir / "metrics.jsonl", out, keys))
+    rows = read_metrics(args.run_dir / "metrics.jsonl")
+    print(plot_dashboard(rows, args.run_dir / "metrics.png"))
+    print(plot_metrics(rows, args.run_dir / "metrics_all.png", keys))
 
 
 if __name__ == "__main__":

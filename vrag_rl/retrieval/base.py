@@ -1,11 +1,12 @@
-"""The retriever as one in-process object: text, image and hybrid search over a page corpus.
+"""What every retriever shares: the corpus's page catalog, the optional BM25 text index, and the search logic.
 
-``Retriever`` ties together the corpus manifest (``pages.parquet``), the visual multi-vector index and
-its embedder, and optionally a BM25 index over the pages' OCR text. Results are ``Hit`` lists ranked by
-score with ties broken by the index's page order (corpus order at build time), so two runs, and the
-sharded Ray version in ``actor.py``, give the same list. ``page_path`` is the only way a page id
-becomes a file path, and it refuses anything that is not a manifest page whose file lies inside the
-corpus directory.
+``BaseRetriever`` ties together the corpus manifest (``pages.parquet``), an embedder for queries and
+optionally a BM25 index over the pages' OCR text; subclasses supply the visual top-k: ``LocalRetriever``
+(``local.py``, the whole index in this process) and ``DistributedRetriever`` (``actor.py``, shards on Ray
+actors). Results are ``Hit`` lists ranked by score with ties broken by the index's page order (corpus order
+at build time), so two runs, and both subclasses, give the same list. ``page_path`` is the only way a page id
+becomes a file path, and it refuses anything that is not a manifest page whose file lies inside the corpus
+directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image
 from torch import Tensor
@@ -22,15 +22,10 @@ from vrag_rl.data.records import load_pages
 from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.fusion import reciprocal_rank_fusion
-from vrag_rl.retrieval.index import MultiVectorIndex
 from vrag_rl.retrieval.ocr import OCR_FILE, load_ocr
-from vrag_rl.retrieval.types import Hit
+from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["visual", "text", "hybrid"]
-MODES: tuple[str, ...] = ("visual", "text", "hybrid")
-IndexMode = Literal["exact", "approx"]
 
 
 class PageCatalog:
@@ -90,18 +85,16 @@ class BaseRetriever(ABC):
         corpus_dir: str | Path,
         embedder: PageEmbedder,
         text_index: BM25Index | str | Path | None = None,
-        index_mode: IndexMode = "exact",
+        index_mode: str = IndexMode.EXACT,
         fusion_depth: int = 50,
         rrf_k: int = 60,
     ):
-        if index_mode not in ("exact", "approx"):
-            raise ValueError(f"index_mode must be 'exact' or 'approx', got {index_mode!r}")
+        self.index_mode = IndexMode.parse(index_mode, "index_mode")
         self.catalog = PageCatalog(corpus_dir)
         self.embedder = embedder
         self.text_index = load_text_index(self.catalog.root, text_index)
         if self.text_index is not None:
             self._check_foreign("text index", self.text_index.page_ids)
-        self.index_mode = index_mode
         self.fusion_depth = fusion_depth  # how deep each ranking goes before fusion: deeper = steadier fusion
         self.rrf_k = rrf_k
 
@@ -124,24 +117,23 @@ class BaseRetriever(ABC):
                 f"(e.g. {foreign[:3]}): it was built from another corpus or an older manifest"
             )
 
-    def search(self, queries: list[str], top_k: int = 5, mode: Mode = "visual") -> list[list[Hit]]:
+    def search(self, queries: list[str], top_k: int = 5, mode: str = SearchMode.VISUAL) -> list[list[Hit]]:
         """Ranked pages per text query: ``visual`` (ColQwen2 MaxSim), ``text`` (BM25 over OCR) or
         ``hybrid`` (reciprocal rank fusion of both rankings)."""
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings, not one string")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = SearchMode.parse(mode, "mode")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not queries:
             return []
-        if mode != "visual" and self.text_index is None:
+        if mode != SearchMode.VISUAL and self.text_index is None:
             raise ValueError(
                 f"mode {mode!r} needs a text index: OCR the corpus (python -m vrag_rl.retrieval.ocr) or pass one"
             )
-        if mode == "visual":
+        if mode == SearchMode.VISUAL:
             ranked = self._visual_topk(self.embedder.embed_queries(queries), top_k)
-        elif mode == "text":
+        elif mode == SearchMode.TEXT:
             ranked = self.text_index.search(queries, top_k)  # BM25 breaks ties in corpus order
         else:
             depth = max(top_k, self.fusion_depth)
@@ -168,29 +160,3 @@ class BaseRetriever(ABC):
 def as_embedder(embedder: EmbedderConfig | PageEmbedder) -> PageEmbedder:
     """Load the model of a config; an already loaded embedder is used as is (shared, not loaded twice)."""
     return embedder if isinstance(embedder, PageEmbedder) else PageEmbedder(embedder)
-
-
-class Retriever(BaseRetriever):
-    """Single-process retriever: the whole visual index in this process.
-
-    ``embedder``: the ``EmbedderConfig`` of the model the index was built with, or that model already loaded.
-    """
-
-    def __init__(
-        self,
-        corpus_dir: str | Path,
-        index_dir: str | Path,
-        embedder: EmbedderConfig | PageEmbedder,
-        text_index: BM25Index | str | Path | None = None,
-        index_mode: IndexMode = "exact",
-        fusion_depth: int = 50,
-        rrf_k: int = 60,
-    ):
-        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k)
-        # A stale index (pages added, removed or changed since it was built) or another model's fails here.
-        self.index = MultiVectorIndex.load(
-            index_dir, expected_fingerprint=self.embedder.fingerprint, corpus_dir=self.catalog.root
-        )
-
-    def _visual_topk(self, embeddings: list[Tensor], top_k: int) -> list[list[tuple[str, float]]]:
-        return self.index.search(embeddings, top_k, self.index_mode)

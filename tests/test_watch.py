@@ -12,7 +12,7 @@ def test_watch_writes_readable_transcripts(tmp_path, warm_policy, tiny_dirs):
     out = tmp_path / "watch"
     env = {**os.environ, "VRAG_RL_CACHE": str(CACHE)}
     proc = subprocess.run(
-        [sys.executable, "-m", "vrag_rl.rollout", "--questions", "3", "--out", str(out)],
+        [sys.executable, "-m", "vrag_rl.watch", "--questions", "3", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,

@@ -4,7 +4,7 @@ The supervised warm start of the training recipe (``trainer.sft``: expert trajec
 ``PolicyTrainer`` steps), run in one process and cached, so tests, the watch command and benchmarks get a
 policy that visibly searches, crops a box of the page it was shown and answers, without a training run.
 
-    python -m vrag_rl.models.warm --out .cache/warm
+    python -m vrag_rl.trainer.warm --out .cache/warm
 
 The result is a policy directory like the tiny one (same processor files, chat template and config) that
 transformers and vLLM load alike; it is rebuilt only when the config or its inputs change.
@@ -20,7 +20,12 @@ from pathlib import Path
 
 from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.agent.images import ImageBudget
+from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
 from vrag_rl.data.records import holdout_split, load_qa
+from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
+from vrag_rl.trainer.actor import LocalTrainer
+from vrag_rl.trainer.policy import OptimConfig, TrainerConfig
+from vrag_rl.trainer.sft import ExpertData, run_sft
 
 STAMP = "warm_config.json"
 PROCEDURE = 3  # part of the stamp: bump when the training procedure changes, so old caches are rebuilt
@@ -35,8 +40,8 @@ class WarmConfig:
     crop_batch_size: int = 16  # lone crop turns per step (see trainer/sft.py)
     seed: int = 0
     max_length: int = 4096  # tokens per trajectory
-    min_pixels: int = 64 * 28 * 28  # the image budget pages are shown in (recipes/tiny_cpu.yaml)
-    max_pixels: int = 256 * 28 * 28
+    min_pixels: int = TINY_BUDGET.min_pixels  # the image budget pages are shown in (recipes/tiny_cpu.yaml too)
+    max_pixels: int = TINY_BUDGET.max_pixels
     holdout_every: int = 10  # every n-th question is held out (as by the main job's data.holdout_every)
 
     def __post_init__(self):
@@ -71,10 +76,6 @@ def build_warm_policy(
 
     from transformers import AutoProcessor
 
-    from vrag_rl.trainer.actor import LocalTrainer
-    from vrag_rl.trainer.policy import OptimConfig, TrainerConfig
-    from vrag_rl.trainer.sft import ExpertData, run_sft
-
     encoder = ChatEncoder(AutoProcessor.from_pretrained(tiny_policy_dir))
     encoder.check_budget(cfg.min_pixels, cfg.max_pixels)
     train, _ = holdout_split(load_qa(corpus_dir), cfg.holdout_every)
@@ -88,12 +89,9 @@ def build_warm_policy(
 
 
 def main() -> None:
-    from vrag_rl.config import BUNDLED_CORPUS
-    from vrag_rl.models.tiny import TinyConfig, build_tiny_models
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=".cache/warm", help="output policy directory")
-    parser.add_argument("--tiny", default=".cache/tiny", help="tiny kit directory (built there if missing)")
+    parser.add_argument("--out", default=str(cache_dir() / "warm"), help="output policy directory")
+    parser.add_argument("--tiny", default=str(cache_dir() / "tiny"), help="tiny kit directory (built if missing)")
     parser.add_argument("--corpus", default=BUNDLED_CORPUS, help="corpus whose questions have answer boxes")
     parser.add_argument("--seed", type=int, default=0, help="seed of both the tiny kit and the warm start")
     args = parser.parse_args()

@@ -16,7 +16,7 @@ from vrag_rl.agent.images import crop_view, page_view
 from vrag_rl.agent.trajectory import ROLE_MODEL, ROLE_OBSERVATION, ROLE_PROMPT, Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import holdout_split, load_qa
-from vrag_rl.models.warm import WarmConfig, build_warm_policy
+from vrag_rl.trainer.warm import WarmConfig, build_warm_policy
 
 CFG = WarmConfig()
 

@@ -1,4 +1,4 @@
-"""Typed configuration of the main job (GRPO training), registered with Hydra.
+"""Typed configuration of the main job (GRPO training): the schema Hydra checks (``vrag_rl.main`` registers it).
 
 The dataclasses are the schema: YAML in ``conf/`` and ``recipes/`` only sets values, and every key can be
 overridden on the command line (``python -m vrag_rl.main +recipe=tiny_cpu algo.group_size=8``). Unknown keys and
@@ -9,19 +9,16 @@ config is turned into objects at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from hydra.core.config_store import ConfigStore
 
 from vrag_rl.algo.config import AlgoConfig
+from vrag_rl.data.paths import BUNDLED_CORPUS
+from vrag_rl.retrieval.actor import RetrieverConfig
 from vrag_rl.reward.judge import JudgeConfig
 from vrag_rl.reward.score import RewardConfig
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.worker import RolloutConfig
 from vrag_rl.trainer.policy import TrainerConfig
 from vrag_rl.trainer.tracking import TrackingConfig
-
-BUNDLED_CORPUS = str(Path(__file__).resolve().parents[1] / "data" / "synthetic-small")
 
 
 @dataclass
@@ -34,8 +31,8 @@ class PolicyModels:
 
 @dataclass
 class DataConfig:
-    corpus: str = BUNDLED_CORPUS  # pages/, pages.parquet, qa.parquet
-    index: str | None = None  # its page index; None: built into .cache/index/<corpus name> when missing or stale
+    corpus: str = str(BUNDLED_CORPUS)  # pages/, pages.parquet, qa.parquet
+    index: str | None = None  # its page index; None: the corpus's cached index (retrieval.cache), built if needed
     holdout_every: int = 10  # every n-th question is held out for validation, never trained on
     max_val_questions: int = 16
     # GRPO draws from the first n training questions only (SFT uses them all): a small set seen again and again
@@ -46,13 +43,6 @@ class DataConfig:
             raise ValueError("data: holdout_every >= 2 and max_val_questions >= 0")
         if self.max_grpo_questions is not None and self.max_grpo_questions < 1:
             raise ValueError("data: max_grpo_questions >= 1 (or null for all)")
-
-
-@dataclass
-class RetrieverSettings:
-    shard_actors: int = 1
-    num_cpus: float = 0.25  # per actor
-    embed_batch_size: int = 4
 
 
 @dataclass
@@ -91,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     models: PolicyModels = field(default_factory=PolicyModels)
     data: DataConfig = field(default_factory=DataConfig)
-    retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.model_dir is set at start
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # training rollouts; validation is greedy
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -101,6 +91,3 @@ class TrainConfig:
     judge: JudgeConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)

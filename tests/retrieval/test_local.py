@@ -1,4 +1,4 @@
-"""The in-process Retriever: visual / text / hybrid / image search against independent oracles, safe page paths."""
+"""The in-process LocalRetriever: visual / text / hybrid / image search against independent oracles, safe page paths."""
 
 import copy
 import dataclasses
@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from vrag_rl.data.records import load_pages, load_qa, write_pages
+from vrag_rl.retrieval.base import PageCatalog
 from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.index import StaleIndexError
+from vrag_rl.retrieval.local import LocalRetriever
 from vrag_rl.retrieval.ocr import OCR_FILE
-from vrag_rl.retrieval.service import PageCatalog, Retriever
 from vrag_rl.retrieval.types import rank
 
 QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "bar chart of sales", "who founded it"]
@@ -42,8 +43,8 @@ def corpus_copy(bundled_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def retriever(corpus_copy, visual_index, embedder) -> Retriever:
-    return Retriever(corpus_copy, visual_index, embedder, fusion_depth=10)
+def retriever(corpus_copy, visual_index, embedder) -> LocalRetriever:
+    return LocalRetriever(corpus_copy, visual_index, embedder, fusion_depth=10)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_text_modes_need_a_text_index(bundled_corpus, visual_index, embedder, tm
     # The bundled pages without the corpus's ocr.parquet.
     shutil.copyfile(bundled_corpus / "pages.parquet", tmp_path / "pages.parquet")
     (tmp_path / "pages").symlink_to((bundled_corpus / "pages").resolve(), target_is_directory=True)
-    r = Retriever(tmp_path, visual_index, embedder)
+    r = LocalRetriever(tmp_path, visual_index, embedder)
     assert r.text_index is None
     with pytest.raises(ValueError, match="text index"):
         r.search(["x"], 3, mode="hybrid")
@@ -150,7 +151,7 @@ def test_text_modes_need_a_text_index(bundled_corpus, visual_index, embedder, tm
 
 
 def test_bundled_corpus_has_a_text_layer(bundled_corpus, visual_index, embedder):
-    r = Retriever(bundled_corpus, visual_index, embedder)
+    r = LocalRetriever(bundled_corpus, visual_index, embedder)
     record = load_qa(bundled_corpus)[0]
     assert r.search([f"{record.entity} {record.category}"], 3, mode="text")[0][0].page_id in set(
         p for q in load_qa(bundled_corpus) if q.entity == record.entity for p in q.gold_pages
@@ -162,11 +163,11 @@ def test_explicit_and_saved_text_index(visual_index, embedder, tmp_path, bundled
     bm25 = BM25Index().build(ids, [f"alpha{i}" for i in range(len(ids))])
     saved = bm25.save(tmp_path / "bm25.npz")
     for text_index in (bm25, saved):
-        r = Retriever(bundled_corpus, visual_index, embedder, text_index=text_index)
+        r = LocalRetriever(bundled_corpus, visual_index, embedder, text_index=text_index)
         assert r.search(["alpha7"], 2, "text")[0][0].page_id == ids[7]
     foreign = BM25Index().build(["nope_1"], ["alpha"])
     with pytest.raises(ValueError, match="not in the corpus"):
-        Retriever(bundled_corpus, visual_index, embedder, text_index=foreign)
+        LocalRetriever(bundled_corpus, visual_index, embedder, text_index=foreign)
 
 
 def test_index_from_another_corpus_or_model_fails(corpus_copy, visual_index, embedder, tmp_path):
@@ -177,12 +178,12 @@ def test_index_from_another_corpus_or_model_fails(corpus_copy, visual_index, emb
     write_pages(rel[:-2], smaller / "pages.parquet")
     (smaller / OCR_FILE).unlink()
     with pytest.raises(StaleIndexError, match="stale"):
-        Retriever(smaller, visual_index, embedder)
+        LocalRetriever(smaller, visual_index, embedder)
     other = copy.copy(embedder)  # the same weights with another pooling: another fingerprint, no model load
     other.cfg = dataclasses.replace(embedder.cfg, pool_factor=2)
     other.__dict__.pop("fingerprint", None)
     with pytest.raises(StaleIndexError, match="fingerprint"):
-        Retriever(corpus_copy, visual_index, other)
+        LocalRetriever(corpus_copy, visual_index, other)
 
 
 def test_page_path_resolves_only_manifest_pages_inside_the_corpus(corpus_copy, tmp_path):

@@ -1,4 +1,4 @@
-"""Watch the agent act: ``python -m vrag_rl.rollout``.
+"""Watch the agent act: ``python -m vrag_rl.watch``.
 
 Runs the multi-turn agent on a few questions of a corpus against its page index and writes readable
 transcripts (``index.html``: every turn's thinking and action, the pages and crops the model was shown, the
@@ -7,7 +7,7 @@ to see what a policy does.
 
 Defaults need nothing but this repository: the bundled synthetic corpus, the tiny ColQwen2 retriever
 (its index is built into the cache on first use) and the tiny policy after its supervised warm start
-(``vrag_rl.models.warm``), on the vLLM engine. Point ``--policy`` at any exported checkpoint to watch it
+(``vrag_rl.trainer.warm``), on the vLLM engine. Point ``--policy`` at any exported checkpoint to watch it
 instead, ``--engine hf`` to use transformers.
 """
 
@@ -16,58 +16,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from vrag_rl.agent.images import ImageBudget
-from vrag_rl.config import BUNDLED_CORPUS
+from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
 from vrag_rl.data.records import load_qa
-from vrag_rl.reward.actor import RewardScorer, rollout_summary
+from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
+from vrag_rl.retrieval.cache import open_retriever
+from vrag_rl.reward.actor import RewardScorer
 from vrag_rl.reward.score import RewardConfig
 from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.scoring import score_rollouts
 from vrag_rl.rollout.transcript import write_transcripts
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker
-
-log = logging.getLogger("vrag_rl.rollout")
-CACHE = Path(os.environ.get("VRAG_RL_CACHE", ".cache"))
-# The tiny policy's processor takes images of 4..512 merged patches; pages are shown small.
-TINY_BUDGET = ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
-
-
-def open_retriever(corpus: Path, index: Path | None, retriever_model: str):
-    """The corpus's retriever; the default index in the cache is (re)built when missing or stale."""
-    from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
-    from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex
-    from vrag_rl.retrieval.service import Retriever
-    from vrag_rl.retrieval.store import StaleIndexError
-
-    embedder = PageEmbedder(EmbedderConfig(model_dir=retriever_model, device="cpu", dtype="float32"))
-    if index is not None:
-        return Retriever(corpus, index, embedder)  # a user's index is never rebuilt behind their back
-    index = CACHE / "index" / corpus.resolve().name
-    try:
-        return Retriever(corpus, index, embedder)
-    except (FileNotFoundError, StaleIndexError) as err:
-        log.info("building the page index in %s (%s)", index, type(err).__name__)
-    shutil.rmtree(index, ignore_errors=True)
-    MultiVectorIndex.build(index, corpus, embedder, IndexConfig(dtype="float32", approx="none"))
-    return Retriever(corpus, index, embedder)
-
-
-def ensure_index(corpus: Path, index: Path | None, retriever_model: str) -> Path:
-    """``index`` as given, or the cache's index of the corpus, (re)built when missing or stale."""
-    if index is not None:
-        return index
-    open_retriever(corpus, None, retriever_model)
-    return CACHE / "index" / corpus.resolve().name
+from vrag_rl.trainer.warm import build_warm_policy
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m vrag_rl.rollout", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", type=Path, default=Path(BUNDLED_CORPUS), help="page corpus with qa.parquet")
+    p = argparse.ArgumentParser(prog="python -m vrag_rl.watch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS, help="page corpus with qa.parquet")
     p.add_argument("--index", type=Path, default=None, help="its page index (default: built into the cache)")
     p.add_argument("--policy", default=None, help="policy checkpoint directory (default: the warm tiny policy)")
     p.add_argument("--retriever-model", default=None, help="ColQwen2 directory (default: the tiny one)")
@@ -87,12 +57,9 @@ def main(argv: list[str] | None = None) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if a.policy is None or a.retriever_model is None:
-        from vrag_rl.models.tiny import TinyConfig, build_tiny_models
-        from vrag_rl.models.warm import build_warm_policy
-
-        tiny = build_tiny_models(CACHE / "tiny", TinyConfig(seed=0))
+        tiny = build_tiny_models(cache_dir() / "tiny", TinyConfig(seed=0))
         a.retriever_model = a.retriever_model or str(tiny["retriever"])
-        a.policy = a.policy or str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, CACHE / "warm"))
+        a.policy = a.policy or str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
     records = load_qa(a.corpus)[: a.questions]
     if not records:
         raise SystemExit(f"{a.corpus} has no questions (qa.parquet)")
@@ -116,12 +83,12 @@ def main(argv: list[str] | None = None) -> Path:
     rollouts = worker.rollout(tasks, SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens))
     elapsed = time.perf_counter() - t0
     by_qid = {r.qid: r for r in records}
-    rewards = RewardScorer(RewardConfig()).score([(by_qid[r.task.qid], rollout_summary(r)) for r in rollouts])
+    rewards = score_rollouts(RewardScorer(RewardConfig()), by_qid, rollouts)
     extras = [
         {
             "reference": by_qid[r.task.qid].answer,
             "gold_pages": by_qid[r.task.qid].gold_pages,
-            "reward": {k: b[k] for k in ("total", "ndcg", "answer", "format")},
+            "reward": {"total": b.total, "ndcg": b.ndcg, "answer": b.answer, "format": b.format},
         }
         for r, b in zip(rollouts, rewards)
     ]
@@ -130,6 +97,10 @@ def main(argv: list[str] | None = None) -> Path:
     worker.close()
     for r, b in zip(rollouts, rewards):
         actions = " → ".join(x.kind for x in r.actions)
-        print(f"{r.task.qid} #{r.task.sample}: {actions} | answer={r.answer!r} | reward {b['total']:.2f}")
+        print(f"{r.task.qid} #{r.task.sample}: {actions} | answer={r.answer!r} | reward {b.total:.2f}")
     print(f"{len(rollouts)} trajectories in {elapsed:.1f}s; transcripts: {page}")
     return page
+
+
+if __name__ == "__main__":
+    main()

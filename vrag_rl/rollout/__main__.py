@@ -1,3 +1,0 @@
-from vrag_rl.rollout.watch import main
-
-main()
