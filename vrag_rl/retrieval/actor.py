@@ -93,7 +93,7 @@ def shard_groups(num_shards: int, num_actors: int) -> list[list[int]]:
 
 
 class DistributedRetriever(BaseRetriever):
-    """``Retriever`` with the visual index spread over Ray shard actors; the embedder runs in this process.
+    """The retriever with the visual index spread over Ray shard actors; the embedder runs in this process.
 
     Needs a running Ray (``ray.init``). Same constructor as ``LocalRetriever`` plus ``actors`` and the class
     the shard actors run (``ShardActor`` or a subclass of it).
