@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim before colpali-engine imports it)
 from bench.machine import machine  # noqa: E402
-from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex  # noqa: E402
+from vrag_rl.retrieval.index import MultiVectorIndex  # noqa: E402
 from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec  # noqa: E402
+from vrag_rl.retrieval.types import IndexConfig  # noqa: E402
 
 # Tokens per page by corpus size. ColQwen2 gives ~700 per page; 100k pages x 700 x 128 x 2 bytes would be
 # 18 GB of float16 vectors before any FAISS index: more than a shared 24 GB machine holds, so 100k uses 256.

@@ -75,7 +75,8 @@ def embedder(embedder_cfg):
 @pytest.fixture(scope="session")
 def bundled_index(bundled_corpus, embedder, tmp_path_factory) -> Path:
     """Index directory of data/synthetic-small (exact + IVF approximate), read-only."""
-    from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex
+    from vrag_rl.retrieval.index import MultiVectorIndex
+    from vrag_rl.retrieval.types import IndexConfig
 
     out = tmp_path_factory.mktemp("bundled_index") / "index"
     cfg = IndexConfig(shard_size=BUNDLED_SHARD_SIZE, dtype="float32", approx="ivf")

@@ -102,6 +102,18 @@ def test_resume_reproduces_the_straight_run(straight, tmp_path, warm_policy, tin
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_other_settings_or_resume_false_in_a_used_directory_stop_at_start(straight, warm_policy, tiny_dirs):
+    out, _ = straight
+    logged = (out / "metrics.jsonl").read_text()
+    common = [*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny_dirs['policy'].parent}"]
+    other = run_main(*common, "run.steps=3", "algo.clip_high=0.28", f"hydra.run.dir={out}")
+    assert other.returncode != 0 and "algo.clip_high: 0.2 -> 0.28" in other.stderr
+    fresh = run_main(*common, "run.steps=3", "run.resume=false", f"hydra.run.dir={out}")
+    assert fresh.returncode != 0 and "already holds a run" in fresh.stderr
+    assert (out / "metrics.jsonl").read_text() == logged  # nothing of the run was touched
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
 def test_export_serves_with_vllm(straight, tmp_path):
     out, _ = straight
     proc = subprocess.run(

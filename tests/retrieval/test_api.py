@@ -58,8 +58,13 @@ def corpus(bundled_corpus, tmp_path_factory) -> Path:
     ]
     write_pages(pages + evil, out / "pages.parquet")
     texts = [f"word{i} {'even' if i % 2 == 0 else 'odd'}" for i in range(len(pages))]
+    read = {p.page_id: p.checksum for p in load_pages(out)}  # the OCR read every page as the manifest has it
     rows = [
-        {"page_id": p.page_id, "checksum": "", "text": t, "status": "ok", "error": ""} for p, t in zip(pages, texts)
+        {"page_id": p.page_id, "checksum": read[p.page_id], "text": t, "status": "ok", "error": ""}
+        for p, t in zip(pages, texts)
+    ]
+    rows += [
+        {"page_id": p.page_id, "checksum": p.checksum, "text": "", "status": "error", "error": "outside"} for p in evil
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=OCR_SCHEMA), out / OCR_FILE)
     return out

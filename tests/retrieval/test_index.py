@@ -11,12 +11,12 @@ import torch
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 from PIL import Image
 
-from vrag_rl.data.records import load_pages, load_qa, write_pages
+from vrag_rl.data.records import load_pages, load_qa, page_checksum, write_pages
 from vrag_rl.retrieval.embed import PageEmbedder, model_fingerprint
-from vrag_rl.retrieval.index import IndexConfig, MultiVectorIndex, StaleIndexError, page_checksum
+from vrag_rl.retrieval.index import MultiVectorIndex, StaleIndexError
 from vrag_rl.retrieval.maxsim import plan_chunks
 from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec
-from vrag_rl.retrieval.types import rank
+from vrag_rl.retrieval.types import IndexConfig, rank
 
 TOL = 1e-4
 
@@ -374,3 +374,29 @@ def test_cli_build_and_add(bundled_corpus, tiny_dirs, tmp_path, capsys):
     index = MultiVectorIndex.load(tmp_path / "i", corpus_dir=corpus)
     assert index.page_ids == ids[:4] and index.num_shards == 3
     assert "added 1 pages" in capsys.readouterr().out
+
+
+def test_concurrent_writes_of_one_file_never_share_a_temporary_file(tmp_path):
+    """Two threads saving the same shard file over and over: each write has its own temporary name, so every
+    save completes and the file always holds one whole array."""
+    import threading
+
+    from vrag_rl.retrieval.store import save_npy
+
+    path, errors = tmp_path / "shard.npy", []
+
+    def save(value: float) -> None:
+        try:
+            for _ in range(200):
+                save_npy(path, np.full((64, 128), value, dtype=np.float32))
+        except Exception as err:  # noqa: BLE001 (collected for the assertion)
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(v,)) for v in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert np.unique(np.load(path)).tolist() in ([1.0], [2.0])
+    assert list(tmp_path.glob(".*.tmp")) == []

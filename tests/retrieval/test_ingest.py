@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import vrag_rl.retrieval.ingest as ingest_mod
-from vrag_rl.data.records import load_pages
+from vrag_rl.data.records import load_pages, sha256_file
 from vrag_rl.retrieval.ingest import IngestConfig, doc_name, ingest, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -244,7 +244,9 @@ def test_images_become_rgb_jpeg_pages(tmp_path):
 def test_doc_names_are_sanitized_stems():
     assert doc_name(Path("/x/My Report (final).pdf")) == "My-Report-final"
     assert doc_name(Path("a/annual_report_2023.PDF")) == "annual_report_2023"
-    assert doc_name(Path("Überblick über 2024.png")) == "berblick-ber-2024"
+    assert doc_name(Path("Überblick über 2024.png")) == "Überblick-über-2024"
+    assert doc_name(Path("報告書 (案).pdf")) == "報告書-案"
+    assert doc_name(Path("U\u0308ber.pdf")) == "Über"  # decomposed umlaut: NFC
     assert doc_name(Path("..pdf")) == "doc" and doc_name(Path("(((.png")) == "doc"
 
 
@@ -276,13 +278,17 @@ def test_every_bad_input_class_is_listed_and_skipped(gnuplot_pdf, tmp_path, caps
     bad["cut.jpg"] = ("truncated image", None)
     # the encrypted PDF is a real one: it opens with its password
     assert len(pdfium.PdfDocument(src.joinpath("locked.pdf").read_bytes(), password="secret")) == 1
-    # name clashes (case-insensitive): the first source in sorted order with a usable page owns the name
+    # equal names (case-insensitive): the first source in sorted order with a usable page owns the name, the
+    # others are renamed, not dropped
     _save(_picture(2), src / "a" / "scan.png", "PNG")
     _save(_picture(3), src / "b" / "SCAN.webp", "WEBP")
     _save(_picture(4), src / "b" / "scan.jpg", "JPEG")
     (src / "a" / "fig.png").write_bytes(b"")  # sources without a usable page claim no name ...
     _save(_picture(5), src / "b" / "fig.png", "PNG")  # ... so this one is ingested as "fig"
-    bad |= {"b/SCAN.webp": ("name clash", None), "b/scan.jpg": ("name clash", None), "a/fig.png": ("empty file", None)}
+    bad |= {"a/fig.png": ("empty file", None)}
+    upper, lower = (
+        f"{stem}-{sha256_file(src / 'b' / name)[:8]}" for stem, name in (("SCAN", "SCAN.webp"), ("scan", "scan.jpg"))
+    )
     (src / "gnuplot.pdf").symlink_to(gnuplot_pdf)
 
     code = main(
@@ -305,15 +311,19 @@ def test_every_bad_input_class_is_listed_and_skipped(gnuplot_pdf, tmp_path, caps
     assert listed == expected
     pages_listed = {Path(p["source"]).name: p["page"] for p in report["problems"] if p["page"] is not None}
     assert pages_listed == {"cut.jpg": 1}  # decoding fails at the page, after the file opened
-    assert "a/scan.png" in report["problems"][[p["reason"] for p in report["problems"]].index("name clash")]["detail"]
+    assert [(Path(r["source"]).name, r["doc"]) for r in report["renamed"]] == [
+        ("SCAN.webp", upper),
+        ("scan.jpg", lower),
+    ]
+    assert all("a/scan.png" in r["detail"] for r in report["renamed"])
     printed = capsys.readouterr().out
     missing = [(name, reason) for name, (reason, _) in bad.items() if f"{reason:<18} {src / name}" not in printed]
     assert missing == []
     # nothing else is lost
     pages = _assert_consistent(tmp_path / "c")
-    assert [p.page_id for p in pages] == ["fig_1", "gnuplot_1", "gnuplot_2", "scan_1"]
-    assert report["docs"] == ["scan", "fig", "gnuplot"] and report["pages_written"] == 4  # in input order
-    assert pages[0].source == str(src / "b" / "fig.png") and pages[-1].source == str(src / "a" / "scan.png")
+    assert [p.page_id for p in pages] == [f"{upper}_1", "fig_1", "gnuplot_1", "gnuplot_2", "scan_1", f"{lower}_1"]
+    assert report["docs"] == ["scan", upper, "fig", lower, "gnuplot"] and report["pages_written"] == 6  # input order
+    assert pages[1].source == str(src / "b" / "fig.png") and pages[-2].source == str(src / "a" / "scan.png")
 
 
 def test_nothing_usable_exits_nonzero(tmp_path):
@@ -382,9 +392,16 @@ def test_later_runs_extend_the_corpus_and_keep_name_owners(tmp_path):
     _save(_picture(3), tmp_path / "a" / "other.png", "PNG")
     ingest([tmp_path / "b"], tmp_path / "c", progress=False)
     result = ingest([tmp_path / "a"], tmp_path / "c", progress=False)
-    assert [(Path(p.source).parent.name, p.reason) for p in result.problems] == [("a", "name clash")]
+    renamed = f"page-{sha256_file(tmp_path / 'a' / 'page.png')[:8]}"
+    assert result.problems == [] and [r["doc"] for r in result.renamed] == [renamed]
     pages = _assert_consistent(tmp_path / "c")
-    assert [(p.page_id, Path(p.source).parent.name) for p in pages] == [("other_1", "a"), ("page_1", "b")]
+    assert [(p.page_id, Path(p.source).parent.name) for p in pages] == [
+        ("other_1", "a"),
+        ("page_1", "b"),
+        (f"{renamed}_1", "a"),
+    ]
+    again = ingest([tmp_path / "a", tmp_path / "b"], tmp_path / "c", progress=False)  # names stay as they are
+    assert (again.pages_written, again.renamed[0]["doc"]) == (0, renamed)
 
 
 def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(gnuplot_pdf, tmp_path, monkeypatch):
@@ -449,3 +466,50 @@ def test_killed_run_keeps_checkpointed_pages_and_rerun_completes(gnuplot_pdf, tm
     result = ingest([gnuplot_pdf], out, IngestConfig(dpi=90, max_pages=n), progress=False)
     assert result.pages_reused >= len(kept) and result.pages_written + result.pages_reused == n
     assert len(_assert_consistent(out)) == n and _temp_files(out) == []
+
+
+def test_extreme_aspect_pages_are_padded_so_processors_and_the_agent_take_them(tmp_path, embedder):
+    from vrag_rl.agent.images import fit_to_budget, page_view
+    from vrag_rl.models.tiny import TINY_BUDGET
+    from vrag_rl.retrieval.index import MultiVectorIndex
+    from vrag_rl.retrieval.ingest import MAX_PAGE_ASPECT
+
+    src = tmp_path / "src"
+    strip = Image.new("RGB", (4100, 20), "white")
+    ImageDraw.Draw(strip).rectangle([100, 5, 3000, 14], fill="black")
+    _save(strip, src / "strip.png", "PNG")
+    Image.new("RGB", (3000, 12), "gray").save(src / "band.pdf", "PDF", resolution=72)  # a 3000 x 12 pt page
+    result = ingest([src], tmp_path / "corpus", IngestConfig(checkpoint_seconds=0), progress=False)
+    assert result.problems == []
+    pages = {p.page_id: p for p in _assert_consistent(tmp_path / "corpus")}
+    assert (pages["strip_1"].width, pages["strip_1"].height) == (2048, 21)  # 2048 x 10 scaled, then padded
+    assert pages["band_1"].width == 2048 and pages["band_1"].height == 21
+    for p in pages.values():
+        assert max(p.width, p.height) / min(p.width, p.height) <= MAX_PAGE_ASPECT
+        with Image.open(p.file) as im:
+            view = page_view(p.page_id, im.size, TINY_BUDGET)
+            assert fit_to_budget(im, TINY_BUDGET.min_pixels, TINY_BUDGET.max_pixels).size == view.shown_size
+    stored = _gray(pages["strip_1"].file)
+    assert stored[3:7, 60:1400].mean() < 80 and stored[12:, :].min() > 240  # content on top, white padding below
+    index = MultiVectorIndex.build(tmp_path / "index", tmp_path / "corpus", embedder, progress=False)
+    assert sorted(index.page_ids) == ["band_1", "strip_1"]
+
+
+def test_no_document_is_dropped_for_its_name(tmp_path):
+    """CJK names, names equal but for case, and equal stems in different folders: every document is ingested
+    under a name of its own, deterministically, and the renamings are reported."""
+    src = tmp_path / "src"
+    names = ["報告書.png", "請求書.png", "Über.png", "über.png", "2023/annual.png", "2024/annual.png"]
+    for k, name in enumerate(names):
+        _save(_picture(20 + k), src / name, "PNG")
+    result = ingest([src], tmp_path / "c", progress=False)
+    assert result.problems == []
+    pages = _assert_consistent(tmp_path / "c")
+    assert len(pages) == 6 and {Path(p.source).relative_to(src).as_posix() for p in pages} == set(names)
+    docs = {Path(p.source).relative_to(src).as_posix(): p.doc for p in pages}
+    assert docs["報告書.png"] == "報告書" and docs["請求書.png"] == "請求書" and docs["2023/annual.png"] == "annual"
+    assert docs["2024/annual.png"] == f"annual-{sha256_file(src / '2024/annual.png')[:8]}"
+    assert {docs["Über.png"], docs["über.png"]} == {"Über", f"über-{sha256_file(src / 'über.png')[:8]}"}
+    assert sorted(r["doc"] for r in result.renamed) == sorted(d for d in docs.values() if "-" in d)
+    ingest([src], tmp_path / "c2", progress=False)  # the same inputs give the same names
+    assert {p.page_id for p in _assert_consistent(tmp_path / "c2")} == {p.page_id for p in pages}

@@ -7,6 +7,8 @@ import shutil
 from fractions import Fraction
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -23,12 +25,14 @@ QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "bar chart 
 
 
 def write_ocr(corpus: Path, texts: dict[str, str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    from vrag_rl.data.records import page_checksum
     from vrag_rl.retrieval.ocr import OCR_SCHEMA
 
-    rows = [{"page_id": pid, "checksum": "", "text": t, "status": "ok", "error": ""} for pid, t in texts.items()]
+    read = {p.page_id: page_checksum(p) for p in load_pages(corpus)}
+    rows = [
+        {"page_id": pid, "checksum": read.get(pid, "?"), "text": t, "status": "ok", "error": ""}
+        for pid, t in texts.items()
+    ]
     pq.write_table(pa.Table.from_pylist(rows, schema=OCR_SCHEMA), corpus / OCR_FILE)
 
 
@@ -156,6 +160,22 @@ def test_bundled_corpus_has_a_text_layer(bundled_corpus, visual_index, embedder)
     assert r.search([f"{record.entity} {record.category}"], 3, mode="text")[0][0].page_id in set(
         p for q in load_qa(bundled_corpus) if q.entity == record.entity for p in q.gold_pages
     )
+
+
+def test_stale_ocr_is_refused_with_the_pages_named(corpus_copy, visual_index, embedder, tmp_path):
+    ids = [p.page_id for p in load_pages(corpus_copy)]
+    stale = tmp_path / "stale"
+    shutil.copytree(corpus_copy, stale)
+    texts = {pid: "text" for pid in ids[1:]} | {"gone_9": "a page no longer in the manifest"}
+    write_ocr(stale, texts)  # no row for the first page, one for a page that is not there
+    with pytest.raises(ValueError, match=f"1 missing \\(e.g. {ids[0]}\\); 1 unknown \\(e.g. gone_9\\)"):
+        LocalRetriever(stale, visual_index, embedder)
+    rows = pq.read_table(stale / OCR_FILE).to_pylist()
+    rows = [{**r, "checksum": "0" * 64} if r["page_id"] == ids[3] else r for r in rows if r["page_id"] in ids]
+    rows.insert(0, {"page_id": ids[0], "checksum": rows[0]["checksum"], "text": "", "status": "ok", "error": ""})
+    pq.write_table(pa.Table.from_pylist(rows), stale / OCR_FILE)
+    with pytest.raises(ValueError, match=f"does not match the page manifest: 2 changed \\(e.g. {ids[0]}, {ids[3]}\\)"):
+        LocalRetriever(stale, visual_index, embedder)
 
 
 def test_explicit_and_saved_text_index(visual_index, embedder, tmp_path, bundled_corpus):

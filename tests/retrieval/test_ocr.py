@@ -131,7 +131,12 @@ def test_cli_real_ocr_bad_pages_and_resume(tmp_path, bundled_corpus, monkeypatch
         ("doc0000_1", recs["doc0000_1"].text),
         ("doc0001_2", "fake text"),
     ]
-    assert sorted(p.name for p in corpus.iterdir()) == ["ocr.parquet", "pages", "pages.parquet"]  # no temp files
+    assert sorted(p.name for p in corpus.iterdir()) == [
+        ".writer.lock",
+        "ocr.parquet",
+        "pages",
+        "pages.parquet",
+    ]  # no temp
 
 
 def test_timeout_is_recorded_not_fatal(tmp_path, bundled_corpus):

@@ -8,6 +8,7 @@ A client's ``base_url`` is ``{server.url}/{scenario}``, so its requests arrive a
   reference alternatives (case-insensitive), else "False"; ``slowgrade`` holds each request (default
   0.05 s, at most 1 s) and records the peak number of concurrent requests under ``key``.
 - ``auth/<key>``: "True" when the request carries ``Authorization: Bearer <key>``, else HTTP 401.
+- ``authsha/<sha256 hex>``: the same for a key whose sha256 is given (the URL never holds the key).
 - ``sleep/<seconds>``: waits (at most 60 s), then replies "True".
 - ``flaky/<key>/<n>``: the first n requests for ``key`` get HTTP 500, later ones "True".
 - ``status/<code>``: always that HTTP status.
@@ -20,6 +21,7 @@ A client's ``base_url`` is ``{server.url}/{scenario}``, so its requests arrive a
 ``last_request[scenario]`` keeps the last JSON payload and Authorization header.
 """
 
+import hashlib
 import json
 import re
 import socket
@@ -109,8 +111,9 @@ def _make_handler(server: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
             prompt = request["messages"][0]["content"]
             if kind == "reply":
                 self._send(200, completion(urllib.parse.unquote(arg)))
-            elif kind == "auth":
-                if self.headers.get("Authorization") == f"Bearer {arg}":
+            elif kind in ("auth", "authsha"):
+                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                if (hashlib.sha256(token.encode()).hexdigest() if kind == "authsha" else token) == arg:
                     self._send(200, completion("True"))
                 else:
                     self._send(401, b'{"error": "bad key"}')

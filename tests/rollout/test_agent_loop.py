@@ -150,3 +150,25 @@ def test_groups_and_seeds():
     assert make_groups([("a", "qa")], 2, seed=8)[0].seed != tasks[0].seed
     assert all(t.seed is None for t in make_groups([("a", "qa")], 2, seed=None))
     assert make_groups([("a", "qa")], 1, seed=0, first_group=5)[0].group == 5
+
+
+def test_a_page_that_cannot_be_shown_is_passed_over(scripted, encoder, retriever, tmp_path):
+    """A strip beyond the vision processor's aspect-ratio limit, and an unreadable file, in a retriever's
+    results: the search shows the next page instead, and the trajectory goes on."""
+    from vrag_rl.retrieval.types import Hit
+
+    Image.new("RGB", (4100, 10), "white").save(tmp_path / "strip.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    good = retriever.page_ids[0]
+    files = {"strip_1": tmp_path / "strip.jpg", "broken_1": tmp_path / "broken.jpg", good: retriever.page_path(good)}
+
+    class Results:  # the retriever's interface, answering with the two bad pages first
+        def search(self, queries, top_k=5, mode="visual"):
+            return [[Hit(pid, 1.0, str(path)) for pid, path in files.items()] for _ in queries]
+
+        def page_path(self, page_id):
+            return files[page_id]
+
+    engine = scripted({Q1: ["<search>anything</search>", "<bbox>[0, 0, 50, 50]</bbox>", "<answer>x</answer>"]})
+    (r,) = run(engine, encoder, Results(), [Task("q1", Q1)])
+    assert r.retrieved_pages == [good] and len(r.crops) == 1 and r.num_invalid == 0 and r.finished

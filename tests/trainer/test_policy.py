@@ -168,3 +168,38 @@ def test_two_sharded_ranks_equal_one_process(group, tiny_dirs, trajectories, tmp
     exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     for name, p in single.model.named_parameters():
         assert torch.allclose(dict(exported.named_parameters())[name], p, atol=1e-5), name
+
+
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(group, trajectories, tmp_path_factory):
+    """Runs after the parity test (it shares the group). A NaN in one trajectory's old log-probs reaches one
+    rank only; both ranks skip the optimizer step, the weights stay finite and as they were, and a clean update
+    after it is applied again."""
+    from safetensors.torch import load_file
+
+    def exported() -> dict[str, torch.Tensor]:
+        out = tmp_path_factory.mktemp("weights") / "policy"
+        group.export(out, "float32")
+        return load_file(out / "model.safetensors")
+
+    before = exported()
+    old = group.logprobs(trajectories, 1.0)
+    poisoned = [v.clone() for v in old]
+    poisoned[5][0] = float("nan")
+    got = group.grpo_update(trajectories, ADVANTAGES, poisoned, None, ALGO, 1.0)
+    assert got["skipped_updates"] == 1.0  # the loss was NaN on one rank: both skipped
+    assert group.weights_finite()
+    after = exported()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    clean = group.grpo_update(trajectories, ADVANTAGES, old, None, ALGO, 1.0)
+    assert clean["skipped_updates"] == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in exported().items())
+
+
+def test_skip_guard_stops_after_the_limit_in_a_row():
+    from vrag_rl.trainer.actor import SkipGuard
+
+    guard = SkipGuard(3)
+    for skipped in (True, True, False, True, True):
+        guard.record(skipped, "here")
+    with pytest.raises(FloatingPointError, match="3 optimizer updates in a row .*last at there"):
+        guard.record(True, "there")

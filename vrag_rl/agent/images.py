@@ -14,6 +14,8 @@ resolution, never from an already resized image.
 
 Crop rules (``crop_region``):
 - non-finite numbers or x2 <= x1 / y2 <= y1 -> invalid;
+- coordinates are first held to +-``COORD_LIMIT`` (any finite number is accepted, none overflows the
+  arithmetic: ``1.7e308 - -1.7e308`` would be inf, and inf * 0 NaN);
 - padding is a fraction of the box's own width/height added on each side (scale-free, so it means
   the same at every zoom level);
 - the box is clamped to the view (the image the model saw), not just to the page; a box with no
@@ -31,6 +33,7 @@ from PIL import Image
 # Qwen2.5-VL: 14-px patches merged 2x2, so image sides are multiples of 28.
 FACTOR = 28
 MAX_ASPECT_RATIO = 200
+COORD_LIMIT = 1e12  # far outside any image; keeps box arithmetic finite for any finite coordinate
 
 
 def smart_resize(
@@ -144,6 +147,7 @@ def crop_region(
     x1, y1, x2, y2 = (float(v) for v in bbox)
     if x2 <= x1 or y2 <= y1:
         return "bbox needs x2 > x1 and y2 > y1"
+    x1, y1, x2, y2 = (min(max(v, -COORD_LIMIT), COORD_LIMIT) for v in (x1, y1, x2, y2))
     pad_x, pad_y = padding * (x2 - x1), padding * (y2 - y1)
     x1, y1, x2, y2 = x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + pad_y
     shown_w, shown_h = view.shown_size

@@ -10,9 +10,11 @@ ingested file's absolute path, or the generator) and ``checksum`` is the sha256 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,11 +104,52 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def page_checksum(record: PageRecord) -> str:
+    """sha256 of the page image: the corpus manifest's ``checksum`` when it has one, else the file's bytes."""
+    if getattr(record, "checksum", ""):
+        return record.checksum
+    return sha256_file(record.file)
+
+
+class WriterBusy(RuntimeError):
+    """Another process is writing the same corpus or index."""
+
+
+@contextmanager
+def writer_lock(directory: Path, what: str):
+    """Hold the one writer's lock of ``directory`` (``DIR/.writer.lock``, an advisory ``flock``, released by the
+    kernel when the process dies); a second writer stops at once with ``WriterBusy`` naming the holder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".writer.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise WriterBusy(f"{what} {directory} is being written by another process ({holder}); "
+                             "run one writer at a time") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary file beside ``path`` (``.{name}.*.tmp``), for writing it and renaming it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file in the same directory, so ``path`` is either absent or complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; corpus files are meant to be shared
         os.replace(tmp, path)
@@ -138,12 +181,21 @@ def write_pages(pages: list[PageRecord], path: Path, metadata: dict[str, str] | 
 
 
 def load_qa(corpus_dir: str | Path) -> list[QARecord]:
+    """The corpus's questions in file order; a question id given twice is an error (it would score answers
+    against another question), named with its rows."""
     out = []
     for row in pq.read_table(Path(corpus_dir) / "qa.parquet", schema=QA_SCHEMA).to_pylist():
         box = row["answer_box"]
         if box is not None:
             box = (box["page_id"], box["x0"], box["y0"], box["x1"], box["y1"])
         out.append(QARecord(**{**row, "answer_box": box}))
+    rows: dict[str, list[int]] = {}
+    for i, r in enumerate(out):
+        rows.setdefault(r.qid, []).append(i)
+    twice = {qid: ix for qid, ix in rows.items() if len(ix) > 1}
+    if twice:
+        named = ", ".join(f"{qid!r} (rows {ix})" for qid, ix in list(twice.items())[:5])
+        raise ValueError(f"{Path(corpus_dir) / 'qa.parquet'}: {len(twice)} question ids appear more than once: {named}")
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from vrag_rl.data.records import sha256_file
+from vrag_rl.data.records import sha256_file, temp_path
 from vrag_rl.retrieval.maxsim import gather_pages, maxsim, plan_chunks, top_k_ties
 from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
 
@@ -74,7 +74,7 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     for start in tqdm(range(0, n, _ADD_ROWS), desc="faiss add", unit="chunk", disable=not progress):
         index.add(np.ascontiguousarray(vectors[start : start + _ADD_ROWS], dtype=np.float32))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     faiss.write_index(index, str(tmp))
     tmp.replace(path)
     return sha256_file(path)

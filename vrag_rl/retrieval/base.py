@@ -22,7 +22,7 @@ from vrag_rl.data.records import load_pages
 from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.fusion import reciprocal_rank_fusion
-from vrag_rl.retrieval.ocr import OCR_FILE, load_ocr
+from vrag_rl.retrieval.ocr import OCR_FILE, load_ocr, stale_ocr
 from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,13 @@ def load_text_index(corpus_dir: Path, text_index: BM25Index | str | Path | None)
     if not (corpus_dir / OCR_FILE).is_file():
         return None
     rows = load_ocr(corpus_dir)  # failed pages have empty text: indexed, never matched
+    stale = stale_ocr(load_pages(corpus_dir), rows)
+    if stale:
+        named = "; ".join(f"{len(v)} {k} (e.g. {', '.join(v[:3])})" for k, v in stale.items())
+        raise ValueError(
+            f"{corpus_dir / OCR_FILE} does not match the page manifest: {named}. Run "
+            f"`python -m vrag_rl.retrieval.ocr {corpus_dir}` (it reads only those pages again)"
+        )
     index = BM25Index()
     index.build([r.page_id for r in rows], [r.text for r in rows])
     return index

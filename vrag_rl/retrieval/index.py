@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from vrag_rl.data.records import load_pages
+from vrag_rl.data.records import load_pages, page_checksum, writer_lock
 from vrag_rl.retrieval import approx
 from vrag_rl.retrieval.maxsim import maxsim, pad_queries, top_k_ties
 from vrag_rl.retrieval.store import (
@@ -43,14 +43,13 @@ from vrag_rl.retrieval.store import (
     MANIFEST,
     StaleIndexError,
     load_shard,
-    page_checksum,
     read_manifest,
     write_manifest,
     write_shards,
 )
 from vrag_rl.retrieval.types import ApproxKind, IndexConfig, IndexMode, Shard
 
-__all__ = ["MultiVectorIndex", "StaleIndexError", "page_checksum"]
+__all__ = ["MultiVectorIndex", "StaleIndexError"]
 
 _MAX_QUERY_COLUMNS = 512  # query tokens scored per matrix product: bounds the (chunk x columns) buffer
 
@@ -123,9 +122,14 @@ class MultiVectorIndex:
     ):
         """Write an index from (page_id, image checksum, token vectors) in index order."""
         out_dir = Path(out_dir)
-        if (out_dir / MANIFEST).exists():
-            raise FileExistsError(f"{out_dir} already holds an index; add pages with add_pages or remove it")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with writer_lock(out_dir, "index"):
+            if (out_dir / MANIFEST).exists():
+                raise FileExistsError(f"{out_dir} already holds an index; add pages with add_pages or remove it")
+            cls._write_new(out_dir, pages, fingerprint, dim, cfg, total, progress)
+        return cls.load(out_dir, verify=False)
+
+    @staticmethod
+    def _write_new(out_dir: Path, pages, fingerprint: str, dim: int, cfg: IndexConfig, total, progress) -> None:
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -140,7 +144,6 @@ class MultiVectorIndex:
         if not manifest["shards"]:
             raise ValueError("no pages to index")
         write_manifest(out_dir, manifest)
-        return cls.load(out_dir, verify=False)
 
     def add_pages(self, corpus_dir, page_ids: list[str], embedder, progress: bool = True) -> None:
         """Embed corpus pages not yet indexed (taken in corpus order) into new shards."""
@@ -162,6 +165,10 @@ class MultiVectorIndex:
         self, pages: Iterable[tuple[str, str, Tensor]], total: int | None = None, progress: bool = False
     ) -> None:
         """Append (page_id, image checksum, token vectors) as new shards; the manifest is replaced atomically."""
+        with writer_lock(self.dir, "index"):
+            self._append(pages, total, progress)
+
+    def _append(self, pages: Iterable[tuple[str, str, Tensor]], total: int | None, progress: bool) -> None:
         if read_manifest(self.dir) != self.manifest:
             raise StaleIndexError("version", f"{self.dir} changed on disk since it was loaded; load it again")
         manifest = json.loads(json.dumps(self.manifest))

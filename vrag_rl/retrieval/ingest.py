@@ -5,13 +5,19 @@
 SRC are files or directories (walked recursively, hidden entries skipped); all inputs are processed in the
 sorted order of their absolute paths. PDFs are rendered by PDFium at ``dpi``; every page, rendered or read
 from an image, is scaled down to at most ``max_side`` pixels on its longer side and stored as an RGB JPEG.
+A page longer than ``MAX_PAGE_ASPECT`` times its width (or the other way round), such as a 4100x20 strip, is
+padded with white on its short side (below or to the right, so coordinates of its content do not move) up to
+that ratio: the vision processors refuse ratios over 200, and the margin keeps their rounding below it.
 Multi-frame TIFFs give one page per frame. Manifest rows have kind "pdf" or "image", the absolute source path
 and the sha256 of the JPEG file; rows are sorted by (doc, page).
 
-Document names: ``doc`` is the file stem with each run of characters outside ``[A-Za-z0-9._-]`` replaced by
-``-``. A name belongs to the first source that yields a page, compared case-insensitively (corpora get copied
-to case-insensitive file systems): a source already in this corpus's manifest, else the first in sorted order.
-Any later source with the same name is a *name clash*: reported and skipped (rename the file to ingest it).
+Document names: ``doc`` is the file stem in Unicode NFC with each run of characters other than letters and
+digits of any script, ``.``, ``_`` and ``-`` replaced by ``-`` (``報告書.pdf`` is ``報告書``). A name belongs to
+the first source that yields a page, compared case-insensitively (corpora get copied to case-insensitive file
+systems): a source already in this corpus's manifest, else the first in sorted order. A later source with the
+same name (``2023/annual.pdf`` and ``2024/annual.pdf``, ``Über.pdf`` and ``über.pdf``) is ingested under the
+name plus the first 8 hex digits of its sha256 (``annual-3fa2b1c4``), then ``-2``, ``-3``... should that be
+taken too; every such renaming is listed in the summary and the report. No document is dropped for its name.
 
 Resuming: the manifest's parquet metadata records, per source, the sha256 of the source file and the render
 settings. A rerun reuses a page when both are unchanged and the page file's sha256 still equals the manifest
@@ -19,7 +25,8 @@ checksum; everything else is rendered again. Files are written to a temporary fi
 the manifest is rewritten every ``checkpoint_seconds`` and at the end, so a killed run loses only the pages
 after its last checkpoint; the next run deletes temporary files left by a kill. Documents of earlier runs
 that are not among the inputs stay in the corpus; page images no manifest row refers to (pages past a lowered
-``max_pages``, or of a source that changed) are deleted at the end of a run. One ingest at a time per corpus.
+``max_pages``, or of a source that changed) are deleted at the end of a run. One writer at a time per corpus
+(ingest or OCR, ``records.writer_lock``): a second one stops at once with a message naming the first.
 
 Bad inputs (see ``REASONS``) are listed in the summary and in ``CORPUS/ingest_report.json`` and skipped; a
 bad page of a PDF or multi-frame TIFF skips that page only. Images of more than ``max_pixels`` pixels are
@@ -34,6 +41,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +62,7 @@ from vrag_rl.data.records import (
     sha256_file,
     sha256_hex,
     write_pages,
+    writer_lock,
 )
 from vrag_rl.data.synthetic import encode_jpeg
 
@@ -64,7 +73,6 @@ REASONS = (
     "unsupported type",
     "unreadable",
     "empty file",
-    "name clash",
     "corrupt PDF",
     "encrypted PDF",
     "empty PDF",
@@ -82,6 +90,7 @@ _PDFIUM_ERRORS = {
     pdfium.raw.FPDF_ERR_SECURITY: "unsupported security scheme",
 }
 Render = Callable[[int], Image.Image]  # 0-based page index -> RGB image within max_side
+MAX_PAGE_ASPECT = 100  # longer side / shorter side of a stored page (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,7 @@ class IngestResult:
     pages_reused: int = 0
     docs: list[str] = field(default_factory=list)  # documents of this run's inputs with at least one page
     problems: list[Problem] = field(default_factory=list)
+    renamed: list[dict[str, str]] = field(default_factory=list)  # {source, doc, detail}: its stem was taken
 
     @property
     def ok(self) -> bool:
@@ -137,6 +147,8 @@ class IngestResult:
             f"ingested {len(self.docs)} documents into {self.out_dir}: "
             f"{self.pages_written} pages written, {self.pages_reused} reused"
         ]
+        for r in self.renamed:
+            lines.append(f"  renamed            {r['source']}: document {r['doc']!r} ({r['detail']})")
         if self.problems:
             lines.append(f"skipped {len(self.problems)}:")
             for p in self.problems:
@@ -152,7 +164,7 @@ class BadInput(Exception):
 
 
 def doc_name(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "doc"
+    return re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", path.stem)).strip(".-") or "doc"
 
 
 def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[Path], list[Problem]]:
@@ -173,11 +185,18 @@ def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[P
 
 
 def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    """Scaled to ``max_side``, then padded to ``MAX_PAGE_ASPECT``."""
     w, h = image.size
-    if max(w, h) <= max_side:
+    if max(w, h) > max_side:
+        s = max_side / max(w, h)
+        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+    w, h = image.size
+    short = -(-max(w, h) // MAX_PAGE_ASPECT)  # ceil: the shortest side the ratio allows
+    if min(w, h) >= short:
         return image
-    s = max_side / max(w, h)
-    return image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+    padded = Image.new("RGB", (w, short) if w > h else (short, h), (255, 255, 255))
+    padded.paste(image, (0, 0))
+    return padded
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -317,20 +336,24 @@ class _Corpus:
         write_pages(records, self.out / "pages.parquet", metadata={STATE_KEY: json.dumps(state, sort_keys=True)})
         self.last_write = time.monotonic()
 
+    def _free_name(self, name: str, source: str, sha256: str) -> str:
+        """``name``, or when another source owns it, the name plus a short content hash (then a counter)."""
+        candidates = [name, f"{name}-{sha256[:8]}"] + [f"{name}-{sha256[:8]}-{k}" for k in range(2, 10_000)]
+        return next(c for c in candidates if self.owners.get(c.casefold(), source) == source)
+
     def add_source(self, path: Path, bar: tqdm) -> None:
         """Render (or reuse) the pages of one input; raises BadInput when the whole input is unusable."""
-        source, doc, suffix = str(path), doc_name(path), path.suffix.lower()
+        source, suffix = str(path), path.suffix.lower()
         opener = _open_pdf if suffix in PDF_SUFFIXES else _open_image if suffix in IMAGE_SUFFIXES else None
         if opener is None or not path.is_file():
             raise BadInput("unsupported type", f"not a PDF or {'/'.join(sorted(IMAGE_SUFFIXES))} file")
-        if self.owners.get(doc.casefold(), source) != source:
-            raise BadInput("name clash", f"document name {doc!r} belongs to {self.owners[doc.casefold()]}")
         try:
             empty, source_state = path.stat().st_size == 0, {"sha256": sha256_file(path)}
         except OSError as err:
             raise BadInput("unreadable", str(err)) from err
         if empty:
             raise BadInput("empty file", "zero bytes")
+        doc = self._free_name(doc_name(path), source, source_state["sha256"])
         source_state["settings"] = self.cfg.render_settings()
         with opener(path, self.cfg) as (count, render):
             if count == 0:
@@ -363,6 +386,9 @@ class _Corpus:
         if pages:
             self.result.docs.append(doc)
             self.owners[doc.casefold()] = source  # claimed once a page is in: broken files block no name
+            if doc != doc_name(path):
+                owner = self.owners[doc_name(path).casefold()]
+                self.result.renamed.append({"source": source, "doc": doc, "detail": f"the name belongs to {owner}"})
         else:
             del self.rows[doc]
 
@@ -389,6 +415,11 @@ def ingest(
 ) -> IngestResult:
     out = Path(os.path.abspath(out_dir))
     (out / "pages").mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "corpus"):  # one writer per corpus (ingest or OCR): its temporary files are its own
+        return _ingest(sources, out, cfg, progress)
+
+
+def _ingest(sources: Sequence[str | Path], out: Path, cfg: IngestConfig, progress: bool) -> IngestResult:
     _remove_temp_files(out)
     result = IngestResult(str(out))
     corpus = _Corpus(out, cfg, result)

@@ -28,7 +28,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from vrag_rl.data.records import PageRecord, atomic_write_bytes, load_pages, sha256_file, sha256_hex
+from vrag_rl.data.records import (
+    PageRecord,
+    atomic_write_bytes,
+    load_pages,
+    page_checksum,
+    sha256_file,
+    sha256_hex,
+    writer_lock,
+)
 
 OCR_FILE = "ocr.parquet"
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
@@ -131,6 +139,19 @@ def load_ocr(corpus_dir: str | Path) -> list[OcrRecord]:
     return [OcrRecord(**row) for row in pq.read_table(path, schema=OCR_SCHEMA).to_pylist()]
 
 
+def stale_ocr(pages: list[PageRecord], rows: list[OcrRecord]) -> dict[str, list[str]]:
+    """Page ids on which the OCR rows and the page manifest disagree: ``missing`` (no row), ``changed`` (the row
+    read other image bytes than the manifest's) and ``unknown`` (a row of no manifest page). Empty when current."""
+    read = {r.page_id: r.checksum for r in rows}
+    listed = {p.page_id for p in pages}
+    out = {
+        "missing": [p.page_id for p in pages if p.page_id not in read],
+        "changed": [p.page_id for p in pages if p.page_id in read and read[p.page_id] != page_checksum(p)],
+        "unknown": [pid for pid in read if pid not in listed],
+    }
+    return {k: v for k, v in out.items() if v}
+
+
 def _write(records: dict[str, OcrRecord], pages: list[PageRecord], path: Path) -> None:
     rows = [records[p.page_id].__dict__ for p in pages if p.page_id in records]
     sink = pa.BufferOutputStream()
@@ -165,6 +186,11 @@ def ocr_corpus(
     cfg = cfg or OcrConfig(lang=lang)
     exe = check_tesseract(cfg)
     corpus_dir = Path(corpus_dir)
+    with writer_lock(corpus_dir, "corpus"):  # ingest writes the same folder
+        return _ocr_corpus(corpus_dir, cfg, exe, progress, workers, flush_every)
+
+
+def _ocr_corpus(corpus_dir: Path, cfg: OcrConfig, exe: str, progress: bool, workers: int, flush_every: int) -> Path:
     pages = load_pages(corpus_dir)
     out = corpus_dir / OCR_FILE
     old = {r.page_id: r for r in load_ocr(corpus_dir)} if out.exists() else {}

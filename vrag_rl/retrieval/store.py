@@ -1,7 +1,8 @@
 """On-disk format of the multi-vector index: config, manifest, shard files, checksums (see index.py).
 
-Every file is written through a temporary name and renamed; the manifest is written last, so an index
-directory is complete exactly when its manifest exists, and ``add`` never exposes half-written shards.
+Every file is written through a temporary name of its own (``records.temp_path``) and renamed; the manifest
+is written last, so an index directory is complete exactly when its manifest exists, and ``add`` never
+exposes half-written shards. One writer at a time: building and adding hold the index's ``writer_lock``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vrag_rl.data.records import atomic_write_bytes, sha256_file
+from vrag_rl.data.records import atomic_write_bytes, sha256_file, temp_path
 from vrag_rl.retrieval import approx
 from vrag_rl.retrieval.maxsim import plan_chunks
 from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
@@ -33,19 +34,12 @@ class StaleIndexError(RuntimeError):
         self.reason = reason
 
 
-def page_checksum(record) -> str:
-    """sha256 of the page image: the corpus manifest's ``checksum`` when it has one, else the file's bytes."""
-    if getattr(record, "checksum", ""):
-        return record.checksum
-    return sha256_file(record.file)
-
-
 def pages_checksum(pages: list[list[str]]) -> str:
     return hashlib.sha256("".join(f"{pid}\t{cs}\n" for pid, cs in pages).encode()).hexdigest()
 
 
 def save_npy(path: Path, array: np.ndarray) -> str:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
         np.save(f, array)
     tmp.replace(path)

@@ -4,7 +4,9 @@ Each turn generates one assistant turn for every live trajectory in one engine c
 actions (docs/protocol.md):
 
 - ``<search>``: all queries of the turn go to the retriever in one batch; the best-ranked page this
-  trajectory has not been shown yet comes back, resized into the image budget, as an image-only user turn;
+  trajectory has not been shown yet comes back, resized into the image budget, as an image-only user turn
+  (a page the vision processor cannot take, such as a strip beyond its aspect-ratio limit, or an unreadable
+  file, is passed over for the next one);
 - ``<bbox>``: a region of the most recent image shown, in that image's pixel frame, is cut from the raw
   page and shown enlarged (a crop of a crop maps through the chain, see ``agent.images``);
 - ``<answer>``: the trajectory is finished;
@@ -19,6 +21,7 @@ with their log-probs; text is decoded only to read the action.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +37,7 @@ from vrag_rl.choice import Choice
 from vrag_rl.retrieval.types import SearchMode
 from vrag_rl.rollout.engine import GenerationRequest, RolloutEngine, SamplingConfig
 
+log = logging.getLogger(__name__)
 NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
 ANSWER_ONLY = frozenset({ActionKind.ANSWER})  # the final turn's allowed actions
 
@@ -52,12 +56,15 @@ class AgentConfig:
     max_length: int = 8192  # tokens per trajectory: prompt, turns and observations
     search_mode: str = SearchMode.VISUAL  # visual | text | hybrid (retrieval.types.SearchMode)
     crop_padding: float = 0.0  # fraction of the box added on each side before cropping
+    max_query_chars: int = 1000  # a longer search query is cut to this before it reaches the retriever
     budget: ImageBudget = field(default_factory=ImageBudget)
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
         if self.max_turns < 1 or self.max_length < 64:
             raise ValueError(f"agent: max_turns >= 1 and max_length >= 64, got {self.max_turns}, {self.max_length}")
+        if not (0 <= self.crop_padding <= 1 and self.max_query_chars >= 1):
+            raise ValueError("agent: crop_padding in [0, 1] and max_query_chars >= 1")
         self.search_mode = SearchMode.parse(self.search_mode, "agent.search_mode")
 
 
@@ -96,7 +103,7 @@ class Rollout:
     trajectory: Trajectory
     texts: list[str] = field(default_factory=list)  # decoded assistant turns, in order
     actions: list[Action] = field(default_factory=list)
-    retrieved_pages: list[str] = field(default_factory=list)  # pages shown by searches, in order
+    retrieved_pages: list[str] = field(default_factory=list)  # pages searches showed the model, in order
     crops: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (page, raw box)
     answer: str | None = None
     num_invalid: int = 0
@@ -121,6 +128,8 @@ class _State:
     view: View | None = None  # the most recent image shown: a bbox refers to it
     done: bool = False
     pending: list[EncodedImages] = field(default_factory=list)  # images of the next observation
+    new_page: str | None = None  # the page and the crop it shows: recorded once the observation fits
+    new_crop: tuple[str, tuple[int, int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)  # texts of the next observation
     close_turn: bool = False  # the last turn hit the token limit without <|im_end|>
     query: str | None = None  # this turn's search
@@ -141,7 +150,7 @@ class AgentLoop:
         self.engine, self.encoder, self.retriever, self.cfg = engine, encoder, retriever, cfg
         encoder.check_budget(cfg.budget.min_pixels, cfg.budget.max_pixels)
         self._pages: dict[str, Image.Image] = {}  # raw pages of the current run
-        self._shown: dict[str, EncodedImages] = {}  # pages as shown (resized, encoded) in the current run
+        self._shown: dict[str, tuple[View, EncodedImages] | None] = {}  # per run; None: cannot be shown
         self.timings: dict[str, float] = {}
 
     def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
@@ -207,7 +216,7 @@ class AgentLoop:
         if final:
             s.stop(StopReason.TURN_LIMIT)
         elif action.kind == ActionKind.SEARCH:
-            s.query = action.content
+            s.query = action.content[: self.cfg.max_query_chars]
         elif action.kind == ActionKind.BBOX:
             result = (
                 "crop before any image"
@@ -219,7 +228,7 @@ class AgentLoop:
                 s.notes.append(INVALID_ACTION_FEEDBACK)
             else:
                 s.view, shown = result
-                r.crops.append((s.view.page_id, tuple(int(v) for v in s.view.region)))
+                s.new_crop = (s.view.page_id, tuple(int(v) for v in s.view.region))
                 s.pending.append(self.encoder.encode_images([shown]))
         else:
             s.notes.append(INVALID_ACTION_FEEDBACK)
@@ -233,31 +242,40 @@ class AgentLoop:
         self.timings["search_s"] += time.perf_counter() - t0
         for s, hits in zip(searching, results):
             seen = set(s.rollout.retrieved_pages)
-            page_id = next((h.page_id for h in hits if h.page_id not in seen), None)
-            if page_id is None:
+            found = next((p for h in hits if h.page_id not in seen and (p := self._shown_page(h.page_id))), None)
+            if found is None:
                 s.notes.append(NO_NEW_PAGE_FEEDBACK)
                 continue
-            raw = self._page(page_id)
-            s.view = page_view(page_id, raw.size, self.cfg.budget)
-            s.rollout.retrieved_pages.append(page_id)
-            s.pending.append(self._shown_page(page_id))
+            s.view, encoded = found
+            s.new_page = s.view.page_id
+            s.pending.append(encoded)
 
     def _observe(self, s: _State, final_next: bool) -> None:
         notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
         ids, enc = self.encoder.observation(
             EncodedImages.join(s.pending), "\n".join(notes) or None, close_turn=s.close_turn
         )
-        s.pending, s.notes = [], []
-        if not s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids):
+        fits = s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids)
+        if fits:  # what the model was shown: a page or crop that did not fit was never seen
+            s.rollout.retrieved_pages += [s.new_page] if s.new_page else []
+            s.rollout.crops += [s.new_crop] if s.new_crop else []
+        s.pending, s.notes, s.new_page, s.new_crop = [], [], None, None
+        if not fits:
             s.stop(StopReason.LENGTH)
 
-    def _shown_page(self, page_id: str) -> EncodedImages:
-        """A page resized into the budget and encoded, once per run: a group's samples mostly find the same pages."""
+    def _shown_page(self, page_id: str) -> tuple[View, EncodedImages] | None:
+        """A page's view and its image resized into the budget and encoded, once per run (a group's samples
+        mostly find the same pages); None for a page that cannot be shown."""
         if page_id not in self._shown:
             b = self.cfg.budget
-            self._shown[page_id] = self.encoder.encode_images(
-                [fit_to_budget(self._page(page_id), b.min_pixels, b.max_pixels, b.factor)]
-            )
+            try:
+                raw = self._page(page_id)
+                view = page_view(page_id, raw.size, b)
+                encoded = self.encoder.encode_images([fit_to_budget(raw, b.min_pixels, b.max_pixels, b.factor)])
+                self._shown[page_id] = view, encoded
+            except (OSError, ValueError) as err:  # unreadable file; a shape the vision processor cannot take
+                log.warning("page %s cannot be shown, passed over: %s", page_id, err)
+                self._shown[page_id] = None
         return self._shown[page_id]
 
     def _page(self, page_id: str) -> Image.Image:

@@ -5,9 +5,12 @@ One place for both, so training, validation and the watch command report the sam
 
 from __future__ import annotations
 
+from collections import Counter
+
 from vrag_rl.data.records import QARecord
 from vrag_rl.reward.actor import Scorer
-from vrag_rl.reward.score import RewardBreakdown, RewardInput
+from vrag_rl.reward.judge import OK
+from vrag_rl.reward.score import NO_ANSWER, RewardBreakdown, RewardInput
 from vrag_rl.rollout.agent_loop import Rollout
 
 
@@ -30,10 +33,17 @@ def score_rollouts(scorer: Scorer, records: dict[str, QARecord], rollouts: list[
     return scorer.score([reward_input(r, records[r.task.qid]) for r in rollouts])
 
 
+def judge_failures(rewards: list[RewardBreakdown]) -> Counter[str]:
+    """Answers the judge could not score, by status (timeout, connection_error, ...)."""
+    return Counter(b.answer_status for b in rewards if b.answer_status not in (OK, NO_ANSWER))
+
+
 def rollout_metrics(rollouts: list[Rollout], rewards: list[RewardBreakdown], prefix: str) -> dict[str, float]:
-    """Means over the rollouts (reward parts, finish and invalid-action rates, turns, searches, tokens)."""
+    """Means over the rollouts (reward parts, finish and invalid-action rates, turns, searches, tokens), and the
+    share of answers the judge failed to score (0 with rule metrics)."""
     n = len(rollouts)
     actions = sum(len(r.actions) for r in rollouts)
+    answered = sum(b.answer_status != NO_ANSWER for b in rewards)
     return {
         f"{prefix}reward": sum(b.total for b in rewards) / n,
         f"{prefix}ndcg": sum(b.ndcg for b in rewards) / n,
@@ -44,4 +54,5 @@ def rollout_metrics(rollouts: list[Rollout], rewards: list[RewardBreakdown], pre
         f"{prefix}turns": sum(r.num_turns for r in rollouts) / n,
         f"{prefix}searches": sum(r.num_searches for r in rollouts) / n,
         f"{prefix}response_tokens": sum(sum(r.trajectory.response_mask) for r in rollouts) / n,
+        f"{prefix}judge_error_rate": sum(judge_failures(rewards).values()) / max(answered, 1),
     }

@@ -50,6 +50,8 @@ class Trainer(Protocol):
 
     def end_step(self) -> float: ...
 
+    def weights_finite(self) -> bool: ...
+
     def sync_weights(self, rollouts: RolloutBackend) -> WeightSync: ...
 
     def save(self, path: Path) -> None: ...
@@ -59,6 +61,21 @@ class Trainer(Protocol):
     def export(self, out_dir: Path, dtype: str) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+class SkipGuard:
+    """Stops a run whose optimizer updates keep being skipped (non-finite loss or gradients): ``limit`` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def record(self, skipped: bool, where: str) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"{self.in_a_row} optimizer updates in a row had a non-finite loss or gradient norm (last at {where}) "
+                "and were skipped: stopping. Lower the learning rate or look for NaN in the inputs."
+            )
 
 
 def response_tokens(trajectories: list[Trajectory]) -> int:
@@ -134,6 +151,9 @@ class TrainerRank:
 
     def end_step(self) -> float:
         return self.policy.end_step()
+
+    def weights_finite(self) -> bool:
+        return self.policy.weights_finite()
 
     def save(self, path: str) -> None:
         self.policy.save(Path(path))
@@ -227,6 +247,11 @@ class TrainerGroup:
 
         return ray.get([r.end_step.remote() for r in self.ranks])[0]
 
+    def weights_finite(self) -> bool:
+        import ray
+
+        return ray.get([r.weights_finite.remote() for r in self.ranks])[0]
+
     def sync_weights(self, rollouts: RolloutBackend) -> WeightSync:
         import ray
 
@@ -298,6 +323,9 @@ class LocalTrainer:
 
     def end_step(self) -> float:
         return self.policy.end_step()
+
+    def weights_finite(self) -> bool:
+        return self.policy.weights_finite()
 
     def sync_weights(self, rollouts: RolloutBackend) -> WeightSync:
         return rollouts.update_weights(self.policy.full_parameters())

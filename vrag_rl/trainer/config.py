@@ -68,10 +68,13 @@ class RunConfig:
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     out_dir: str | None = None  # None: Hydra's run directory (hydra.run.dir)
     export_dtype: str = "bfloat16"
+    max_consecutive_skips: int = 3  # optimizer updates in a row skipped for non-finite values before the run stops
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.val_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("run: steps >= 1, val_every >= 0, save_every >= 0, keep_checkpoints >= 1")
+        if self.max_consecutive_skips < 1:
+            raise ValueError("run: max_consecutive_skips >= 1")
 
 
 @dataclass

@@ -13,16 +13,20 @@
    the trainer ranks; the result is exported as ``OUT/sft`` and is both GRPO's starting point and its KL
    reference.
 4. GRPO: ``grpo_step`` per step, greedy validation on held-out questions every ``run.val_every`` steps,
-   checkpoints every ``run.save_every`` steps and at the end; a rerun in the same directory resumes from the
-   newest one (model, optimizer, schedule, the ranks' RNG states, data position, step) and continues as the
-   uninterrupted run would have; every sampling seed derives from (run seed, step).
+   checkpoints every ``run.save_every`` steps and at the end, committed atomically (``checkpoint.py``); a
+   rerun in the same directory with the same settings and data resumes from the newest one (model, optimizer,
+   schedule, the ranks' RNG states, data position, step) and continues as the uninterrupted run would have;
+   every sampling seed derives from (run seed, step). Other settings, or ``run.resume=false``, in a directory
+   that holds a run stop at start, naming what differs.
 5. The end: ``OUT/export`` (a Hugging Face checkpoint transformers and vLLM load), ``metrics.jsonl``,
    ``metrics.png``, the wandb run (offline unless configured).
 
 ``grpo_step`` is one step, given its collaborators (a ``RolloutBackend``, a ``Scorer``, a ``Trainer``): questions
 → ``algo.group_size`` seeded rollouts each → rewards → group advantages → old (and reference) log-probs →
 ``algo.epochs`` x ``algo.mini_batches`` updates → the new weights streamed into the rollout engines → the
-step's metrics. It runs the same on Ray actors and in one process.
+step's metrics. It runs the same on Ray actors and in one process. An update with a non-finite loss or
+gradient is skipped (``actor/skipped_updates``); ``run.max_consecutive_skips`` of them in a row stop the run.
+Weights that are not finite are never streamed to the engines or saved: the step stops the run instead.
 """
 
 from __future__ import annotations
@@ -41,17 +45,18 @@ from tqdm import tqdm
 from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
 from vrag_rl.data.records import QARecord, holdout_split, load_qa
 from vrag_rl.reward.actor import Scorer
-from vrag_rl.reward.score import RewardBreakdown
+from vrag_rl.reward.score import NO_ANSWER, RewardBreakdown
 from vrag_rl.rollout.agent_loop import make_groups
-from vrag_rl.rollout.scoring import rollout_metrics, score_rollouts
+from vrag_rl.rollout.scoring import judge_failures, rollout_metrics, score_rollouts
 from vrag_rl.rollout.worker import RolloutBackend
-from vrag_rl.trainer.actor import Trainer, TrainerGroup, response_tokens
+from vrag_rl.trainer.actor import SkipGuard, Trainer, TrainerGroup, response_tokens
 from vrag_rl.trainer.batch import minibatches_by_group
+from vrag_rl.trainer.checkpoint import FINGERPRINT, check_fingerprint, check_run_directory, fingerprint, save_checkpoint
 from vrag_rl.trainer.config import TrainConfig
 from vrag_rl.trainer.sampler import EpochSampler
 
 log = logging.getLogger("vrag_rl.grpo")
-CHECKPOINT = "step-{:06d}"
+SFT_KEYS = ("seed", "models.", "data", "sft.", "trainer.", "rollout.agent.")  # the warm start's settings
 
 
 @dataclass
@@ -62,6 +67,7 @@ class StepResult:
     group_ids: list[int]
     rewards: list[RewardBreakdown]
     advantages: list[float]
+    skipped: list[bool]  # per optimizer update, in order: skipped for a non-finite loss or gradient
 
 
 def grpo_step(
@@ -102,6 +108,7 @@ def grpo_step(
 
     t0 = time.perf_counter()
     update: dict[str, float] = {}
+    skipped: list[bool] = []
     rng = random.Random(cfg.seed * 7_919 + step)
     for _ in range(algo.epochs):
         for idx in minibatches_by_group(group_ids, algo.mini_batches, rng):
@@ -113,17 +120,21 @@ def grpo_step(
                 algo,
                 temperature,
             )
+            skipped.append(metrics.pop("skipped_updates") > 0)
             for k, v in metrics.items():
                 update[k] = update.get(k, 0.0) + v / (algo.epochs * algo.mini_batches)
     lr = trainer.end_step()
     times["time/update_s"] = time.perf_counter() - t0
 
+    if not trainer.weights_finite():
+        raise FloatingPointError(f"step {step}: the policy's weights are not finite; not syncing or saving them")
     sync = trainer.sync_weights(rollouts)
     step_s = sum(times.values()) + sync.seconds
     metrics = {
         **rollout_metrics(batch, rewards, "train/"),
         **{f"actor/{k}": v for k, v in update.items()},
         "actor/lr": lr,
+        "actor/skipped_updates": float(sum(skipped)),
         **times,
         "time/step_s": step_s,
         "perf/tokens_per_s": response_tokens(trajectories) / step_s,
@@ -131,7 +142,7 @@ def grpo_step(
         "perf/weight_sync_bytes": float(sync.bytes),
         "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages),
     }
-    return StepResult(metrics, group_ids, rewards, advantages)
+    return StepResult(metrics, group_ids, rewards, advantages, skipped)
 
 
 def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QARecord], list[QARecord]]:
@@ -152,6 +163,10 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     from vrag_rl.trainer.tracking import Tracker
 
     t_start = time.perf_counter()
+    if cfg.judge is not None:
+        cfg.judge.api_key()  # an unset key variable fails here, before anything starts
+    current = fingerprint(cfg)
+    resume = check_run_directory(out, cfg.run.resume, current)  # refuses a directory of another run
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -175,18 +190,21 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         ray.init(include_dashboard=False, log_to_driver=False)
     retriever = start_retriever_actor(str(corpus), str(index), embedder, cfg.retriever)
     scorer = start_reward_actor(cfg.reward, cfg.judge)
-    resume = newest_checkpoint(out) if cfg.run.resume else None
     state = json.loads((resume / "controller.json").read_text()) if resume else {"step": 0}
     tracker = Tracker(
         out, cfg.tracking, config=json.loads(json.dumps(asdict(cfg), default=str)), resume_step=state["step"]
     )
 
-    # 3. SFT warm start.
+    # 3. SFT warm start (its fingerprint, written last, marks it complete).
     start_dir = policy_dir
     if cfg.sft.steps:
-        start_dir = str(out / "sft")
-        if not (out / "sft" / "config.json").exists():
+        start_dir, sft_print = str(out / "sft"), {k: v for k, v in current.items() if k.startswith(SFT_KEYS)}
+        if (out / "sft" / FINGERPRINT).is_file():
+            check_fingerprint(out / "sft", sft_print, "the supervised warm start")
+        else:
+            shutil.rmtree(out / "sft", ignore_errors=True)
             sft_warm_start(cfg, policy_dir, corpus, train_qa, out / "sft", out / "sft_metrics.jsonl")
+            (out / "sft" / FINGERPRINT).write_text(json.dumps(sft_print, indent=1, sort_keys=True))
 
     # 4. GRPO.
     trainer = TrainerGroup(cfg.trainer, start_dir, cfg.run.steps, with_reference=cfg.algo.kl_coef > 0)
@@ -202,17 +220,22 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         log.info("resumed from %s (step %d)", resume, step)
     bar = tqdm(total=cfg.run.steps, initial=step, desc="grpo", unit="step")
     last: dict[str, float] = {}
+    guard = SkipGuard(cfg.run.max_consecutive_skips)
     while step < cfg.run.steps:
         step += 1
         questions = [grpo_qa[i] for i in sampler.take(cfg.algo.prompts_per_step)]
-        last = grpo_step(step, questions, pool, scorer, trainer, cfg).metrics
+        result = grpo_step(step, questions, pool, scorer, trainer, cfg)
+        check_judge(result.rewards, cfg, f"GRPO step {step}")
+        for k, skipped in enumerate(result.skipped):
+            guard.record(skipped, f"GRPO step {step}, update {k + 1}")
+        last = result.metrics
         if val_qa and cfg.run.val_every and (step % cfg.run.val_every == 0 or step == cfg.run.steps):
-            last |= validate(pool, scorer, val_qa, cfg)
+            last |= validate(pool, scorer, val_qa, cfg, step)
         tracker.log(step, last)
         bar.set_postfix(reward=f"{last['train/reward']:.3f}", ndcg=f"{last['train/ndcg']:.3f}")
         bar.update(1)
         if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
-            save_checkpoint(out, step, trainer, sampler, cfg.run.keep_checkpoints)
+            save_checkpoint(out, step, trainer, sampler, cfg.run.keep_checkpoints, current)
     bar.close()
 
     # 5. The end.
@@ -233,41 +256,35 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     return summary
 
 
-def validate(rollouts: RolloutBackend, scorer: Scorer, val_qa: list[QARecord], cfg: TrainConfig) -> dict[str, float]:
+def check_judge(rewards: list[RewardBreakdown], cfg: TrainConfig, where: str) -> None:
+    """Stop the run when more answers than ``judge.max_error_rate`` could not be judged: training on, with
+    every such answer scored 0, would optimise NDCG and format alone without saying so."""
+    failures = judge_failures(rewards)
+    answered = sum(b.answer_status != NO_ANSWER for b in rewards)
+    if cfg.judge is None or not answered or sum(failures.values()) / answered <= cfg.judge.max_error_rate:
+        return
+    statuses = ", ".join(f"{n} {status}" for status, n in failures.most_common())
+    raise RuntimeError(
+        f"{where}: the judge at {cfg.judge.base_url} failed on {sum(failures.values())} of {answered} answers "
+        f"({statuses}), over judge.max_error_rate={cfg.judge.max_error_rate}: stopping"
+    )
+
+
+def validate(
+    rollouts: RolloutBackend, scorer: Scorer, val_qa: list[QARecord], cfg: TrainConfig, step: int
+) -> dict[str, float]:
     """Greedy rollouts on the held-out questions; metrics over all (``val/``) and per data source
     (``val/SOURCE/``)."""
     tasks = make_groups([(r.qid, r.question) for r in val_qa], 1, seed=cfg.seed)
     batch = rollouts.rollout(tasks, replace(cfg.sampling, temperature=0.0))
     by_qid = {r.qid: r for r in val_qa}
     rewards = score_rollouts(scorer, by_qid, batch)
+    check_judge(rewards, cfg, f"validation at step {step}")
     metrics = rollout_metrics(batch, rewards, "val/")
     for source in sorted({r.data_source for r in val_qa}):
         mine = [i for i, r in enumerate(batch) if by_qid[r.task.qid].data_source == source]
         metrics |= rollout_metrics([batch[i] for i in mine], [rewards[i] for i in mine], f"val/{source}/")
     return metrics
-
-
-def finished_checkpoints(out: Path) -> list[Path]:
-    """Checkpoints in step order; one counts once its controller.json exists (written last)."""
-    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "controller.json").exists())
-
-
-def newest_checkpoint(out: Path) -> Path | None:
-    done = finished_checkpoints(out)
-    return done[-1] if done else None
-
-
-def save_checkpoint(out: Path, step: int, trainer: Trainer, sampler: EpochSampler, keep: int) -> Path:
-    """Trainer state (sharded), then the controller's; a checkpoint counts once controller.json exists."""
-    path = out / "checkpoints" / CHECKPOINT.format(step)
-    shutil.rmtree(path, ignore_errors=True)
-    (path / "trainer").mkdir(parents=True)
-    trainer.save(path / "trainer")
-    state = {"step": step, "sampler": sampler.state()}  # every seed derives from (run seed, step)
-    (path / "controller.json").write_text(json.dumps(state))
-    for old in finished_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def sft_warm_start(
@@ -299,6 +316,15 @@ def sft_warm_start(
         cfg.sft.steps,
         with_reference=False,
     )
-    run_sft(trainer, data, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.crop_batch_size, cfg.seed + 1, metrics_file)
+    run_sft(
+        trainer,
+        data,
+        cfg.sft.steps,
+        cfg.sft.batch_size,
+        cfg.sft.crop_batch_size,
+        cfg.seed + 1,
+        metrics_file,
+        SkipGuard(cfg.run.max_consecutive_skips),
+    )
     trainer.export(out_dir, "float32")
     trainer.shutdown()

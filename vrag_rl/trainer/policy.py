@@ -11,6 +11,10 @@ loss, so its forward runs the vision tower first, like any other. A micro-batch'
 the token count of the whole mini-batch (over all ranks); ``_step`` multiplies it by the world size, the one
 place that knows gradients are averaged over ranks, so the accumulated gradient equals the whole mini-batch's
 on one rank.
+
+A non-finite loss or gradient norm on any rank skips the optimizer step on every rank (the ranks agree by
+an all-reduce, so their weights never diverge) and is reported as ``skipped_updates``; the weights stay as
+they were. ``weights_finite`` checks the weights themselves before they are synced or saved.
 """
 
 from __future__ import annotations
@@ -218,18 +222,41 @@ class PolicyTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
+        finite = True
         for indices, weight in plan:
             batch = self._batch([trajectories[i] for i in indices])
             loss, metrics = loss_fn(indices, batch)
             (loss * weight * self.world_size).backward()
+            finite = finite and bool(torch.isfinite(loss))
             if weight:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        sums["grad_norm"] = float(norm) / self.world_size  # the caller sums ranks: each rank holds the global norm
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        skip = not self._all_ranks(finite and math.isfinite(norm))
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        # The caller sums ranks: each rank holds the global norm and the common decision.
+        sums["grad_norm"] = norm / self.world_size
+        sums["skipped_updates"] = float(skip) / self.world_size
         return sums
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank (a collective under a process group)."""
+        if not self.sharded:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.cfg.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def weights_finite(self) -> bool:
+        """Every weight of the policy is finite, on every rank (a collective under a process group)."""
+        local = all(
+            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in self.model.parameters()
+        )
+        return self._all_ranks(local)
 
     def grpo_update(
         self,

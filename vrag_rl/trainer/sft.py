@@ -27,7 +27,7 @@ from vrag_rl.agent.prompt import PromptConfig
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import QARecord
-from vrag_rl.trainer.actor import Trainer
+from vrag_rl.trainer.actor import SkipGuard, Trainer
 from vrag_rl.trainer.sampler import EpochSampler
 
 
@@ -96,9 +96,10 @@ def run_sft(
     crop_batch_size: int,
     seed: int,
     metrics_file: Path | None = None,
+    guard: SkipGuard | None = None,
 ) -> list[dict]:
     """``steps`` optimizer steps of ``trainer.sft_update`` (token-mean NLL over each whole batch); returns and
-    (optionally) writes one metrics row per step."""
+    (optionally) writes one metrics row per step. ``guard`` stops the loop when updates keep being skipped."""
     rows = []
     batches = data.batches(batch_size, crop_batch_size, seed)
     sink = open(metrics_file, "w") if metrics_file else None
@@ -106,6 +107,8 @@ def run_sft(
         bar = tqdm(range(1, steps + 1), desc="sft", unit="step")
         for step in bar:
             metrics = trainer.sft_update(next(batches))
+            if guard is not None:
+                guard.record(metrics["skipped_updates"] > 0, f"SFT step {step}")
             rows.append({"step": step, **metrics, "lr": trainer.end_step()})
             if sink:
                 sink.write(json.dumps(rows[-1]) + "\n")

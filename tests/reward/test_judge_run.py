@@ -1,0 +1,73 @@
+"""The judge inside the main job: its API key reaches no file the run writes, and a dead judge stops the run.
+
+Both run ``python -m vrag_rl.main`` (one short GRPO step from the warm policy) against the real judge server
+of this folder's conftest on 127.0.0.1, or against a port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+
+from tests.test_main import run_main
+
+SHORT = [
+    "+recipe=tiny_cpu",
+    "sft.steps=0",
+    "algo.prompts_per_step=2",
+    "algo.group_size=4",
+    "run.steps=1",
+    "run.val_every=0",
+    "sampling.max_tokens=64",
+    "reward.answer_metric=judge",
+]
+
+
+def judge(base_url: str, **settings) -> str:
+    fields = {"base_url": f"'{base_url}'", "model": "judge", **settings}
+    return "judge={" + ",".join(f"{k}:{v}" for k, v in fields.items()) + "}"
+
+
+def test_the_judge_key_is_in_no_file_the_run_writes(judge_server, warm_policy, tiny_dirs, tmp_path, monkeypatch):
+    key = f"sk-planted-{uuid.uuid4().hex}"
+    monkeypatch.setenv("VRAG_TEST_JUDGE_KEY", key)
+    proc = run_main(
+        *SHORT,
+        judge(
+            f"{judge_server.url}/authsha/{hashlib.sha256(key.encode()).hexdigest()}", api_key_env="VRAG_TEST_JUDGE_KEY"
+        ),
+        f"models.policy={warm_policy}",
+        f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["train/judge_error_rate"] == 0 and row["train/answer"] > 0  # the key worked: answers judged
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(".hydra" in p.parts for p in files) and any("wandb" in p.parts for p in files)
+    assert [p for p in files if key.encode() in p.read_bytes()] == []
+    assert key not in proc.stdout + proc.stderr
+
+
+def test_a_dead_judge_stops_the_run_with_the_reason(closed_port_url, warm_policy, tiny_dirs, tmp_path):
+    proc = run_main(
+        *SHORT,
+        judge(closed_port_url, timeout_s=1.0, max_retries=0),
+        f"models.policy={warm_policy}",
+        f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode != 0
+    assert "GRPO step 1: the judge at" in proc.stderr and "connection_error" in proc.stderr
+    assert "judge.max_error_rate=0.5" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_unset_key_variable_stops_the_run_at_start(warm_policy, tmp_path):
+    env_name = f"VRAG_UNSET_{uuid.uuid4().hex[:8]}"
+    assert env_name not in os.environ
+    proc = run_main(*SHORT, judge("http://127.0.0.1:9/v1", api_key_env=env_name), f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and env_name in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
