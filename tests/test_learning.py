@@ -1,12 +1,15 @@
 """GRPO learns: a small version of the tiny recipe raises the retrieval reward (NDCG) under two seeds.
 
-The main job in a subprocess, as users run it, from the warm-started policy (no SFT phase): 4 training
-questions, 8 samples each, 5 steps. Seeing the same questions step after step, the policy learns which
+The main job in a subprocess, as users run it, from the warm-started policy (no SFT phase): 2 training
+questions, 16 samples each, 6 steps. Seeing the same questions step after step, the policy learns which
 search finds each question's page: the mean NDCG of the last two steps must clearly exceed that of the first
-two. Seen on 2 CPU cores (2026-11-30): NDCG 0.19 -> 0.39 (seed 0) and 0.09 -> 0.19 (seed 1); the margin, 0.06,
-is two thirds of the smaller rise. The total reward rose too (0.13 -> 0.19 and 0.14 -> 0.16), the second
-within noise: NDCG weighs 0.2 in it, and the format part and the finish gate (no answer, no reward) move it
-as much from step to step, so it is not asserted.
+two. Seen on 2 CPU cores (2026-12-01, AVX-512): NDCG 0.08 -> 0.45 (seed 0) and 0.09 -> 0.36 (seed 1), the
+total reward 0.10 -> 0.18 and 0.08 -> 0.15; the margin, 0.1, is well under both rises.
+
+Why 2 questions x 16 samples and not the recipe's 4 x 8: with 4 x 8 over 5 steps the rise was clear on one
+machine (0.09 -> 0.19 under seed 1, 2026-11-30) and absent on another (0.06 -> 0.09 under seed 1, its other
+seed learning well), where the same 32 samples a step spread over more questions give each a noisier
+advantage; with 16 samples of each of 2 questions both seeds rose by 0.27 or more.
 """
 
 import pytest
@@ -16,10 +19,10 @@ from tests.test_main import metrics, run_main
 SMALL = [
     "+recipe=tiny_cpu",
     "sft.steps=0",
-    "data.max_grpo_questions=4",
-    "algo.prompts_per_step=4",
-    "algo.group_size=8",
-    "run.steps=5",
+    "data.max_grpo_questions=2",
+    "algo.prompts_per_step=2",
+    "algo.group_size=16",
+    "run.steps=6",
     "run.val_every=0",
     "run.save_every=0",
 ]
@@ -36,10 +39,10 @@ def test_grpo_raises_ndcg(seed, tmp_path, warm_policy, tiny_dirs):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 6))
+    assert [r["step"] for r in rows] == list(range(1, 7))
 
     def mean(key: str, part: list[dict]) -> float:
         return sum(r[key] for r in part) / len(part)
 
     curves = {k: [round(r[k], 3) for r in rows] for k in ("train/reward", "train/ndcg")}
-    assert mean("train/ndcg", rows[-2:]) > mean("train/ndcg", rows[:2]) + 0.06, curves
+    assert mean("train/ndcg", rows[-2:]) > mean("train/ndcg", rows[:2]) + 0.1, curves

@@ -114,6 +114,57 @@ def test_other_settings_or_resume_false_in_a_used_directory_stop_at_start(straig
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
+def sampling_workers(pid: int) -> list:
+    """The job's rollout worker processes that are inside a rollout call (Ray names the process after it)."""
+    import psutil
+
+    found = []
+    try:
+        for p in psutil.Process(pid).children(recursive=True):
+            try:
+                if "RolloutWorker.rollout" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # gone meanwhile
+                pass
+    except psutil.Error:
+        pass
+    return found
+
+
+def test_a_rollout_worker_killed_mid_step_costs_nothing(straight, tmp_path, warm_policy, tiny_dirs):
+    """SIGKILL of the rollout worker while it samples step 2: Ray starts it again, the current weights are
+    streamed in, the batch is sampled again, and the run ends with the straight run's metrics and weights."""
+    import os
+    import signal
+    import time
+
+    out, _ = straight
+    args = [*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny_dirs['policy'].parent}", "run.steps=2"]
+    log = tmp_path / "job.log"  # a file, not a pipe nobody reads while the job runs
+    job = subprocess.Popen(
+        [sys.executable, "-m", "vrag_rl.main", *args, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    killed, deadline = None, time.monotonic() + 600
+    while killed is None and job.poll() is None and time.monotonic() < deadline:
+        logged = (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 1
+        busy = sampling_workers(job.pid)
+        if logged and busy:
+            killed = busy[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    job.wait(timeout=900)
+    output = log.read_text()
+    assert killed is not None, "never saw step 2's rollout: " + output[-3000:]
+    assert job.returncode == 0, output[-4000:]
+    assert "sampling the batch again" in output
+    assert metrics(tmp_path) == metrics(out)
+    got, want = weights(tmp_path), weights(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_export_serves_with_vllm(straight, tmp_path):
     out, _ = straight
     proc = subprocess.run(

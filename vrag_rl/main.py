@@ -17,10 +17,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from vrag_rl.reward.judge import JudgeConfig
 from vrag_rl.trainer.config import TrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+# ``+judge=endpoint judge.base_url=URL judge.model=NAME``: the judge section is empty (None) unless chosen.
+ConfigStore.instance().store(group="judge", name="endpoint", node=JudgeConfig)
 
 
 def register_recipes(directory: Path = RECIPES) -> list[str]:

@@ -1,8 +1,11 @@
 """The retriever on Ray: shard actors give the single-process answers and survive a kill in the middle of a batch."""
 
 import sys
+import tempfile
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 import ray
@@ -36,7 +39,20 @@ class SlowShardActor(ShardActor):
         return out
 
 
-# Ray's workers cannot import this test module: the class travels by value.
+HANG_MARKER = Path(tempfile.gettempdir()) / f"vrag-rl-hang-{uuid.uuid4().hex}"
+
+
+class HangingShardActor(ShardActor):
+    """A shard actor whose first search, in the first process to run one, never returns."""
+
+    def search(self, embeddings, top_k, mode):
+        if not HANG_MARKER.exists():
+            HANG_MARKER.touch()
+            time.sleep(600)
+        return super().search(embeddings, top_k, mode)
+
+
+# Ray's workers cannot import this test module: the classes travel by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -64,7 +80,7 @@ def test_front_resubmits_after_ray_gave_up_and_bounds_it(monkeypatch):
     """The front's own retry loop (Ray's max_task_retries exhausted): resubmit, then give up after ``retries``."""
     import vrag_rl.retrieval.actor as actor_mod
 
-    def fake_get(ref):
+    def fake_get(ref, timeout=None):
         if isinstance(ref, Exception):
             raise ref
         return ref
@@ -144,3 +160,20 @@ def test_front_actor(ray_session, oracle, bundled_corpus, visual_index, embedder
         assert got == oracle.search(QUERIES[:3], top_k=5)
     finally:
         ray.kill(handle)
+
+
+def test_a_hung_shard_actor_is_restarted_and_the_search_answered(
+    ray_session, oracle, bundled_corpus, visual_index, embedder
+):
+    cfg = RetrieverConfig(shard_actors=1, num_cpus=0.25, call_timeout_s=3.0, retry_wait_s=0.5)
+    hung = DistributedRetriever(bundled_corpus, visual_index, embedder, actors=cfg, shard_actor=HangingShardActor)
+    try:
+        before = hung.shard_stats()[0]["pid"]
+        t0 = time.monotonic()
+        assert hung.search(QUERIES, top_k=5) == oracle.search(QUERIES, top_k=5)
+        assert HANG_MARKER.exists() and time.monotonic() - t0 >= 3.0  # it hung, timed out, and was retried
+        assert hung.shard_stats()[0]["pid"] != before  # in a new process
+    finally:
+        for actor in hung.shard_actors:
+            ray.kill(actor)
+        HANG_MARKER.unlink(missing_ok=True)

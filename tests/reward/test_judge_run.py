@@ -25,9 +25,10 @@ SHORT = [
 ]
 
 
-def judge(base_url: str, **settings) -> str:
-    fields = {"base_url": f"'{base_url}'", "model": "judge", **settings}
-    return "judge={" + ",".join(f"{k}:{v}" for k, v in fields.items()) + "}"
+def judge(base_url: str, **settings) -> list[str]:
+    """The overrides that give the run a judge (the section is empty unless chosen with +judge=endpoint)."""
+    fields = {"base_url": base_url, "model": "judge", **settings}
+    return ["+judge=endpoint", *(f"judge.{k}={v}" for k, v in fields.items())]
 
 
 def test_the_judge_key_is_in_no_file_the_run_writes(judge_server, warm_policy, tiny_dirs, tmp_path, monkeypatch):
@@ -35,7 +36,7 @@ def test_the_judge_key_is_in_no_file_the_run_writes(judge_server, warm_policy, t
     monkeypatch.setenv("VRAG_TEST_JUDGE_KEY", key)
     proc = run_main(
         *SHORT,
-        judge(
+        *judge(
             f"{judge_server.url}/authsha/{hashlib.sha256(key.encode()).hexdigest()}", api_key_env="VRAG_TEST_JUDGE_KEY"
         ),
         f"models.policy={warm_policy}",
@@ -54,7 +55,7 @@ def test_the_judge_key_is_in_no_file_the_run_writes(judge_server, warm_policy, t
 def test_a_dead_judge_stops_the_run_with_the_reason(closed_port_url, warm_policy, tiny_dirs, tmp_path):
     proc = run_main(
         *SHORT,
-        judge(closed_port_url, timeout_s=1.0, max_retries=0),
+        *judge(closed_port_url, timeout_s=1.0, max_retries=0),
         f"models.policy={warm_policy}",
         f"models.tiny_dir={tiny_dirs['policy'].parent}",
         f"hydra.run.dir={tmp_path}",
@@ -68,6 +69,6 @@ def test_a_dead_judge_stops_the_run_with_the_reason(closed_port_url, warm_policy
 def test_an_unset_key_variable_stops_the_run_at_start(warm_policy, tmp_path):
     env_name = f"VRAG_UNSET_{uuid.uuid4().hex[:8]}"
     assert env_name not in os.environ
-    proc = run_main(*SHORT, judge("http://127.0.0.1:9/v1", api_key_env=env_name), f"hydra.run.dir={tmp_path}")
+    proc = run_main(*SHORT, *judge("http://127.0.0.1:9/v1", api_key_env=env_name), f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and env_name in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -11,8 +11,9 @@ model; ``RemoteRetriever`` is that actor's handle seen as a local retriever.
 Fault tolerance: shard actors are created with ``max_restarts`` (Ray starts a dead actor again, which
 reloads its shards) and ``max_task_retries`` (Ray resubmits calls that were in flight when it died). On
 top of that the front resubmits a shard's call itself when Ray still reports the actor dead or
-unavailable (its restart under way, or Ray's retries used up), a bounded number of times. A shard actor
-killed in the middle of a batch therefore costs time, never a query.
+unavailable (its restart under way, or Ray's retries used up), a bounded number of times, and a call that
+takes longer than ``call_timeout_s`` counts as a hung actor: it is killed (Ray starts it again) and the call
+resubmitted. A shard actor killed or hung in the middle of a batch therefore costs time, never a query.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from torch import Tensor
 
 from vrag_rl.retrieval.base import BaseRetriever, PageCatalog, as_embedder
@@ -49,10 +50,13 @@ class RetrieverConfig:
     max_task_retries: int = 3  # Ray's resubmissions of a call that was in flight when its actor died
     retries: int = 5  # the front's own resubmissions after Ray gave up on a call
     retry_wait_s: float = 1.0  # between the front's resubmissions (a restart takes seconds: imports, load)
+    call_timeout_s: float = 120.0  # a shard call still running after this is taken for a hung actor
 
     def __post_init__(self) -> None:
         if self.shard_actors < 1 or self.num_cpus <= 0 or self.embed_batch_size < 1 or self.retries < 0:
             raise ValueError("retriever: shard_actors >= 1, num_cpus > 0, embed_batch_size >= 1, retries >= 0")
+        if self.call_timeout_s <= 0:
+            raise ValueError("retriever: call_timeout_s > 0")
 
 
 class ShardActor:
@@ -132,17 +136,20 @@ class DistributedRetriever(BaseRetriever):
         self.shard_stats()  # wait until every actor has loaded its shards (their load errors surface here)
 
     def _call_all(self, submit) -> list:
-        """``submit(actor)`` on every shard actor in parallel; a call whose actor died is resubmitted."""
+        """``submit(actor)`` on every shard actor in parallel; a call whose actor died or hung is resubmitted."""
         refs = [submit(a) for a in self.shard_actors]
         out = []
         for actor, ref in zip(self.shard_actors, refs):
             for attempt in range(self.cfg.retries + 1):
                 try:
-                    out.append(ray.get(ref))
+                    out.append(ray.get(ref, timeout=self.cfg.call_timeout_s))
                     break
-                except RayActorError as err:  # ActorDiedError, ActorUnavailableError
+                except (RayActorError, GetTimeoutError) as err:  # died (or restarting), or hung
                     if attempt == self.cfg.retries:
                         raise
+                    if isinstance(err, GetTimeoutError):
+                        log.warning("shard actor call hung for %.0fs; restarting the actor", self.cfg.call_timeout_s)
+                        ray.kill(actor, no_restart=False)
                     log.warning(
                         "shard actor call failed (%s); resubmitting (%d/%d)",
                         type(err).__name__,

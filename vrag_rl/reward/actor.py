@@ -21,7 +21,10 @@ class Scorer(Protocol):
 class RewardScorer:
     def __init__(self, cfg: RewardConfig, judge: JudgeConfig | None = None):
         if cfg.answer_metric == "judge" and judge is None:
-            raise ValueError('reward.answer_metric "judge" needs a judge endpoint (judge.base_url, judge.model)')
+            raise ValueError(
+                'reward.answer_metric "judge" needs a judge endpoint: '
+                "+judge=endpoint judge.base_url=URL judge.model=NAME"
+            )
         self.cfg = cfg
         self.judge = JudgeClient(judge) if judge is not None and cfg.answer_metric == "judge" else None
 
@@ -49,4 +52,6 @@ class RemoteScorer:
 def start_reward_actor(cfg: RewardConfig, judge: JudgeConfig | None, num_cpus: float = 0.1) -> RemoteScorer:
     import ray
 
-    return RemoteScorer(ray.remote(RewardScorer).options(num_cpus=num_cpus).remote(cfg, judge))
+    # Stateless: a dead actor is started again and the calls in flight are sent again.
+    remote = ray.remote(RewardScorer).options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=3)
+    return RemoteScorer(remote.remote(cfg, judge))

@@ -9,6 +9,11 @@ feeds it into a single running ``update_weights`` call (``WeightStream``), so ne
 second full copy of the model.
 
 Both are a ``RolloutBackend``: what the GRPO step needs of rollouts (sample them, take new weights).
+
+A pool's worker that dies (or whose rollout runs past ``call_timeout_s``, and is then killed) is started again
+by Ray with the weights it was created with; the pool waits until every worker answers and raises
+``WorkersRestarted``, so that its caller streams the current weights in and runs the batch again (its seeds
+make the second run sample what the first would have).
 """
 
 from __future__ import annotations
@@ -59,12 +64,16 @@ class RolloutConfig:
     num_cpus: float = 1.0  # per worker actor
     num_gpus: float = 0.0  # per worker actor (1 on GPU clusters)
     bucket_bytes: int = 256 << 20  # weight-update bucket size
+    call_timeout_s: float = 1800.0  # a batch of rollouts still running after this is taken for a hung worker
+    restart_timeout_s: float = 600.0  # how long restarted workers may take to come back
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine must be one of {ENGINES}, got {self.engine!r}")
         if self.num_workers < 1:
             raise ValueError(f"rollout.num_workers must be >= 1, got {self.num_workers}")
+        if self.call_timeout_s <= 0 or self.restart_timeout_s <= 0:
+            raise ValueError("rollout: call_timeout_s and restart_timeout_s > 0")
         if self.engine == "vllm" and self.vllm.max_images < self.agent.max_turns:
             raise ValueError(
                 f"vllm.max_images ({self.vllm.max_images}) must be >= agent.max_turns ({self.agent.max_turns}): "
@@ -188,13 +197,17 @@ def split_by_group(tasks: list[Task], parts: int) -> list[list[int]]:
     return [[i for g in chunk for i in order[g]] for chunk in chunks if len(chunk)]
 
 
+class WorkersRestarted(RuntimeError):
+    """Rollout workers died or hung and were started again: they hold their initial weights."""
+
+
 class RolloutPool:
-    """``num_workers`` rollout worker actors on the running Ray cluster."""
+    """``num_workers`` rollout worker actors on the running Ray cluster (restarted by Ray when they die)."""
 
     def __init__(self, cfg: RolloutConfig, retriever_actor, corpus_dir: str):
         import ray
 
-        remote = ray.remote(RolloutWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        remote = ray.remote(RolloutWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=-1)
         corpus_dir = str(Path(corpus_dir).resolve())
         self.cfg = cfg
         self.workers = [
@@ -205,15 +218,47 @@ class RolloutPool:
 
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         chunks = split_by_group(tasks, len(self.workers))
         refs = [w.rollout.remote([tasks[i] for i in c], sampling) for w, c in zip(self.workers, chunks)]
+        try:
+            results = ray.get(refs, timeout=self.cfg.call_timeout_s)
+        except (RayActorError, GetTimeoutError) as err:
+            self._recover(refs, err)
         out: list[Rollout | None] = [None] * len(tasks)
-        for chunk, rollouts in zip(chunks, ray.get(refs)):
+        for chunk, rollouts in zip(chunks, results):
             for i, r in zip(chunk, rollouts):
                 out[i] = r
         self.last_timings = ray.get([w.timings.remote() for w in self.workers[: len(chunks)]])
         return out
+
+    def _recover(self, refs: list, err: Exception) -> None:
+        """After a death (Ray restarts the worker) or a hang (the busy workers are killed, and restarted): wait
+        until every worker answers, then raise ``WorkersRestarted``."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        if isinstance(err, GetTimeoutError):
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for worker, ref in zip(self.workers, refs):
+                if ref not in done:
+                    ray.kill(worker, no_restart=False)
+        else:  # the living workers finish their part; the batch runs again whole
+            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.call_timeout_s)
+        deadline = time.monotonic() + self.cfg.restart_timeout_s
+        for worker in self.workers:
+            while True:
+                try:
+                    ray.get(worker.timings.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except Exception:  # noqa: BLE001 (restarting: try again until the deadline)
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"rollout workers did not come back within {self.cfg.restart_timeout_s}s"
+                        ) from err
+                    time.sleep(1.0)
+        raise WorkersRestarted(f"rollout workers were restarted ({type(err).__name__}: {err})") from err
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightSync:
         """Stream weights to every worker in buckets; returns seconds and bytes moved (per worker)."""

@@ -27,6 +27,8 @@
 step's metrics. It runs the same on Ray actors and in one process. An update with a non-finite loss or
 gradient is skipped (``actor/skipped_updates``); ``run.max_consecutive_skips`` of them in a row stop the run.
 Weights that are not finite are never streamed to the engines or saved: the step stops the run instead.
+Rollout workers that die or hang mid-batch are started again, given the current weights, and the batch is
+sampled again (``sample``): the step's result is the one it would have had.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
 from vrag_rl.data.records import QARecord, holdout_split, load_qa
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.score import NO_ANSWER, RewardBreakdown
-from vrag_rl.rollout.agent_loop import make_groups
+from vrag_rl.rollout.agent_loop import Rollout, Task, make_groups
+from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.scoring import judge_failures, rollout_metrics, score_rollouts
-from vrag_rl.rollout.worker import RolloutBackend
+from vrag_rl.rollout.worker import RolloutBackend, WorkersRestarted
 from vrag_rl.trainer.actor import SkipGuard, Trainer, TrainerGroup, response_tokens
 from vrag_rl.trainer.batch import minibatches_by_group
 from vrag_rl.trainer.checkpoint import FINGERPRINT, check_fingerprint, check_run_directory, fingerprint, save_checkpoint
@@ -83,7 +86,7 @@ def grpo_step(
     t0 = time.perf_counter()
     # Seeds depend on the step only, so a resumed run samples what the straight run sampled.
     tasks = make_groups([(r.qid, r.question) for r in questions], algo.group_size, seed=cfg.seed * 1_000_003 + step)
-    batch = rollouts.rollout(tasks, cfg.sampling)
+    batch = sample(rollouts, trainer, tasks, cfg.sampling)
     times["time/rollout_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -143,6 +146,17 @@ def grpo_step(
         "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages),
     }
     return StepResult(metrics, group_ids, rewards, advantages, skipped)
+
+
+def sample(rollouts: RolloutBackend, trainer: Trainer, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
+    """Rollouts of ``tasks``; when rollout workers had to be restarted mid-batch (they died or hung), the current
+    weights are streamed into them and the batch runs again, sampling what it would have (seeded tasks)."""
+    try:
+        return rollouts.rollout(tasks, sampling)
+    except WorkersRestarted as err:
+        log.warning("%s: streaming the current weights and sampling the batch again", err)
+        trainer.sync_weights(rollouts)
+        return rollouts.rollout(tasks, sampling)
 
 
 def split_questions(records: list[QARecord], cfg: TrainConfig) -> tuple[list[QARecord], list[QARecord]]:
@@ -230,7 +244,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
             guard.record(skipped, f"GRPO step {step}, update {k + 1}")
         last = result.metrics
         if val_qa and cfg.run.val_every and (step % cfg.run.val_every == 0 or step == cfg.run.steps):
-            last |= validate(pool, scorer, val_qa, cfg, step)
+            last |= validate(pool, scorer, trainer, val_qa, cfg, step)
         tracker.log(step, last)
         bar.set_postfix(reward=f"{last['train/reward']:.3f}", ndcg=f"{last['train/ndcg']:.3f}")
         bar.update(1)
@@ -271,12 +285,12 @@ def check_judge(rewards: list[RewardBreakdown], cfg: TrainConfig, where: str) ->
 
 
 def validate(
-    rollouts: RolloutBackend, scorer: Scorer, val_qa: list[QARecord], cfg: TrainConfig, step: int
+    rollouts: RolloutBackend, scorer: Scorer, trainer: Trainer, val_qa: list[QARecord], cfg: TrainConfig, step: int
 ) -> dict[str, float]:
     """Greedy rollouts on the held-out questions; metrics over all (``val/``) and per data source
     (``val/SOURCE/``)."""
     tasks = make_groups([(r.qid, r.question) for r in val_qa], 1, seed=cfg.seed)
-    batch = rollouts.rollout(tasks, replace(cfg.sampling, temperature=0.0))
+    batch = sample(rollouts, trainer, tasks, replace(cfg.sampling, temperature=0.0))
     by_qid = {r.qid: r for r in val_qa}
     rewards = score_rollouts(scorer, by_qid, batch)
     check_judge(rewards, cfg, f"validation at step {step}")
