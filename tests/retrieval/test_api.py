@@ -339,3 +339,65 @@ def test_cli_refuses_a_stale_index(bundled_corpus, api_index, tiny_dirs):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "stale" in out.stderr and "removed" in out.stderr and "Uvicorn running" not in out.stderr
+
+
+def _png_b64(size: tuple[int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "PNG")  # uniform: a tiny file, 3 bytes a pixel decoded
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_burst_of_maximal_image_queries_keeps_memory_bounded(corpus, api_index, tiny_dirs):
+    """16 concurrent requests, each a 40-megapixel image (120 MB decoded), at a real server process on
+    127.0.0.1: every answer is 200 or a JSON 503, the server's memory grows by far less than 16 decodes would
+    take, it stays healthy, and requests beyond the per-request pixel bound or in other formats are refused."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(corpus), "--index", str(api_index)]
+    proc = subprocess.Popen(
+        [*cmd, "--model", str(tiny_dirs["retriever"]), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (m := re.search(r"running on http://127\.0\.0\.1:(\d+)", proc.stdout.readline())) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+        base = f"http://127.0.0.1:{m.group(1)}"
+        big = _png_b64((8000, 5000))
+        server = psutil.Process(proc.pid)
+        baseline, peak, done = server.memory_info().rss, [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], server.memory_info().rss)
+                time.sleep(0.02)
+
+        answers: list[httpx.Response] = []
+
+        def ask():
+            answers.append(httpx.post(base + "/search", json={"image_queries": [big], "top_k": 3}, timeout=300))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        askers = [threading.Thread(target=ask) for _ in range(16)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(600)
+        done.set()
+        watcher.join()
+        assert len(answers) == 16 and {r.status_code for r in answers} <= {200, 503}
+        assert any(r.status_code == 200 for r in answers)
+        assert all("detail" in r.json() for r in answers if r.status_code == 503)
+        assert peak[0] - baseline < 1_200_000_000, (baseline, peak[0])  # 16 decodes alone would be ~1.9 GB
+        three = httpx.post(base + "/search", json={"image_queries": [big] * 3}, timeout=60)
+        assert three.status_code == 413 and "pixels" in three.json()["detail"]
+        eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n").decode()
+        refused = httpx.post(base + "/search", json={"image_queries": [eps]}, timeout=60)
+        assert refused.status_code == 400
+        assert httpx.get(base + "/health", timeout=30).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)

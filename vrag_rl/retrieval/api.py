@@ -12,8 +12,16 @@ Endpoints:
 - ``GET /health`` — page count and available modes.
 
 Bad requests get JSON ``{"detail": ...}``: 422 for limits on batch size, query length and top_k; 400 for
-undecodable images, malformed page ids and modes the server cannot serve; 413 for oversized bodies or
-images; 404 for unknown pages; 403 for a page whose file lies outside the corpus.
+undecodable images, image formats outside ``Limits.image_formats``, malformed page ids and modes the server
+cannot serve; 413 for oversized bodies or images; 404 for unknown pages; 403 for a page whose file lies
+outside the corpus; 503 when the server is at capacity.
+
+Memory stays bounded under a burst: at most ``max_in_flight`` requests are served at once (more get 503 at
+once, before their bodies are read); image sizes are read from the headers and a request's images together
+may hold ``max_request_pixels`` before anything is decoded; images are decoded on ``max_decodes`` threads of
+their own (a request waits up to ``decode_wait_s`` for them, then gets 503), so only those threads ever hold a
+full-size raster (and keep the allocator's cache of one), and each decoded image is shrunk to ``query_pixels``
+at once, the size the retriever embeds anyway.
 
 CLI: ``python -m vrag_rl.retrieval.api --corpus C --index I --model DIR [--host 127.0.0.1] [--port 8002]``.
 """
@@ -27,6 +35,8 @@ import io
 import json
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Query
@@ -45,7 +55,13 @@ class Limits:
     max_top_k: int = 50
     max_image_bytes: int = 10 << 20  # per decoded image file
     max_image_pixels: int = 40_000_000  # decompression bombs: checked from the header, before decoding
+    max_request_pixels: int = 80_000_000  # all image queries of one request, from their headers
     max_body_bytes: int = 64 << 20
+    max_in_flight: int = 8  # requests served at once
+    max_decodes: int = 2  # requests decoding images at once
+    decode_wait_s: float = 30.0
+    query_pixels: int = 4_000_000  # decoded image queries are shrunk to this many pixels
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's plugin names
 
 
 class SearchRequest(BaseModel):
@@ -57,23 +73,35 @@ class SearchRequest(BaseModel):
     mode: SearchMode = SearchMode.VISUAL
 
 
-class _BodyLimit:
-    """ASGI wrapper refusing bodies over ``max_bytes`` with 413, by header or while streaming (chunked)."""
+async def _refuse(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
+
+class _BodyLimit:
+    """ASGI wrapper refusing bodies over ``max_bytes`` with 413, by header or while streaming (chunked), and
+    requests beyond ``max_in_flight`` at once with 503 (the event loop is one thread: a plain counter)."""
+
+    def __init__(self, app, max_bytes: int, max_in_flight: int):
+        self.app, self.max_bytes, self.max_in_flight = app, max_bytes, max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            return await _refuse(send, 503, f"busy: {self.max_in_flight} requests in flight; retry shortly")
+        self.in_flight += 1
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _limited(self, scope, receive, send):
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-            headers = [(b"content-type", b"application/json")]
-            await send({"type": "http.response.start", "status": 413, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
+            return await _refuse(send, 413, f"request body over {self.max_bytes} bytes")
         seen = 0
 
         async def limited_receive():
@@ -103,7 +131,8 @@ def _check_queries(queries: list[str], n_images: int, top_k: int, limits: Limits
             raise HTTPException(422, f"query {i} has {len(q)} characters; the limit is {limits.max_query_chars}")
 
 
-def _decode_image(data: str, i: int, limits: Limits) -> Image.Image:
+def _open_image(data: str, i: int, limits: Limits) -> Image.Image:
+    """The image query's header, read (allowed formats only) and checked for size; nothing decoded yet."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
     if len(data) > 4 * ((limits.max_image_bytes + 2) // 3):  # longer than any base64 of max_image_bytes
@@ -113,15 +142,43 @@ def _decode_image(data: str, i: int, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError):
         raise HTTPException(400, f"image query {i} is not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(raw))
-        w, h = image.size
-        if w * h > limits.max_image_pixels:
-            raise HTTPException(413, f"image query {i} is {w}x{h} pixels; the limit is {limits.max_image_pixels}")
-        return image.convert("RGB")
+        image = Image.open(io.BytesIO(raw), formats=limits.image_formats)
+    except Image.DecompressionBombError:
+        raise HTTPException(413, f"image query {i} is a decompression bomb") from None
+    except (OSError, SyntaxError, ValueError):
+        raise HTTPException(400, f"image query {i} is not a decodable image of {limits.image_formats}") from None
+    w, h = image.size
+    if w * h > limits.max_image_pixels:
+        raise HTTPException(413, f"image query {i} is {w}x{h} pixels; the limit is {limits.max_image_pixels}")
+    return image
+
+
+def _decode_image(image: Image.Image, i: int, limits: Limits) -> Image.Image:
+    """The opened image decoded, as RGB shrunk to ``query_pixels``."""
+    try:
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no second full-size copy when RGB
     except Image.DecompressionBombError:
         raise HTTPException(413, f"image query {i} is a decompression bomb") from None
     except (OSError, SyntaxError, ValueError):
         raise HTTPException(400, f"image query {i} is not a decodable image") from None
+    if rgb.width * rgb.height > limits.query_pixels:
+        scale = (limits.query_pixels / (rgb.width * rgb.height)) ** 0.5
+        rgb = rgb.resize((max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale))), Image.Resampling.BILINEAR)
+    return rgb
+
+
+def _decode_all(data: list[str], limits: Limits, decoder: ThreadPoolExecutor) -> list[Image.Image]:
+    opened = [_open_image(d, i, limits) for i, d in enumerate(data)]
+    pixels = sum(im.width * im.height for im in opened)
+    if pixels > limits.max_request_pixels:
+        raise HTTPException(413, f"the image queries hold {pixels} pixels; the limit is {limits.max_request_pixels}")
+    job = decoder.submit(lambda: [_decode_image(im, i, limits) for i, im in enumerate(opened)])
+    try:
+        return job.result(timeout=limits.decode_wait_s)
+    except FuturesTimeout:
+        job.cancel()
+        raise HTTPException(503, f"busy decoding images on {limits.max_decodes} threads; retry shortly") from None
 
 
 def _hit_json(hits: list[Hit]) -> list[dict]:
@@ -134,6 +191,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
     # One search at a time: the embedder is a torch model (not re-entrant), and queueing here keeps
     # memory flat under a burst; the handlers are sync, so FastAPI runs them on its thread pool.
     lock = threading.Lock()
+    decoder = ThreadPoolExecutor(max_workers=limits.max_decodes, thread_name_prefix="decode")
 
     def run(fn, *args):
         with lock:
@@ -155,7 +213,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
         _check_queries(req.queries, len(req.image_queries), req.top_k, limits)
         if req.mode != SearchMode.VISUAL and req.queries and retriever.text_index is None:
             raise HTTPException(400, f"mode {req.mode!r} needs a text index, and this server has none (no OCR)")
-        images = [_decode_image(data, i, limits) for i, data in enumerate(req.image_queries)]
+        images = _decode_all(req.image_queries, limits, decoder) if req.image_queries else []
         results = run(retriever.search, req.queries, req.top_k, req.mode) if req.queries else []
         image_results = run(retriever.search_by_image, images, req.top_k) if images else []
         return {"results": [_hit_json(h) for h in results], "image_results": [_hit_json(h) for h in image_results]}
@@ -172,7 +230,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
             raise HTTPException(403, f"page {page_id!r} resolves outside the corpus") from None
         return FileResponse(path, media_type="image/jpeg")
 
-    return _BodyLimit(app, limits.max_body_bytes)
+    return _BodyLimit(app, limits.max_body_bytes, limits.max_in_flight)
 
 
 def main(argv: list[str] | None = None) -> int:
