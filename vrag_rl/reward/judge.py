@@ -11,6 +11,9 @@ that trickles bytes is cut off) and at most ``max_response_bytes`` long. A serve
 (``judge_batch``) starts no attempt and sleeps no backoff past ``batch_timeout_s``: its items still waiting
 then come back as ``timeout``, so a batch takes at most ``batch_timeout_s`` plus one attempt's ``timeout_s``.
 
+With ``constrain_verdict`` the request asks the server to sample only "True" or "False" (vLLM's structured
+outputs, ``structured_outputs: {"choice": [...]}``); leave it off for endpoints that reject unknown fields.
+
 The API key is never part of the config: ``api_key_env`` names the environment variable that holds it, read
 when the client is made, so no file a run writes (saved configs, wandb, logs) can contain it.
 """
@@ -68,6 +71,7 @@ class JudgeConfig:
     max_response_bytes: int = 1 << 20
     prompt_template: str = DEFAULT_PROMPT  # fields: {question}, {reference}, {prediction}
     max_prediction_chars: int = 2000  # a longer prediction is cut (the policy's text goes to the judge verbatim)
+    constrain_verdict: bool = False  # vLLM servers: the reply can only be True or False (see the module docstring)
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -194,6 +198,8 @@ class JudgeClient:
             "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
         }
+        if self.cfg.constrain_verdict:
+            payload["structured_outputs"] = {"choice": ["True", "False"]}
         attempts = 0
         while True:
             with self._in_flight:
