@@ -1,6 +1,7 @@
 """The HTTP search API, against a running uvicorn on 127.0.0.1: contract, modes, pages, validation, traversal."""
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -283,22 +284,13 @@ def test_page_traversal_is_refused(server, target, statuses):
     assert ctype == "application/json" and "detail" in json.loads(body)
 
 
-def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
-    """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the LocalRetriever."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "vrag_rl.retrieval.api",
-        "--corpus",
-        str(corpus),
-        "--index",
-        str(api_index),
-        "--model",
-        str(tiny_dirs["retriever"]),
-        "--port",
-        "0",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def cli_server(corpus: Path, index: Path, model: Path):
+    """``python -m vrag_rl.retrieval.api`` on a free loopback port: yields (base URL, the server process)."""
+    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(corpus), "--index", str(index)]
+    proc = subprocess.Popen(
+        [*cmd, "--model", str(model), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         lines, deadline = [], time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -310,15 +302,20 @@ def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
                 break
         else:
             pytest.fail("server did not start in 120 s:\n" + "".join(lines))
-        base = f"http://127.0.0.1:{m.group(1)}"
+        yield f"http://127.0.0.1:{m.group(1)}", proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
+    """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the LocalRetriever."""
+    with cli_server(corpus, api_index, tiny_dirs["retriever"]) as (base, _):
         r = httpx.get(base + "/search", params={"queries": QUERIES[:2], "top_k": 5}, timeout=60)
         want = retriever.search(QUERIES[:2], 5)
         assert r.json() == [[{"idx": i, "image_file": h.image_path} for i, h in enumerate(hits)] for hits in want]
         r = httpx.post(base + "/search", json={"queries": ["word2"], "mode": "hybrid", "top_k": 2}, timeout=60)
         assert r.status_code == 200  # text modes from CORPUS/ocr.parquet, found without a flag
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_cli_refuses_a_stale_index(bundled_corpus, api_index, tiny_dirs):
@@ -353,18 +350,7 @@ def test_a_burst_of_maximal_image_queries_keeps_memory_bounded(corpus, api_index
     take, it stays healthy, and requests beyond the per-request pixel bound or in other formats are refused."""
     import psutil
 
-    cmd = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(corpus), "--index", str(api_index)]
-    proc = subprocess.Popen(
-        [*cmd, "--model", str(tiny_dirs["retriever"]), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while (m := re.search(r"running on http://127\.0\.0\.1:(\d+)", proc.stdout.readline())) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-        base = f"http://127.0.0.1:{m.group(1)}"
+    with cli_server(corpus, api_index, tiny_dirs["retriever"]) as (base, proc):
         big = _png_b64((8000, 5000))
         server = psutil.Process(proc.pid)
         baseline, peak, done = server.memory_info().rss, [0], threading.Event()
@@ -398,6 +384,3 @@ def test_a_burst_of_maximal_image_queries_keeps_memory_bounded(corpus, api_index
         refused = httpx.post(base + "/search", json={"image_queries": [eps]}, timeout=60)
         assert refused.status_code == 400
         assert httpx.get(base + "/health", timeout=30).json()["status"] == "ok"
-    finally:
-        proc.terminate()
-        proc.wait(30)
