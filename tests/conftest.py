@@ -8,6 +8,7 @@ enough to swap the many near-ties of a random model). Shards of 8 pages: the 24 
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 import vrag_rl  # noqa: F401  (installs the torchvision import hook before anything imports transformers)
 from vrag_rl.models.tiny import TinyConfig, build_tiny_models
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers import as top-level modules
+from chat_server import closed_port_url, fast_config, judge_server  # noqa: E402, F401  (fixtures of every test)
 
 CACHE = Path(os.environ.get("VRAG_RL_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 
@@ -106,3 +110,41 @@ def warm_policy(tiny_dirs, bundled_corpus) -> Path:
     from vrag_rl.trainer.warm import build_warm_policy
 
     return build_warm_policy(tiny_dirs["policy"], bundled_corpus, CACHE / "warm")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(warm_policy, tmp_path_factory):
+    """A real vLLM OpenAI-compatible server process serving the warm tiny policy as "tiny" on 127.0.0.1 (base URL
+    ``.../v1``), started once per session: the evaluated endpoint and the judge of the tests."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(warm_policy)]
+    cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096"]
+    cmd += ["--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 8}', "--seed", "0"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, "vLLM server exited:\n" + log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "vLLM server not healthy in 300 s:\n" + log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield f"{url}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -2,15 +2,16 @@
 
 Layers, lowest first (a unit imports only units of lower layers, and modules of its own unit):
 
-    0  compat, choice                                   foundations
+    0  compat, choice, settings, chat_api               foundations
     1  agent, algo                                      the protocol, the RL math
-    2  data                                             corpora, records, expert trajectories
+    2  data                                             corpora, records, converters, expert trajectories
     3  reward, retrieval
     4  models                                           the tiny kit, the training-side forward
     5  rollout                                          engines, the agent loop, workers
-    6  trainer                                          trainer ranks, SFT, the GRPO controller
-    7  main, watch                                      entry points: never imported by the library
-    8  vrag_rl (the package root)                       installs the compat hook before anything runs
+    6  evaluation                                       per-question scores, resumable runs, the report
+    7  trainer                                          trainer ranks, SFT, the GRPO controller
+    8  main, watch, eval                                entry points: never imported by the library
+    9  vrag_rl (the package root)                       installs the compat hook before anything runs
 
 Imports inside functions and under ``TYPE_CHECKING`` count like any other: a lazy import is still a
 dependency. Beside the layer rule, no two modules may import each other, directly or around a longer loop.
@@ -24,9 +25,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vrag_rl"
 LAYERS = {
-    "vrag_rl": 8,
+    "vrag_rl": 9,
     "vrag_rl.compat": 0,
     "vrag_rl.choice": 0,
+    "vrag_rl.settings": 0,
+    "vrag_rl.chat_api": 0,
     "vrag_rl.agent": 1,
     "vrag_rl.algo": 1,
     "vrag_rl.data": 2,
@@ -34,9 +37,11 @@ LAYERS = {
     "vrag_rl.retrieval": 3,
     "vrag_rl.models": 4,
     "vrag_rl.rollout": 5,
-    "vrag_rl.trainer": 6,
-    "vrag_rl.main": 7,
-    "vrag_rl.watch": 7,
+    "vrag_rl.evaluation": 6,
+    "vrag_rl.trainer": 7,
+    "vrag_rl.main": 8,
+    "vrag_rl.watch": 8,
+    "vrag_rl.eval": 8,
 }
 
 

@@ -1,11 +1,12 @@
 """The main job as users run it: ``python -m vrag_rl.main +recipe=tiny_cpu`` in a subprocess, shortened.
 
 One straight run of 2 GRPO steps (real Ray cluster, vLLM CPU rollout worker, retriever and reward actors, two
-FSDP2 trainer ranks), and the same run stopped after step 1 and resumed: metrics and final weights equal.
-The policy starts from the warm-started tiny policy, so that rollouts search and crop and updates move weights.
+FSDP2 trainer ranks), and the same run killed during checkpoint saves and resumed: metrics and final weights
+equal. The policy starts from the warm-started tiny policy, so that rollouts search and crop and updates move weights.
 """
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,23 +82,34 @@ def test_run_writes_metrics_checkpoints_plot_wandb_and_export(straight):
     assert "GRPO steps" in proc.stdout and (out / "summary.json").exists()
 
 
-def test_resume_reproduces_the_straight_run(straight, tmp_path, warm_policy, tiny_dirs):
+def test_kills_during_saves_then_resume_reproduce_the_straight_run(straight, tmp_path, warm_policy, tiny_dirs):
+    """SIGKILL at two points of a save (see ``kill_during_save.py``), a resume after each: the run ends with the
+    straight run's metrics and weights. The first kill leaves a complete-looking temporary folder of step 2,
+    the second a committed step 2 that nothing was pruned or exported after."""
     out, _ = straight
     common = [
         *SHORT,
         f"models.policy={warm_policy}",
         f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        "run.steps=2",
         f"hydra.run.dir={tmp_path}",
     ]
-    first = run_main(*common, "run.steps=1")
-    assert first.returncode == 0, first.stderr[-4000:]
-    resumed = run_main(*common, "run.steps=2")
+    checkpoints = tmp_path / "checkpoints"
+    for point in ("written", "committed"):
+        killed = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "kill_during_save.py"), point, "2", *common],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+        assert not (tmp_path / "export").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001", "step-000002"]
+    resumed = run_main(*common)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr + resumed.stdout
-    got, want = metrics(tmp_path), metrics(out)
-    # The stopped run also validated at its last step (1); apart from that, every step's metrics agree.
-    assert [{k: v for k, v in r.items() if not k.startswith("val/")} for r in got[:1]] == want[:1]
-    assert got[1:] == want[1:]
+    assert "resumed from" in resumed.stderr + resumed.stdout and "step 2" in resumed.stderr + resumed.stdout
+    assert metrics(tmp_path) == metrics(out)
     got, want = weights(tmp_path), weights(out)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 

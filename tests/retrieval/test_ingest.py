@@ -21,8 +21,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 import vrag_rl.retrieval.ingest as ingest_mod
-from vrag_rl.data.records import load_pages, sha256_file
-from vrag_rl.retrieval.ingest import IngestConfig, doc_name, ingest, main
+from vrag_rl.data.records import doc_name, load_pages, sha256_file
+from vrag_rl.retrieval.ingest import IngestConfig, ingest, main
 
 REPO = Path(__file__).resolve().parents[2]
 GNUPLOT = REPO / ".cache" / "assets" / "pdf" / "gnuplot.pdf"

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import pytrec_eval
 
-from vrag_rl.reward.ndcg import retrieval_ndcg
+from vrag_rl.reward.ndcg import reciprocal_rank, retrieval_ndcg, retrieval_recall
 
 CUTS = (1, 2, 3, 5, 8)
 
@@ -70,14 +70,14 @@ def test_matches_pytrec_eval():
             assert retrieval_ndcg(retrieved, gold, k=k) == pytest.approx(expected[f"ndcg_cut_{k}"], abs=1e-12)
 
 
-def test_matches_ranx():
-    """ranx's numba kernel directly (its Qrels/Run wrappers add seconds of start-up): rows are
+def test_ndcg_recall_and_mrr_match_ranx():
+    """ranx's numba kernels directly (its Qrels/Run wrappers add seconds of start-up): rows are
     [page number, score] with the run already in descending-score order, as ranx's Run sorts it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numba type-safety chatter from inside ranx
         import numpy as np
         from numba.typed import List
-        from ranx.metrics import ndcg as ranx_ndcg
+        from ranx import metrics
 
         cases = _random_cases(300, seed=2)
         qrels, run = _as_trec(cases)
@@ -92,11 +92,15 @@ def test_matches_ranx():
 
         qrels_rows = List([rows(qrels[qid]) for qid in sorted(qrels)])
         run_rows = List([rows(run[qid]) for qid in sorted(qrels)])
-        expected = {k: ranx_ndcg(qrels_rows, run_rows, k) for k in (0, *CUTS)}  # k=0: no cut-off
+        oracles = {"ndcg": metrics.ndcg, "recall": metrics.recall, "mrr": metrics.reciprocal_rank}
+        # k=0: no cut-off
+        expected = {(m, k): f(qrels_rows, run_rows, k) for m, f in oracles.items() for k in (0, *CUTS)}
+    ours = {"ndcg": retrieval_ndcg, "recall": retrieval_recall, "mrr": reciprocal_rank}
     for i, (retrieved, gold) in enumerate(cases):
-        assert retrieval_ndcg(retrieved, gold) == pytest.approx(expected[0][i], abs=1e-12)
-        for k in CUTS:
-            assert retrieval_ndcg(retrieved, gold, k=k) == pytest.approx(expected[k][i], abs=1e-12)
+        for name, fn in ours.items():
+            assert fn(retrieved, gold) == pytest.approx(expected[name, 0][i], abs=1e-12), name
+            for k in CUTS:
+                assert fn(retrieved, gold, k=k) == pytest.approx(expected[name, k][i], abs=1e-12), (name, k)
 
 
 def test_uncut_equals_cut_at_list_length_only_when_gold_fits():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from vrag_rl.settings import differences
 from vrag_rl.trainer.checkpoint import (
     check_fingerprint,
     check_run_directory,
-    differences,
     fingerprint,
     finished_checkpoints,
     newest_checkpoint,

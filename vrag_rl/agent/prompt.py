@@ -31,6 +31,12 @@ INVALID_ACTION_FEEDBACK = (
     "or <answer> answer </answer> to answer. Please try again."
 )
 ANSWER_NOW_FEEDBACK = "You have reached the search limit. Answer now with <answer> ... </answer>."
+# The single-turn baselines (evaluation's vanilla RAG and direct answering): pages, if any, come with the question.
+REFERENCE_INSTRUCTIONS = (
+    "Answer the given question using images of document pages given as reference, if any.\n"
+    "You must reason inside <think> and </think> first, then give the answer inside <answer> and </answer>, "
+    "without detailed explanations. For example, <answer> Beijing </answer>."
+)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class PromptConfig:
     placement: str = "user"
     system_template: str = INSTRUCTIONS  # placement "system": the system prompt
     user_template: str = QUESTION_PLACEHOLDER  # placement "system": the user turn
+    reference_instructions: str = REFERENCE_INSTRUCTIONS  # single-turn tasks (``build_reference_messages``)
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -67,3 +74,13 @@ def build_messages(question: str, cfg: PromptConfig) -> list[dict]:
             _text_turn("user", cfg.user_template.replace(QUESTION_PLACEHOLDER, question)),
         ]
     return [_text_turn("user", cfg.template.replace(QUESTION_PLACEHOLDER, question))]
+
+
+def build_reference_messages(question: str, num_pages: int, cfg: PromptConfig) -> list[dict]:
+    """The one user turn of a single-turn task: instructions, ``num_pages`` image parts under a "Reference"
+    heading (none: no heading), then the question."""
+    content = [{"type": "text", "text": cfg.reference_instructions}]
+    if num_pages:
+        content += [{"type": "text", "text": "\nReference:\n"}] + [{"type": "image"}] * num_pages
+    content.append({"type": "text", "text": "\nQuestion: " + question})
+    return [{"role": "user", "content": content}]

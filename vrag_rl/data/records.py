@@ -3,7 +3,9 @@
 A corpus directory holds ``pages/{doc}_{page}.jpg``, ``pages.parquet`` (one row per page image) and
 ``qa.parquet`` (one row per question). In ``qa.parquet`` ``gold_pages`` is ``list<string>`` and
 ``answer_box`` is a nullable ``struct<page_id: string, x0: int32, y0: int32, x1: int32, y1: int32>``:
-the pixel box, in the raw page image, that tightly holds the rendered answer (null when unknown).
+the pixel box, in the raw page image, that tightly holds the rendered answer (null when unknown);
+``category`` holds the Table 1 columns of the question joined by ``|`` (``data.convert``) and
+``raw_category`` the annotation's own category fields as JSON.
 In ``pages.parquet`` ``file`` is relative to the corpus directory, ``source`` says where the page came from (an
 ingested file's absolute path, or the generator) and ``checksum`` is the sha256 of the page image file.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,7 @@ QA_SCHEMA = pa.schema(
         ("category", pa.string()),
         ("entity", pa.string()),
         ("data_source", pa.string()),
+        ("raw_category", pa.string()),  # the annotation's own category fields as JSON ("" when none)
     ]
 )
 
@@ -72,6 +77,7 @@ class QARecord:
     category: str
     entity: str
     data_source: str
+    raw_category: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,12 @@ class PageRecord:
 
 def page_id(doc: str, page: int) -> str:
     return f"{doc}_{page}"
+
+
+def doc_name(path: Path) -> str:
+    """The document name ingest gives a file (before clashes are resolved): its stem in NFC, each run of
+    characters other than letters and digits of any script, ``.``, ``_`` and ``-`` replaced by ``-``."""
+    return re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", path.stem)).strip(".-") or "doc"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -184,7 +196,10 @@ def load_qa(corpus_dir: str | Path) -> list[QARecord]:
     """The corpus's questions in file order; a question id given twice is an error (it would score answers
     against another question), named with its rows."""
     out = []
-    for row in pq.read_table(Path(corpus_dir) / "qa.parquet", schema=QA_SCHEMA).to_pylist():
+    table = pq.read_table(Path(corpus_dir) / "qa.parquet")
+    if "raw_category" not in table.column_names:  # written before the column existed
+        table = table.append_column("raw_category", pa.array([""] * len(table), pa.string()))
+    for row in table.select(QA_SCHEMA.names).cast(QA_SCHEMA).to_pylist():
         box = row["answer_box"]
         if box is not None:
             box = (box["page_id"], box["x0"], box["y0"], box["x1"], box["y1"])

@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +56,7 @@ from vrag_rl.data.records import (
     PAGES_SCHEMA,
     PageRecord,
     atomic_write_bytes,
+    doc_name,
     page_id,
     sha256_file,
     sha256_hex,
@@ -161,10 +160,6 @@ class BadInput(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-def doc_name(path: Path) -> str:
-    return re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", path.stem)).strip(".-") or "doc"
 
 
 def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[Path], list[Problem]]:

@@ -2,12 +2,8 @@
 
 The judge sees the question, the reference answer(s) and the prediction and must reply True or False.
 Endpoint faults never raise and never hang: every outcome comes back as a ``JudgeResult`` whose
-``status`` says what happened, after a bounded number of attempts with capped exponential backoff.
-
-Waiting is bounded as follows: connecting, sending and each socket read time out after ``timeout_s``,
-and the body is read against a deadline of ``timeout_s`` from the start of the attempt (so a server
-that trickles bytes is cut off) and at most ``max_response_bytes`` long. A server that trickles the
-*headers* is limited only by the per-read timeout and the HTTP parser's header-size limit. A batch
+``status`` says what happened, after a bounded number of attempts with capped exponential backoff; the waits
+are bounded as ``vrag_rl.chat_api`` describes. A batch
 (``judge_batch``) starts no attempt and sleeps no backoff past ``batch_timeout_s``: its items still waiting
 then come back as ``timeout``, so a batch takes at most ``batch_timeout_s`` plus one attempt's ``timeout_s``.
 
@@ -18,18 +14,15 @@ The API key is never part of the config: ``api_key_env`` names the environment v
 when the client is made, so no file a run writes (saved configs, wandb, logs) can contain it.
 """
 
-import json
 import os
-import random
 import re
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import httpx
+from vrag_rl.chat_api import OK, ChatAPI, Retries, snippet
 
 DEFAULT_PROMPT = (
     "You are grading an answer to a question about a collection of documents.\n\n"
@@ -45,12 +38,7 @@ DEFAULT_PROMPT = (
 )
 CUT_MARK = " [...]"  # ends a prediction cut to max_prediction_chars
 
-# Statuses of a JudgeResult. Only "ok" carries a verdict.
-OK = "ok"
-TIMEOUT = "timeout"
-CONNECTION_ERROR = "connection_error"
-HTTP_ERROR = "http_error"
-BAD_RESPONSE = "bad_response"  # body is not JSON, too large, or not the chat-completions schema
+# Statuses of a JudgeResult: those of ``chat_api`` (only "ok" carries a verdict), and
 UNPARSEABLE = "unparseable"  # the reply text is not a clear True/False
 
 
@@ -150,35 +138,16 @@ def parse_verdict(content: str) -> bool | None:
     return None if _CONTRADICTS[verdict] & set(words[1:]) else verdict
 
 
-@dataclass(frozen=True)
-class _Attempt:
-    correct: bool | None
-    status: str
-    detail: str
-    retryable: bool
-
-
-def _snippet(data: bytes | str, limit: int = 200) -> str:
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
 class JudgeClient:
-    """Thread-safe judge client; one ``httpx.Client`` with a connection pool sized to ``max_in_flight``."""
+    """Thread-safe judge client over one ``ChatAPI`` (a connection pool sized to ``max_in_flight``)."""
 
     def __init__(self, cfg: JudgeConfig) -> None:
         self.cfg = cfg
-        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
-        key = cfg.api_key()
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        limits = httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight)
-        self._http = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), limits=limits)
-        # Callers queue here rather than in httpx's pool, whose wait counts against timeout_s and would
-        # fail healthy requests with PoolTimeout when many callers share the client.
-        self._in_flight = threading.BoundedSemaphore(cfg.max_in_flight)
+        self._api = ChatAPI(cfg.base_url, cfg.api_key(), cfg.timeout_s, cfg.max_in_flight, cfg.max_response_bytes)
+        self._retries = Retries(cfg.max_retries, cfg.backoff_s, cfg.backoff_cap_s)
 
     def close(self) -> None:
-        self._http.close()
+        self._api.close()
 
     def __enter__(self) -> "JudgeClient":
         return self
@@ -200,20 +169,16 @@ class JudgeClient:
         }
         if self.cfg.constrain_verdict:
             payload["structured_outputs"] = {"choice": ["True", "False"]}
-        attempts = 0
-        while True:
-            with self._in_flight:
-                if deadline is not None and time.monotonic() > deadline:
-                    return JudgeResult(None, TIMEOUT, f"batch deadline passed after {attempts} attempts", attempts)
-                attempts += 1
-                outcome = self._attempt(payload)
-            if not outcome.retryable or attempts > self.cfg.max_retries:
-                return JudgeResult(outcome.correct, outcome.status, outcome.detail, attempts)
-            delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.backoff_cap_s)
-            delay *= random.uniform(0.5, 1.0)  # jitter: a batch hitting a 429 must not retry in lockstep
-            if deadline is not None:
-                delay = min(delay, max(0.0, deadline - time.monotonic()))
-            time.sleep(delay)
+        done = self._api.complete(payload, self._retries, deadline)
+        if done.status != OK:
+            detail = "batch " + done.detail if done.detail.startswith("deadline") else done.detail
+            return JudgeResult(None, done.status, detail, done.attempts)
+        verdict = parse_verdict(done.content)
+        if verdict is None:
+            return JudgeResult(
+                None, UNPARSEABLE, f"reply is not a clear True/False: {snippet(done.content)}", done.attempts
+            )
+        return JudgeResult(verdict, OK, snippet(done.content), done.attempts)
 
     def judge_batch(self, items: Sequence[JudgeItem | tuple[str, str | Sequence[str], str]]) -> list[JudgeResult]:
         """Judge many items concurrently (at most ``max_in_flight`` requests at once) within the batch deadline;
@@ -223,46 +188,3 @@ class JudgeClient:
         deadline = time.monotonic() + self.cfg.batch_timeout_s
         with ThreadPoolExecutor(max_workers=min(self.cfg.max_in_flight, len(items))) as pool:
             return list(pool.map(lambda item: self.judge(*item, deadline=deadline), items))
-
-    def _attempt(self, payload: dict) -> _Attempt:
-        deadline = time.monotonic() + self.cfg.timeout_s
-        try:
-            with self._http.stream("POST", self._url, json=payload, headers=self._headers) as response:
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > self.cfg.max_response_bytes:
-                        return _Attempt(None, BAD_RESPONSE, f"body over {self.cfg.max_response_bytes} bytes", False)
-                    if time.monotonic() > deadline:
-                        return _Attempt(None, TIMEOUT, f"body not complete within {self.cfg.timeout_s}s", True)
-                status_code = response.status_code
-        except httpx.TimeoutException as err:
-            return _Attempt(None, TIMEOUT, f"{type(err).__name__}: {err}", True)
-        except httpx.TransportError as err:  # refused, reset, closed mid-response, protocol violation
-            return _Attempt(None, CONNECTION_ERROR, f"{type(err).__name__}: {err}", True)
-        except httpx.HTTPError as err:  # e.g. a body that fails content-encoding decoding
-            return _Attempt(None, BAD_RESPONSE, f"{type(err).__name__}: {err}", True)
-        if status_code != 200:
-            # 429 and 5xx are the server asking to come back later; other codes will not change.
-            retryable = status_code == 429 or status_code >= 500
-            return _Attempt(None, HTTP_ERROR, f"HTTP {status_code}: {_snippet(bytes(body))}", retryable)
-        return _read_completion(bytes(body))
-
-
-def _read_completion(body: bytes) -> _Attempt:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        # Usually a body cut short by an overloaded server or proxy: worth another attempt.
-        return _Attempt(None, BAD_RESPONSE, f"not JSON: {_snippet(body)}", True)
-    try:
-        content = data["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        content = None
-    if not isinstance(content, str):
-        # Valid JSON in the wrong shape is a server contract mismatch; repeating will not fix it.
-        return _Attempt(None, BAD_RESPONSE, f"no choices[0].message.content string: {_snippet(body)}", False)
-    verdict = parse_verdict(content)
-    if verdict is None:
-        return _Attempt(None, UNPARSEABLE, f"reply is not a clear True/False: {_snippet(content)}", False)
-    return _Attempt(verdict, OK, _snippet(content), False)

@@ -1,4 +1,4 @@
-"""Retrieval reward: NDCG of the pages a trajectory retrieved against the question's gold pages."""
+"""Retrieval quality of a ranked list of page ids against gold pages: NDCG (the retrieval reward), recall, MRR."""
 
 import math
 from collections.abc import Collection, Sequence
@@ -27,3 +27,21 @@ def retrieval_ndcg(retrieved: Sequence[str], gold: Collection[str], k: int | Non
     ideal_depth = len(gold_set) if k is None else min(k, len(gold_set))
     idcg = sum(1.0 / math.log2(rank + 1) for rank in range(1, ideal_depth + 1))
     return dcg / idcg
+
+
+def retrieval_recall(retrieved: Sequence[str], gold: Collection[str], k: int | None = None) -> float:
+    """Share of the gold pages among the first ``k`` unique retrieved pages (ranx's ``recall@k``)."""
+    gold_set = set(gold)
+    if not gold_set:
+        return 0.0
+    unique = list(dict.fromkeys(retrieved))[:k]
+    return sum(page in gold_set for page in unique) / len(gold_set)
+
+
+def reciprocal_rank(retrieved: Sequence[str], gold: Collection[str], k: int | None = None) -> float:
+    """1 / rank of the first gold page among the first ``k`` unique retrieved pages, else 0 (ranx's ``mrr@k``)."""
+    gold_set = set(gold)
+    for rank, page in enumerate(list(dict.fromkeys(retrieved))[:k], start=1):
+        if page in gold_set:
+            return 1.0 / rank
+    return 0.0

@@ -13,6 +13,9 @@ actions (docs/protocol.md):
 - anything else (no tag, bad box, a crop before any image) is an invalid action: the fixed feedback turn
   follows and the trajectory goes on.
 
+A single-turn task (``Task.context`` set: evaluation's vanilla RAG and direct baselines) shows the given pages
+with the question in one user turn (``build_reference_messages``) and allows one turn, which may only answer.
+
 After ``max_turns`` action turns, the last observation carries the answer-now instruction and one final
 turn may only answer. A trajectory stops before a piece (a turn, an observation with its image) would pass
 ``max_length``: pieces are appended whole, so an image is never cut. Sampled ids are recorded as sampled,
@@ -31,7 +34,13 @@ from PIL import Image
 from vrag_rl.agent.actions import ACTION_KINDS, Action, ActionKind, parse_action
 from vrag_rl.agent.chat import ChatEncoder, EncodedImages
 from vrag_rl.agent.images import ImageBudget, View, crop_view, fit_to_budget, page_view
-from vrag_rl.agent.prompt import ANSWER_NOW_FEEDBACK, INVALID_ACTION_FEEDBACK, PromptConfig, build_messages
+from vrag_rl.agent.prompt import (
+    ANSWER_NOW_FEEDBACK,
+    INVALID_ACTION_FEEDBACK,
+    PromptConfig,
+    build_messages,
+    build_reference_messages,
+)
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.choice import Choice
 from vrag_rl.retrieval.types import SearchMode
@@ -77,6 +86,7 @@ class Task:
     group: int = 0
     sample: int = 0
     seed: int | None = None  # sampling seed of the trajectory; each turn derives its own from it
+    context: tuple[str, ...] | None = None  # single-turn: these pages are shown with the question, then an answer
 
 
 def make_groups(questions: list[tuple[str, str]], n: int, seed: int | None, first_group: int = 0) -> list[Task]:
@@ -105,6 +115,8 @@ class Rollout:
     actions: list[Action] = field(default_factory=list)
     retrieved_pages: list[str] = field(default_factory=list)  # pages searches showed the model, in order
     crops: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (page, raw box)
+    views: list[tuple[str, tuple[int, int, int, int] | None]] = field(default_factory=list)  # shown, in order
+    engine_errors: list[str] = field(default_factory=list)  # turns the engine failed to produce, and why
     answer: str | None = None
     num_invalid: int = 0
     stop_reason: StopReason | None = None  # set when the trajectory ends
@@ -172,9 +184,17 @@ class AgentLoop:
 
     def _start(self, task: Task) -> _State:
         traj = Trajectory(max_length=self.cfg.max_length)
-        ids, _ = self.encoder.prompt(build_messages(task.question, self.cfg.prompt))
         state = _State(Rollout(task, traj))
-        if not traj.add_prompt(ids):
+        if task.context is None:
+            ids, enc = self.encoder.prompt(build_messages(task.question, self.cfg.prompt))
+        else:
+            shown = [(page, found) for page in task.context if (found := self._shown_page(page))]
+            images = [im for _, (_, encoded) in shown for im in encoded.images]
+            messages = build_reference_messages(task.question, len(images), self.cfg.prompt)
+            ids, enc = self.encoder.prompt(messages, images)
+            state.rollout.retrieved_pages = [page for page, _ in shown]
+        if not traj.add_prompt(ids, enc.images, enc.pixel_values, enc.grids):
+            state.rollout.retrieved_pages = []
             state.stop(StopReason.LENGTH)
         return state
 
@@ -194,11 +214,13 @@ class AgentLoop:
         t0 = time.perf_counter()
         generations = self.engine.generate(requests, sampling)
         self.timings["generate_s"] += time.perf_counter() - t0
-        final = turn > self.cfg.max_turns
         for s, gen in zip(live, generations):
+            final = turn > self.cfg.max_turns or s.rollout.task.context is not None
             s.query, s.close_turn = None, gen.finish_reason != "stop"
             r = s.rollout
             r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
+            if gen.error is not None:  # an empty turn: an invalid action below
+                r.engine_errors.append(gen.error)
             text = self.encoder.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
             action = parse_action(text, ANSWER_ONLY if final else ACTION_KINDS)
             r.texts.append(text)
@@ -259,6 +281,8 @@ class AgentLoop:
         if fits:  # what the model was shown: a page or crop that did not fit was never seen
             s.rollout.retrieved_pages += [s.new_page] if s.new_page else []
             s.rollout.crops += [s.new_crop] if s.new_crop else []
+            s.rollout.views += [(s.new_page, None)] if s.new_page else []
+            s.rollout.views += [s.new_crop] if s.new_crop else []
         s.pending, s.notes, s.new_page, s.new_crop = [], [], None, None
         if not fits:
             s.stop(StopReason.LENGTH)

@@ -61,7 +61,8 @@ class GenerationRequest:
 class Generation:
     token_ids: list[int]
     logprobs: list[float]  # one per token, under the sampling distribution
-    finish_reason: str  # "stop" (an end-of-turn token, included in token_ids) or "length"
+    finish_reason: str  # "stop" (an end-of-turn token, included in token_ids), "length", or "error"
+    error: str | None = None  # why an engine produced no turn ("error"; the endpoint engine after its retries)
 
 
 class RolloutEngine(ABC):

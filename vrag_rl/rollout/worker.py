@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Rollout, Task
+from vrag_rl.rollout.endpoint_engine import EndpointConfig
 from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig, iter_buckets
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 
-ENGINES = ("vllm", "hf")
+ENGINES = ("vllm", "hf", "endpoint")
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,12 @@ class RolloutBackend(Protocol):
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"  # vllm | hf
-    model_dir: str = ""  # a Hugging Face checkpoint directory (weights, processor, chat template)
+    engine: str = "vllm"  # vllm | hf | endpoint (an OpenAI-compatible server: evaluation and serving only)
+    model_dir: str = ""  # a Hugging Face checkpoint directory (weights, processor, chat template); endpoint: processor
     dtype: str = "bfloat16"  # of the hf engine; vllm.dtype for vLLM
     device: str = "cpu"  # of the hf engine
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    endpoint: EndpointConfig | None = None  # engine "endpoint"
     agent: AgentConfig = field(default_factory=AgentConfig)
     num_workers: int = 1
     num_cpus: float = 1.0  # per worker actor
@@ -74,6 +76,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.num_workers must be >= 1, got {self.num_workers}")
         if self.call_timeout_s <= 0 or self.restart_timeout_s <= 0:
             raise ValueError("rollout: call_timeout_s and restart_timeout_s > 0")
+        if (self.engine == "endpoint") != (self.endpoint is not None):
+            raise ValueError('rollout.endpoint is needed by engine "endpoint", and only by it')
         if self.engine == "vllm" and self.vllm.max_images < self.agent.max_turns:
             raise ValueError(
                 f"vllm.max_images ({self.vllm.max_images}) must be >= agent.max_turns ({self.agent.max_turns}): "
@@ -86,6 +90,10 @@ def make_engine(cfg: RolloutConfig) -> RolloutEngine:
         from vrag_rl.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(cfg.model_dir, cfg.vllm)
+    if cfg.engine == "endpoint":
+        from vrag_rl.rollout.endpoint_engine import EndpointEngine
+
+        return EndpointEngine(cfg.model_dir, cfg.endpoint)
     from vrag_rl.rollout.hf_engine import HFEngine
 
     return HFEngine(cfg.model_dir, cfg.dtype, cfg.device)

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vrag_rl.data.records import sha256_file
+from vrag_rl.settings import differences, flatten
 from vrag_rl.trainer.actor import Trainer
 from vrag_rl.trainer.config import TrainConfig
 from vrag_rl.trainer.sampler import EpochSampler
@@ -33,28 +34,11 @@ NOT_RESULTS = ("run", "tracking")  # how long to run and where to log: free to c
 
 def fingerprint(cfg: TrainConfig) -> dict[str, object]:
     """Flat ``{dotted.key: value}`` of the settings that change results, plus the corpus manifests' digests."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_RESULTS}
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-
-    walk("", settings)
+    flat = flatten({k: v for k, v in asdict(cfg).items() if k not in NOT_RESULTS})
     corpus = Path(cfg.data.corpus)
     for name in ("qa.parquet", "pages.parquet"):
         flat[f"data/{name}"] = sha256_file(corpus / name)
-    return json.loads(json.dumps(flat))  # as it reads back from disk (tuples become lists)
-
-
-def differences(saved: dict[str, object], current: dict[str, object]) -> list[str]:
-    """``key: saved -> current`` for every key whose value differs (or exists on one side only)."""
-    keys = sorted(set(saved) | set(current))
-    changed = [k for k in keys if saved.get(k) != current.get(k)]
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in changed]
+    return flat
 
 
 def check_fingerprint(directory: Path, current: dict[str, object], what: str) -> None:

@@ -174,7 +174,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     from vrag_rl.retrieval.embed import EmbedderConfig
     from vrag_rl.reward.actor import start_reward_actor
     from vrag_rl.rollout.worker import RolloutPool
-    from vrag_rl.trainer.tracking import Tracker
+    from vrag_rl.trainer.tracking import Tracker, read_metrics
 
     t_start = time.perf_counter()
     if cfg.judge is not None:
@@ -233,7 +233,8 @@ def run(cfg: TrainConfig, out: Path) -> dict:
         trainer.sync_weights(pool)
         log.info("resumed from %s (step %d)", resume, step)
     bar = tqdm(total=cfg.run.steps, initial=step, desc="grpo", unit="step")
-    last: dict[str, float] = {}
+    # A resume with no step left (killed after the last save) still reports the last step's metrics.
+    last = {k: v for k, v in (read_metrics(out / "metrics.jsonl") or [{}])[-1].items() if k != "step"} if step else {}
     guard = SkipGuard(cfg.run.max_consecutive_skips)
     while step < cfg.run.steps:
         step += 1

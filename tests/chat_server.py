@@ -1,4 +1,5 @@
-"""A real OpenAI-compatible judge server on 127.0.0.1 whose behaviour is chosen by the URL path.
+"""A real OpenAI-compatible chat server on 127.0.0.1 whose behaviour is chosen by the URL path: the judge of
+the reward tests, and a faulty policy endpoint of the evaluation tests (fixtures shared through ``conftest.py``).
 
 A client's ``base_url`` is ``{server.url}/{scenario}``, so its requests arrive at
 ``/{scenario}/chat/completions``. Scenarios:

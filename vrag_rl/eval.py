@@ -1,0 +1,211 @@
+"""Evaluate a policy with the paper's protocol: ``python -m vrag_rl.eval run|report|compare``.
+
+    python -m vrag_rl.eval run --method agent --corpus POOL --policy CHECKPOINT --out OUT
+    python -m vrag_rl.eval run --method agent --endpoint http://127.0.0.1:8000/v1 --endpoint-model NAME ...
+    python -m vrag_rl.eval run ... --judge-url http://127.0.0.1:8001/v1 --judge-model NAME [--judge-constrain]
+    python -m vrag_rl.eval report OUT
+    python -m vrag_rl.eval compare OUT_A OUT_B
+
+``run`` answers the corpus's questions with one method (``agent``, ``vanilla_rag``, ``direct``,
+``retrieval``; ``evaluation.metrics.Method``) through the agent loop of training, on local vLLM engines
+(``--engines N``: more than one run as Ray actors) or an OpenAI-compatible endpoint, judges the answers when a
+judge is given, and writes ``OUT/results.jsonl`` (one row per question, resumable), ``OUT/report.md`` and
+``OUT/report.json``. Defaults need nothing but this repository: the bundled corpus, the tiny ColQwen2 and the
+warm tiny policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from vrag_rl.agent.images import ImageBudget
+from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
+from vrag_rl.data.records import load_qa, sha256_file
+from vrag_rl.evaluation.metrics import Method
+from vrag_rl.evaluation.report import build_report, compare, markdown
+from vrag_rl.evaluation.run import RESULTS, SETTINGS, EvalRun, evaluate, read_results
+from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
+from vrag_rl.retrieval.cache import ensure_index, open_retriever
+from vrag_rl.retrieval.types import SearchMode
+from vrag_rl.reward.judge import JudgeClient, JudgeConfig
+from vrag_rl.rollout.agent_loop import AgentConfig
+from vrag_rl.rollout.endpoint_engine import EndpointConfig
+from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.vllm_engine import VLLMConfig
+from vrag_rl.rollout.worker import RolloutConfig, RolloutPool, RolloutWorker
+from vrag_rl.settings import flatten
+from vrag_rl.trainer.warm import build_warm_policy
+
+
+def run_parser(sub) -> None:
+    p = sub.add_parser("run", help="answer and score the questions of a corpus")
+    p.add_argument("--method", default=Method.AGENT, choices=list(Method))
+    p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS)
+    p.add_argument("--index", type=Path, default=None, help="its page index (default: built into the cache)")
+    p.add_argument("--retriever-model", default=None, help="ColQwen2 directory (default: the tiny one)")
+    p.add_argument("--search-mode", default=SearchMode.VISUAL, choices=list(SearchMode))
+    p.add_argument("--policy", default=None, help="checkpoint directory (default: the warm tiny policy)")
+    p.add_argument("--engines", type=int, default=1, help="local vLLM engines; more than 1 run as Ray actors")
+    p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL serving the policy instead")
+    p.add_argument("--endpoint-model", default=None, help="the endpoint's model name")
+    p.add_argument("--endpoint-key-env", default=None, help="environment variable holding the endpoint's key")
+    p.add_argument("--processor", default=None, help="endpoint: processor whose chat template frames the turns")
+    p.add_argument("--top-k", type=int, default=3, help="vanilla_rag: pages shown with the question")
+    p.add_argument("--questions", type=int, default=None, help="the first N questions (default: all)")
+    p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--max-turn-tokens", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the paper's setting")
+    p.add_argument("--min-pixels", type=int, default=TINY_BUDGET.min_pixels)
+    p.add_argument("--max-pixels", type=int, default=TINY_BUDGET.max_pixels)
+    p.add_argument("--crop-padding", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=16, help="questions per batch (and per flush of the results)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of the judge")
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-key-env", default=None, help="environment variable holding the judge's key")
+    p.add_argument("--judge-constrain", action="store_true", help="ask a vLLM judge for True or False only")
+    p.add_argument("--judge-timeout", type=float, default=60.0)
+    p.add_argument("--out", type=Path, default=None, help="results directory (default: runs/eval-TIME)")
+
+
+def judge_of(a) -> JudgeConfig | None:
+    if a.judge_url is None:
+        return None
+    return JudgeConfig(
+        base_url=a.judge_url,
+        model=a.judge_model or "",
+        api_key_env=a.judge_key_env,
+        timeout_s=a.judge_timeout,
+        constrain_verdict=a.judge_constrain,
+    )
+
+
+def settings_of(a, judge: JudgeConfig | None) -> dict[str, object]:
+    """What changes results (``evaluation.run.check_settings``): not the question count, chunking or engines."""
+    corpus = a.corpus.resolve()
+    settings = {
+        "method": str(a.method),
+        "policy": a.endpoint_model if a.endpoint else str(a.policy),
+        "endpoint": a.endpoint,
+        "corpus": str(corpus),
+        "data": {name: sha256_file(corpus / name) for name in ("qa.parquet", "pages.parquet")},
+        "index": str(a.index),
+        "retriever_model": str(a.retriever_model),
+        "search_mode": str(a.search_mode),
+        "top_k": a.top_k,
+        "agent": {k: getattr(a, k) for k in ("max_turns", "max_turn_tokens", "max_length", "crop_padding", "seed")},
+        "sampling": {"temperature": a.temperature},
+        "budget": {"min_pixels": a.min_pixels, "max_pixels": a.max_pixels},
+        "judge": None,
+    }
+    if judge is not None:
+        prompt = hashlib.sha256(judge.prompt_template.encode()).hexdigest()
+        settings["judge"] = {"base_url": judge.base_url, "model": judge.model, "prompt_sha256": prompt}
+        settings["judge"] |= {"constrain_verdict": judge.constrain_verdict, "temperature": judge.temperature}
+    return flatten(settings)
+
+
+def backend_of(a, agent: AgentConfig, retriever):
+    """The engine(s) answering: an in-process worker, a Ray pool of ``--engines`` workers, or the endpoint."""
+    images = max(a.max_turns, a.top_k)
+    vllm = VLLMConfig(
+        dtype="float32",
+        max_model_len=a.max_length,
+        max_images=images,
+        kv_cache_memory_bytes=256 << 20,
+        enforce_eager=True,
+    )
+    if a.endpoint:
+        endpoint = EndpointConfig(base_url=a.endpoint, model=a.endpoint_model or "", api_key_env=a.endpoint_key_env)
+        cfg = RolloutConfig(engine="endpoint", model_dir=a.processor or a.policy, agent=agent, endpoint=endpoint)
+    else:
+        cfg = RolloutConfig(engine="vllm", model_dir=a.policy, vllm=vllm, agent=agent, num_workers=a.engines)
+    if a.engines == 1 or a.endpoint:
+        return RolloutWorker(cfg, retriever=retriever)
+    import ray
+
+    from vrag_rl.retrieval.actor import RetrieverConfig, start_retriever_actor
+    from vrag_rl.retrieval.embed import EmbedderConfig
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    index = ensure_index(a.corpus, a.index, a.retriever_model)
+    embedder = EmbedderConfig(model_dir=a.retriever_model, device="cpu", dtype="float32")
+    actor = start_retriever_actor(str(a.corpus), str(index), embedder, RetrieverConfig())
+    return RolloutPool(cfg, actor, str(a.corpus))
+
+
+def run(a) -> Path:
+    if a.retriever_model is None or (a.policy is None and not a.endpoint) or (a.endpoint and not a.processor):
+        tiny = build_tiny_models(cache_dir() / "tiny", TinyConfig(seed=0))
+        a.retriever_model = a.retriever_model or str(tiny["retriever"])
+        if a.policy is None and not a.endpoint:
+            a.policy = str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
+        a.processor = a.processor or str(tiny["policy"])
+    records = load_qa(a.corpus)[: a.questions]
+    if not records:
+        raise SystemExit(f"{a.corpus} has no questions (qa.parquet)")
+    judge_cfg = judge_of(a)
+    settings = settings_of(a, judge_cfg)
+    out = a.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    agent = AgentConfig(
+        max_turns=a.max_turns,
+        max_length=a.max_length,
+        search_mode=a.search_mode,
+        crop_padding=a.crop_padding,
+        budget=ImageBudget(min_pixels=a.min_pixels, max_pixels=a.max_pixels),
+    )
+    method = Method.parse(a.method, "--method")
+    retriever = open_retriever(a.corpus, a.index, a.retriever_model)
+    backend = None if method == Method.RETRIEVAL else backend_of(a, agent, retriever)
+    judge = None if judge_cfg is None else JudgeClient(judge_cfg)
+    sampling = SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens)
+    job = EvalRun(method, retriever, a.search_mode, sampling, backend, judge, a.top_k, a.seed, a.chunk)
+    rows = evaluate(job, records, out, settings)
+    return write_report(out, [rows[r.qid] for r in records if r.qid in rows])
+
+
+def write_report(out: Path, rows: list[dict]) -> Path:
+    report = build_report(rows, json.loads((out / SETTINGS).read_text()))
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vrag_rl.eval", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run_parser(sub)
+    sub.add_parser("report", help="rewrite OUT/report.md and report.json from the results").add_argument(
+        "out", type=Path
+    )
+    cmp = sub.add_parser("compare", help="two runs' tables side by side, with per-cell differences")
+    cmp.add_argument("a", type=Path)
+    cmp.add_argument("b", type=Path)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if a.command == "run":
+            run(a)
+        elif a.command == "report":
+            write_report(a.out, list(read_results(a.out / RESULTS).values()))
+        else:
+            reports = [json.loads((d / "report.json").read_text()) for d in (a.a, a.b)]
+            print(compare(*reports))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
