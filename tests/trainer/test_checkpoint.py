@@ -73,3 +73,13 @@ def test_a_used_directory_is_refused_unless_resumed_under_the_same_settings(tmp_
     (tmp_path / "checkpoints" / "step-000001" / "fingerprint.json").unlink()
     with pytest.raises(ValueError, match="has no fingerprint.json"):
         check_run_directory(tmp_path, resume=True, current=current)
+
+
+def test_a_setting_added_since_the_save_counts_at_its_default(tmp_path):
+    current = fingerprint(TrainConfig())
+    older = {k: v for k, v in current.items() if k != "algo.clip_high"}  # saved before the setting existed
+    (tmp_path / "fingerprint.json").write_text(json.dumps(older))
+    check_fingerprint(tmp_path, current, "the checkpoint")  # at its default: the same run
+    changed = {**current, "algo.clip_high": 0.28}
+    with pytest.raises(ValueError, match="algo.clip_high: 0.2 -> 0.28"):
+        check_fingerprint(tmp_path, changed, "the checkpoint")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from vrag_rl.agent.actions import ActionKind
 from vrag_rl.choice import Choice
 from vrag_rl.data.records import QARecord
 from vrag_rl.reward.answer import anls, exact_match, token_f1
@@ -17,6 +16,7 @@ from vrag_rl.reward.judge import OK, JudgeResult
 from vrag_rl.reward.ndcg import reciprocal_rank, retrieval_ndcg, retrieval_recall
 from vrag_rl.reward.score import NO_ANSWER
 from vrag_rl.rollout.agent_loop import Rollout
+from vrag_rl.rollout.scoring import process_counts
 
 RULE_METRICS = {"exact_match": exact_match, "f1": token_f1, "anls": anls}
 ANSWER_METRICS = ("judge", *RULE_METRICS)
@@ -99,7 +99,6 @@ def rollout_row(
     if with_judge:
         judge = {"status": NO_ANSWER, "detail": ""} if verdict is None else asdict(verdict)
     cited = cited_pages(rollout)
-    actions = len(rollout.actions)
     return {
         **question_fields(record, method),
         "prediction": rollout.answer,
@@ -109,18 +108,7 @@ def rollout_row(
         "judge": judge,
         "retrieval": ranking_scores(rollout.retrieved_pages, record.gold_pages),
         "cited": {"pages": cited, "gold": any(p in record.gold_pages for p in cited)},
-        "process": {
-            "turns": rollout.num_turns,
-            "actions": actions,
-            "invalid": rollout.num_invalid,
-            "searches": rollout.num_searches,
-            "crops": sum(a.kind == ActionKind.BBOX for a in rollout.actions),
-            "crops_shown": len(rollout.crops),
-            "finished": rollout.finished,
-            "response_tokens": sum(rollout.trajectory.response_mask),
-            "tokens": len(rollout.trajectory),
-            "engine_errors": len(rollout.engine_errors),
-        },
+        "process": process_counts(rollout),
         "trajectory": trajectory_record(rollout),
     }
 

@@ -16,6 +16,7 @@ from statistics import fmean
 
 from vrag_rl.data.convert import CATEGORY_SEPARATOR, PAPER_COLUMNS
 from vrag_rl.evaluation.metrics import ANSWER_METRICS, GATES, RANK_CUTS, Method
+from vrag_rl.rollout.scoring import process_rates
 
 OVERALL = ("overall_questions", "overall_datasets")
 RANK_METRICS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in RANK_CUTS)
@@ -55,21 +56,16 @@ def metric_table(rows: list[dict], metric: str) -> dict[str, float]:
 
 
 def process_metrics(rows: list[dict]) -> dict[str, float]:
-    """Means per question of what the agent did, and the run's throughput."""
+    """What the agent did (``rollout.scoring.process_rates``, as training logs it), how often its cited page
+    was a gold page and its answer was gated, and the run's throughput."""
     generated = [row for row in rows if "process" in row]
-    batches = {(row["batch"]["seconds"], row["batch"]["questions"]) for row in rows if "batch" in row}
-    seconds = sum(s for s, _ in batches)
+    seconds = sum({row["batch"]["first"]: row["batch"]["seconds"] for row in rows}.values())
     out: dict[str, float] = {"questions": len(rows), "seconds": seconds}
     out["questions_per_s"] = len(rows) / seconds if seconds else 0.0
-    if not generated:
-        return out
-    p = [row["process"] for row in generated]
-    out["invalid_action_rate"] = sum(x["invalid"] for x in p) / max(sum(x["actions"] for x in p), 1)
-    out["finish_rate"] = fmean(x["finished"] for x in p)
-    for key in ("turns", "searches", "crops", "crops_shown", "response_tokens", "tokens", "engine_errors"):
-        out[key] = fmean(x[key] for x in p)
-    out["cited_gold_rate"] = fmean(row["cited"]["gold"] for row in generated)
-    out["gated_rate"] = fmean(row["gated"] for row in generated)
+    if generated:
+        out |= process_rates([row["process"] for row in generated])
+        out["cited_gold_rate"] = fmean(row["cited"]["gold"] for row in generated)
+        out["gated_rate"] = fmean(row["gated"] for row in generated)
     return out
 
 

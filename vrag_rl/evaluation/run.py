@@ -126,8 +126,8 @@ def evaluate(run: EvalRun, records: list[QARecord], out: Path, settings: dict[st
         t0 = time.perf_counter()
         rows = score_chunk(run, chunk)
         seconds = time.perf_counter() - t0
-        for row in rows:
-            row["batch"] = {"seconds": seconds, "questions": len(chunk)}
+        for row in rows:  # a batch is named by the number of rows written before it
+            row["batch"] = {"first": len(done), "seconds": seconds, "questions": len(chunk)}
         append_rows(path, rows)
         done |= {row["qid"]: row for row in rows}
         bar.update(len(chunk))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from vrag_rl.agent.actions import ActionKind
 from vrag_rl.data.records import QARecord
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.judge import OK
@@ -38,21 +39,46 @@ def judge_failures(rewards: list[RewardBreakdown]) -> Counter[str]:
     return Counter(b.answer_status for b in rewards if b.answer_status not in (OK, NO_ANSWER))
 
 
-def rollout_metrics(rollouts: list[Rollout], rewards: list[RewardBreakdown], prefix: str) -> dict[str, float]:
-    """Means over the rollouts (reward parts, finish and invalid-action rates, turns, searches, tokens), and the
-    share of answers the judge failed to score (0 with rule metrics)."""
-    n = len(rollouts)
-    actions = sum(len(r.actions) for r in rollouts)
-    answered = sum(b.answer_status != NO_ANSWER for b in rewards)
+def process_counts(rollout: Rollout) -> dict[str, int | bool]:
+    """What one trajectory did: turns, actions (and how many were invalid), searches, crops asked for and shown,
+    whether it answered, its tokens, and the turns its engine failed to produce."""
     return {
+        "turns": rollout.num_turns,
+        "actions": len(rollout.actions),
+        "invalid": rollout.num_invalid,
+        "searches": rollout.num_searches,
+        "crops": sum(a.kind == ActionKind.BBOX for a in rollout.actions),
+        "crops_shown": len(rollout.crops),
+        "finished": rollout.finished,
+        "response_tokens": sum(rollout.trajectory.response_mask),
+        "tokens": len(rollout.trajectory),
+        "engine_errors": len(rollout.engine_errors),
+    }
+
+
+def process_rates(counts: list[dict[str, int | bool]]) -> dict[str, float]:
+    """Over trajectories: the invalid-action rate (of all actions), the finish rate, and means per trajectory."""
+    n = max(len(counts), 1)
+    rates = {
+        "invalid_rate": sum(c["invalid"] for c in counts) / max(sum(c["actions"] for c in counts), 1),
+        "finish_rate": sum(c["finished"] for c in counts) / n,
+    }
+    for key in ("turns", "searches", "crops", "crops_shown", "response_tokens", "tokens", "engine_errors"):
+        rates[key] = sum(c[key] for c in counts) / n
+    return rates
+
+
+def rollout_metrics(rollouts: list[Rollout], rewards: list[RewardBreakdown], prefix: str) -> dict[str, float]:
+    """Means over the rollouts (reward parts, ``process_rates``), and the share of answers the judge failed to
+    score (0 with rule metrics)."""
+    n = len(rollouts)
+    answered = sum(b.answer_status != NO_ANSWER for b in rewards)
+    metrics = {
         f"{prefix}reward": sum(b.total for b in rewards) / n,
         f"{prefix}ndcg": sum(b.ndcg for b in rewards) / n,
         f"{prefix}answer": sum(b.answer for b in rewards) / n,
         f"{prefix}format": sum(b.format for b in rewards) / n,
-        f"{prefix}invalid_rate": sum(r.num_invalid for r in rollouts) / max(actions, 1),
-        f"{prefix}finish_rate": sum(r.finished for r in rollouts) / n,
-        f"{prefix}turns": sum(r.num_turns for r in rollouts) / n,
-        f"{prefix}searches": sum(r.num_searches for r in rollouts) / n,
-        f"{prefix}response_tokens": sum(sum(r.trajectory.response_mask) for r in rollouts) / n,
-        f"{prefix}judge_error_rate": sum(judge_failures(rewards).values()) / max(answered, 1),
     }
+    metrics |= {prefix + k: v for k, v in process_rates([process_counts(r) for r in rollouts]).items()}
+    metrics[f"{prefix}judge_error_rate"] = sum(judge_failures(rewards).values()) / max(answered, 1)
+    return metrics

@@ -10,7 +10,8 @@ The fingerprint is every setting that changes what a run computes (the whole con
 ``tracking``, which say how long to run and where to log) and the digests of the corpus's question and page
 manifests. A run resumes only from a checkpoint with its own fingerprint, and the supervised warm start in
 ``OUT/sft`` is reused only under the same fingerprint: otherwise the run stops and names the keys that
-differ, rather than continuing another experiment under this one's name.
+differ, rather than continuing another experiment under this one's name. A setting that a later version of
+the code added is compared at its default, so an upgrade that leaves defaults alone keeps runs resumable.
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ def fingerprint(cfg: TrainConfig) -> dict[str, object]:
     return flat
 
 
+def setting_defaults() -> dict[str, object]:
+    """The fingerprint's settings at their defaults (``TrainConfig()``)."""
+    return flatten({k: v for k, v in asdict(TrainConfig()).items() if k not in NOT_RESULTS})
+
+
 def check_fingerprint(directory: Path, current: dict[str, object], what: str) -> None:
     """Stop unless ``directory`` was made under the current fingerprint (``what`` names it in the error)."""
     path = directory / FINGERPRINT
     if not path.is_file():
         raise ValueError(f"{what} {directory} has no {FINGERPRINT}: it was made by an older version; start anew")
-    diff = differences(json.loads(path.read_text()), current)
+    # A setting added since the save reads as its default: the saved run ran as that default does.
+    diff = differences({**setting_defaults(), **json.loads(path.read_text())}, current)
     if diff:
         raise ValueError(
             f"{what} {directory} was made with other settings or data; they would not continue this run:\n  "
