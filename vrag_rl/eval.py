@@ -9,9 +9,9 @@
 ``run`` answers the corpus's questions with one method (``agent``, ``vanilla_rag``, ``direct``,
 ``retrieval``; ``evaluation.metrics.Method``) through the agent loop of training, on local vLLM engines
 (``--engines N``: more than one run as Ray actors) or an OpenAI-compatible endpoint, judges the answers when a
-judge is given, and writes ``OUT/results.jsonl`` (one row per question, resumable), ``OUT/report.md`` and
-``OUT/report.json``. Defaults need nothing but this repository: the bundled corpus, the tiny ColQwen2 and the
-warm tiny policy.
+judge is given, and writes ``OUT/results.jsonl`` (one row per question, resumable), ``OUT/report.md``,
+``OUT/report.json`` and ``OUT/index.html`` (the questions to browse, with filters). Defaults need nothing but
+this repository: the bundled corpus, the tiny ColQwen2 and the warm tiny policy.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
 from vrag_rl.data.records import load_qa, sha256_file
+from vrag_rl.evaluation.browse import write_browser
 from vrag_rl.evaluation.metrics import Method
 from vrag_rl.evaluation.report import build_report, compare, markdown
 from vrag_rl.evaluation.run import RESULTS, SETTINGS, EvalRun, evaluate, read_results
@@ -173,10 +174,14 @@ def run(a) -> Path:
 
 
 def write_report(out: Path, rows: list[dict]) -> Path:
-    report = build_report(rows, json.loads((out / SETTINGS).read_text()))
+    """``report.md``, ``report.json`` and the browsing page ``index.html`` of a results directory."""
+    settings = json.loads((out / SETTINGS).read_text())
+    report = build_report(rows, settings)
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out / "report.md").write_text(markdown(report))
+    page = write_browser(rows, Path(settings["corpus"]), out, f"vrag-rl evaluation: {report['method']}, {out.name}")
     print(markdown(report))
+    print(f"results: {out / RESULTS}; questions to browse: {page}")
     return out / "report.md"
 
 

@@ -128,6 +128,19 @@ def test_endpoint_agent_resumes_after_a_kill_and_reports_every_column(endpoint_r
     assert "| slidevqa/single_hop |" in (endpoint_run / "report.md").read_text().replace("| metric ", "| ")
 
 
+def test_the_browsing_page_shows_every_question_its_pages_and_crop_boxes(endpoint_run):
+    assert main(["report", str(endpoint_run)]) == 0  # rebuilt from the results alone
+    page = (endpoint_run / "index.html").read_text()
+    rows = rows_of(endpoint_run)
+    assert page.count("<section ") == len(rows)
+    assert page.count("data-unanswered='1'") == sum(r["prediction"] is None for r in rows)
+    assert page.count("data-invalid='1'") == sum(r["process"]["invalid"] > 0 for r in rows)
+    views = [v for r in rows for v in r["trajectory"]["views"]]
+    assert views and page.count("class='box'") == sum(box is not None for _, _, box in views)
+    assert all((endpoint_run / "pages" / f"{pid}.jpg").is_file() for _, pid, _ in views)
+    assert "http" not in page.split("<h1>", 1)[1]  # nothing loaded from elsewhere
+
+
 def test_local_engine_with_a_vllm_judge_matches_the_endpoint(endpoint_run, table_corpus, bundled_index, vllm_server,
                                                               tmp_path):  # fmt: skip
     """Greedy, the in-process engine (token ids) and the served policy (chat messages) take the same turns. Not

@@ -61,7 +61,7 @@ def cited_pages(rollout: Rollout) -> list[str]:
         return []
     if rollout.task.context is not None:
         return list(rollout.retrieved_pages)
-    return [rollout.views[-1][0]] if rollout.views else []
+    return [rollout.views[-1][1]] if rollout.views else []
 
 
 def answer_scores(
@@ -85,7 +85,7 @@ def trajectory_record(rollout: Rollout) -> dict:
         "actions": [{"kind": str(a.kind), "content": a.content} for a in rollout.actions],
         "retrieved_pages": rollout.retrieved_pages,
         "crops": [[page, list(box)] for page, box in rollout.crops],
-        "views": [[page, None if box is None else list(box)] for page, box in rollout.views],
+        "views": [[turn, page, None if box is None else list(box)] for turn, page, box in rollout.views],
         "engine_errors": rollout.engine_errors,
     }
 

@@ -115,7 +115,8 @@ class Rollout:
     actions: list[Action] = field(default_factory=list)
     retrieved_pages: list[str] = field(default_factory=list)  # pages searches showed the model, in order
     crops: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (page, raw box)
-    views: list[tuple[str, tuple[int, int, int, int] | None]] = field(default_factory=list)  # shown, in order
+    # What searches and crops showed, in order: (turn that asked for it, page, raw crop box or None for a page).
+    views: list[tuple[int, str, tuple[int, int, int, int] | None]] = field(default_factory=list)
     engine_errors: list[str] = field(default_factory=list)  # turns the engine failed to produce, and why
     answer: str | None = None
     num_invalid: int = 0
@@ -281,8 +282,9 @@ class AgentLoop:
         if fits:  # what the model was shown: a page or crop that did not fit was never seen
             s.rollout.retrieved_pages += [s.new_page] if s.new_page else []
             s.rollout.crops += [s.new_crop] if s.new_crop else []
-            s.rollout.views += [(s.new_page, None)] if s.new_page else []
-            s.rollout.views += [s.new_crop] if s.new_crop else []
+            turn = s.rollout.num_turns - 1
+            s.rollout.views += [(turn, s.new_page, None)] if s.new_page else []
+            s.rollout.views += [(turn, *s.new_crop)] if s.new_crop else []
         s.pending, s.notes, s.new_page, s.new_crop = [], [], None, None
         if not fits:
             s.stop(StopReason.LENGTH)
