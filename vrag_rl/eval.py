@@ -5,6 +5,7 @@
     python -m vrag_rl.eval run ... --judge-url http://127.0.0.1:8001/v1 --judge-model NAME [--judge-constrain]
     python -m vrag_rl.eval report OUT
     python -m vrag_rl.eval compare OUT_A OUT_B
+    python -m vrag_rl.eval sft-data OUT --to teacher.jsonl     # then sft.teacher_data=teacher.jsonl
 
 ``run`` answers the corpus's questions with one method (``agent``, ``vanilla_rag``, ``direct``,
 ``retrieval``; ``evaluation.metrics.Method``) through the agent loop of training, on local vLLM engines
@@ -32,6 +33,7 @@ from vrag_rl.evaluation.browse import write_browser
 from vrag_rl.evaluation.metrics import Method
 from vrag_rl.evaluation.report import build_report, compare, markdown
 from vrag_rl.evaluation.run import RESULTS, SETTINGS, EvalRun, evaluate, read_results
+from vrag_rl.evaluation.teacher import KEEP_BY, write_sft_data
 from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
 from vrag_rl.retrieval.cache import ensure_index, open_retriever
 from vrag_rl.retrieval.types import SearchMode
@@ -192,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("report", help="rewrite OUT/report.md and report.json from the results").add_argument(
         "out", type=Path
     )
+    sft = sub.add_parser("sft-data", help="a teacher run's correct trajectories that saw a gold page, for sft")
+    sft.add_argument("out", type=Path, help="the results directory of an agent run")
+    sft.add_argument("--to", type=Path, required=True, help="JSON lines file for sft.teacher_data")
+    sft.add_argument("--keep-by", choices=KEEP_BY, default="judge", help="what makes an answer correct")
     cmp = sub.add_parser("compare", help="two runs' tables side by side, with per-cell differences")
     cmp.add_argument("a", type=Path)
     cmp.add_argument("b", type=Path)
@@ -203,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             run(a)
         elif a.command == "report":
             write_report(a.out, list(read_results(a.out / RESULTS).values()))
+        elif a.command == "sft-data":
+            tally = write_sft_data(list(read_results(a.out / RESULTS).values()), a.to, a.keep_by)
+            left = ", ".join(f"{n} {why}" for why, n in tally.most_common() if why != "kept") or "none"
+            print(f"{tally['kept']} trajectories in {a.to}; left out: {left}")
         else:
             reports = [json.loads((d / "report.json").read_text()) for d in (a.a, a.b)]
             print(compare(*reports))

@@ -215,3 +215,48 @@ def test_a_rerun_with_other_settings_stops_and_names_them(table_corpus, bundled_
     assert main(common(table_corpus, bundled_index, tmp_path, *args)) == 0
     assert main(common(table_corpus, bundled_index, tmp_path, *args, "--top-k", "5")) == 1
     assert "top_k: 3 -> 5" in capsys.readouterr().err
+
+
+def test_teacher_trajectories_round_trip_into_sft(bundled_corpus, bundled_index, vllm_server, judge_server, tiny_dirs,
+                                                 tmp_path):  # fmt: skip
+    """The tiny policy as teacher (served), a judge that accepts every answer: the kept trajectories (correct,
+    shown a gold page) replay through the agent loop into exactly the trajectories the run recorded, and the
+    supervised warm start trains on them alone."""
+    from transformers import AutoProcessor
+
+    from vrag_rl.agent.chat import ChatEncoder
+    from vrag_rl.evaluation.teacher import load_recordings
+    from vrag_rl.models.tiny import TINY_BUDGET
+    from vrag_rl.retrieval.base import PageCatalog
+    from vrag_rl.rollout.agent_loop import AgentConfig
+    from vrag_rl.rollout.replay import Recording, replay
+    from vrag_rl.trainer.actor import LocalTrainer
+    from vrag_rl.trainer.policy import OptimConfig, TrainerConfig
+    from vrag_rl.trainer.sft import ExpertData, run_sft
+
+    judge = ["--judge-url", f"{judge_server.url}/reply/True", "--judge-model", "j"]
+    run = tmp_path / "teacher"
+    assert main(common(bundled_corpus, bundled_index, run, *endpoint_args(vllm_server), *judge)) == 0
+    rows = rows_of(run)
+    assert main(["sft-data", str(run), "--to", str(tmp_path / "teacher.jsonl")]) == 0
+    kept = load_recordings(tmp_path / "teacher.jsonl")
+    by_qid = {r["qid"]: r for r in rows}
+    assert kept and all(set(by_qid[k.qid]["trajectory"]["retrieved_pages"]) & set(by_qid[k.qid]["gold_pages"])
+                        for k in kept)  # fmt: skip
+    assert len(kept) < len(rows)  # the others saw no gold page
+    encoder = ChatEncoder(AutoProcessor.from_pretrained(tiny_dirs["policy"]))
+    agent = AgentConfig(search_mode="text", max_length=4096, budget=TINY_BUDGET)
+    catalog = PageCatalog(bundled_corpus)
+    for row in rows:  # every recorded trajectory, kept or not, replays to what the run saw
+        traj = row["trajectory"]
+        replayed = replay(Recording(row["qid"], row["question"], traj["texts"], traj["views"]), catalog, encoder, agent)
+        assert (
+            len(replayed.trajectory) == row["process"]["tokens"] and replayed.num_invalid == row["process"]["invalid"]
+        )
+    data = ExpertData([], bundled_corpus, encoder, expert=False, teacher=kept, agent=agent, progress=False)
+    assert len(data.trajectories) == len(kept)
+    trainer = LocalTrainer(
+        TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=0)), str(tiny_dirs["policy"]), 3, False
+    )
+    nll = [row["nll"] for row in run_sft(trainer, data, 3, len(kept), 0, seed=0)]  # the same batch each step
+    assert all(v == v and v > 0 for v in nll) and nll[-1] < nll[0]

@@ -39,6 +39,8 @@ def fingerprint(cfg: TrainConfig) -> dict[str, object]:
     corpus = Path(cfg.data.corpus)
     for name in ("qa.parquet", "pages.parquet"):
         flat[f"data/{name}"] = sha256_file(corpus / name)
+    if cfg.sft.teacher_data:
+        flat["data/teacher"] = sha256_file(cfg.sft.teacher_data)
     return flat
 
 

@@ -53,10 +53,14 @@ class SFTConfig:
     lr: float = 1e-5
     warmup_steps: int = 5
     freeze_vision: bool = True  # full fine-tune of the language model; the vision tower stays as it is
+    expert: bool = True  # train on the corpus's synthetic expert trajectories (questions with an answer box)
+    teacher_data: str | None = None  # teacher trajectories (``python -m vrag_rl.eval sft-data``), beside them
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.crop_batch_size < 0 or self.lr <= 0:
             raise ValueError("sft: steps >= 0, batch_size >= 1, crop_batch_size >= 0, lr > 0")
+        if not self.expert and self.teacher_data is None:
+            raise ValueError("sft: with expert=false, teacher_data must name the trajectories to train on")
 
 
 @dataclass

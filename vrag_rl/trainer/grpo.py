@@ -305,11 +305,13 @@ def validate(
 def sft_warm_start(
     cfg: TrainConfig, policy_dir: str, corpus: Path, train_qa: list[QARecord], out_dir: Path, metrics_file: Path
 ) -> None:
-    """Supervised steps on expert trajectories of the training questions (``trainer.sft``) on the trainer
-    ranks, with a cosine schedule; exported to ``out_dir``."""
+    """Supervised steps on expert trajectories of the training questions and on teacher trajectories
+    (``sft.expert``, ``sft.teacher_data``; ``trainer.sft``) on the trainer ranks, with a cosine schedule;
+    exported to ``out_dir``."""
     from transformers import AutoProcessor
 
     from vrag_rl.agent.chat import ChatEncoder
+    from vrag_rl.evaluation.teacher import load_recordings
     from vrag_rl.trainer.policy import OptimConfig
     from vrag_rl.trainer.sft import ExpertData, run_sft
 
@@ -321,6 +323,9 @@ def sft_warm_start(
         prompt=agent.prompt,
         budget=agent.budget,
         max_length=agent.max_length,
+        expert=cfg.sft.expert,
+        teacher=load_recordings(Path(cfg.sft.teacher_data)) if cfg.sft.teacher_data else [],
+        agent=agent,
     )
     optim = OptimConfig(
         lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps, schedule="cosine", grad_clip=cfg.trainer.optim.grad_clip

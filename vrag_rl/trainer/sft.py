@@ -27,6 +27,9 @@ from vrag_rl.agent.prompt import PromptConfig
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import QARecord
+from vrag_rl.retrieval.base import PageCatalog
+from vrag_rl.rollout.agent_loop import AgentConfig
+from vrag_rl.rollout.replay import Recording, replay
 from vrag_rl.trainer.actor import SkipGuard, Trainer
 from vrag_rl.trainer.sampler import EpochSampler
 
@@ -46,7 +49,8 @@ def lone_crop(x_from: Action, y_from: Action, text: str, encoder: ChatEncoder) -
 
 
 class ExpertData:
-    """Expert trajectories of the questions that have an answer box, and their crop turns."""
+    """Expert trajectories of the questions that have an answer box (``expert``) and teacher trajectories
+    replayed through the agent loop (``teacher``: ``vrag_rl.eval sft-data``), and their crop turns."""
 
     def __init__(
         self,
@@ -58,13 +62,19 @@ class ExpertData:
         budget: ImageBudget = ImageBudget(),
         max_length: int | None = None,
         progress: bool = True,
+        expert: bool = True,
+        teacher: list[Recording] = (),
+        agent: AgentConfig | None = None,
     ):
-        usable = [r for r in records if r.answer_box is not None]
-        if not usable:
+        usable = [r for r in records if r.answer_box is not None] if expert else []
+        if expert and not usable:
             raise ValueError(f"no question of {corpus} has an answer box: nothing to build expert trajectories from")
         self.encoder = encoder
         self.trajectories: list[Trajectory] = []
         self.crops: list[tuple[Action, str]] = []  # (crop action, its assistant text)
+        if teacher:
+            agent = agent or AgentConfig(prompt=prompt, budget=budget, max_length=max_length or 8192)
+            self._add_teacher(teacher, PageCatalog(corpus), agent, progress)
         for r in tqdm(usable, desc="expert trajectories", unit="question", disable=not progress):
             expert = scripted_trajectory(
                 r,
@@ -78,8 +88,18 @@ class ExpertData:
             self.trajectories.append(expert.trajectory)
             self.crops += [(a, t) for a, t in zip(expert.actions, expert.texts) if a.kind == ActionKind.BBOX]
 
+    def _add_teacher(self, teacher: list[Recording], catalog: PageCatalog, agent: AgentConfig, progress: bool) -> None:
+        for recording in tqdm(teacher, desc="teacher trajectories", unit="trajectory", disable=not progress):
+            rollout = replay(recording, catalog, self.encoder, agent)
+            self.trajectories.append(rollout.trajectory)
+            self.crops += [
+                (a, t) for a, t in zip(rollout.actions, rollout.texts) if a.kind == ActionKind.BBOX and a.bbox
+            ]
+
     def batches(self, batch_size: int, crop_batch_size: int, seed: int):
         """Forever: ``batch_size`` expert trajectories (each once per epoch) plus ``crop_batch_size`` lone crops."""
+        if crop_batch_size and not self.crops:
+            raise ValueError("sft.crop_batch_size > 0 but no trajectory has a crop turn to make lone crops from")
         experts, rng = EpochSampler(len(self.trajectories), seed), random.Random(seed)
         while True:
             pairs = [(rng.choice(self.crops), rng.choice(self.crops)) for _ in range(crop_batch_size)]
