@@ -56,6 +56,8 @@ def run_parser(sub) -> None:
     p.add_argument("--search-mode", default=SearchMode.VISUAL, choices=list(SearchMode))
     p.add_argument("--policy", default=None, help="checkpoint directory (default: the warm tiny policy)")
     p.add_argument("--engines", type=int, default=1, help="local vLLM engines; more than 1 run as Ray actors")
+    p.add_argument("--engine-cpus", type=float, default=None, help="per engine actor (default: the cores, shared)")
+    p.add_argument("--engine-gpus", type=float, default=0.0, help="per engine actor (1 on GPU nodes)")
     p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL serving the policy instead")
     p.add_argument("--endpoint-model", default=None, help="the endpoint's model name")
     p.add_argument("--endpoint-key-env", default=None, help="environment variable holding the endpoint's key")
@@ -130,7 +132,10 @@ def backend_of(a, agent: AgentConfig, retriever):
         endpoint = EndpointConfig(base_url=a.endpoint, model=a.endpoint_model or "", api_key_env=a.endpoint_key_env)
         cfg = RolloutConfig(engine="endpoint", model_dir=a.processor or a.policy, agent=agent, endpoint=endpoint)
     else:
+        # The retriever's actors take half a core; the engines share the rest unless told otherwise.
+        cpus = a.engine_cpus or min(1.0, max(0.1, ((os.cpu_count() or 1) - 0.5) / a.engines))
         cfg = RolloutConfig(engine="vllm", model_dir=a.policy, vllm=vllm, agent=agent, num_workers=a.engines)
+        cfg.num_cpus, cfg.num_gpus = cpus, a.engine_gpus
     if a.engines == 1 or a.endpoint:
         return RolloutWorker(cfg, retriever=retriever)
     import ray
@@ -141,7 +146,7 @@ def backend_of(a, agent: AgentConfig, retriever):
     ray.init(include_dashboard=False, log_to_driver=False)
     index = ensure_index(a.corpus, a.index, a.retriever_model)
     embedder = EmbedderConfig(model_dir=a.retriever_model, device="cpu", dtype="float32")
-    actor = start_retriever_actor(str(a.corpus), str(index), embedder, RetrieverConfig())
+    actor = start_retriever_actor(str(a.corpus), str(index), embedder, RetrieverConfig(num_cpus=0.25))
     return RolloutPool(cfg, actor, str(a.corpus))
 
 

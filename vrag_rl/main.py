@@ -24,6 +24,10 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 # ``+judge=endpoint judge.base_url=URL judge.model=NAME``: the judge section is empty (None) unless chosen.
 ConfigStore.instance().store(group="judge", name="endpoint", node=JudgeConfig)
+# ``+judge=local judge.model_dir=CHECKPOINT``: a judge the job serves itself (``reward.judge_server``).
+ConfigStore.instance().store(
+    group="judge", name="local", node={"base_url": "", "model": "judge", "model_dir": "???", "constrain_verdict": True}
+)
 
 
 def register_recipes(directory: Path = RECIPES) -> list[str]:

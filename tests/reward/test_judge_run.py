@@ -1,7 +1,8 @@
-"""The judge inside the main job: its API key reaches no file the run writes, and a dead judge stops the run.
+"""The judge inside the main job: its API key reaches no file the run writes, a dead judge stops the run, and a
+judge the job serves itself scores every answer and is gone when the job ends.
 
-Both run ``python -m vrag_rl.main`` (one short GRPO step from the warm policy) against the real judge server
-of this folder's conftest on 127.0.0.1, or against a port nobody listens on.
+They run ``python -m vrag_rl.main`` (one short GRPO step from the warm policy) against the fake chat server
+(``tests/chat_server.py``) on 127.0.0.1, a port nobody listens on, or a vLLM server the job starts itself.
 """
 
 from __future__ import annotations
@@ -72,3 +73,33 @@ def test_an_unset_key_variable_stops_the_run_at_start(warm_policy, tmp_path):
     proc = run_main(*SHORT, *judge("http://127.0.0.1:9/v1", api_key_env=env_name), f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and env_name in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def judge_servers() -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "vllm.entrypoints.openai.api_server" in cmd and "--served-model-name judge" in cmd:
+            found.append(p)
+    return found
+
+
+def test_a_judge_the_job_serves_itself(warm_policy, tiny_dirs, tmp_path):
+    """``+judge=local``: the tiny random policy as judge, behind a vLLM server in a Ray actor, with verdicts
+    constrained to True or False."""
+    proc = run_main(
+        *SHORT,
+        "+judge=local",
+        f"judge.model_dir={tiny_dirs['policy']}",
+        "judge.serve_dtype=float32",
+        f"models.policy={warm_policy}",
+        f"models.tiny_dir={tiny_dirs['policy'].parent}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["train/judge_error_rate"] == 0 and row["train/finish_rate"] > 0  # every answer got a verdict
+    assert "Application startup complete" in (tmp_path / "judge_server.log").read_text()
+    assert judge_servers() == []

@@ -44,8 +44,13 @@ UNPARSEABLE = "unparseable"  # the reply text is not a clear True/False
 
 @dataclass
 class JudgeConfig:
-    base_url: str  # e.g. "http://127.0.0.1:8000/v1"
+    base_url: str  # e.g. "http://127.0.0.1:8000/v1"; "" with model_dir (the job fills it in)
     model: str
+    model_dir: str | None = None  # a local checkpoint the job serves itself (``reward.judge_server``)
+    serve_num_gpus: float = 0.0  # of the judge server's Ray actor (0: on CPU)
+    serve_dtype: str = "bfloat16"  # "float32" on CPU
+    serve_max_model_len: int = 4096
+    serve_start_timeout_s: float = 900.0
     api_key_env: str | None = None  # name of the environment variable holding the API key (never the key)
     timeout_s: float = 30.0
     batch_timeout_s: float = 300.0  # a batch's deadline for starting attempts (see the module docstring)
@@ -62,8 +67,11 @@ class JudgeConfig:
     constrain_verdict: bool = False  # vLLM servers: the reply can only be True or False (see the module docstring)
 
     def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if not self.base_url.startswith(("http://", "https://")) and not self.model_dir:
+            raise ValueError(
+                f"judge: base_url must start with http:// or https://, got {self.base_url!r}; or set model_dir to a "
+                "checkpoint the job serves itself (the GPU recipes read VRAG_RL_JUDGE_URL or VRAG_RL_JUDGE_DIR)"
+            )
         if self.timeout_s <= 0 or self.batch_timeout_s <= 0 or self.backoff_s < 0 or self.backoff_cap_s < 0:
             raise ValueError("timeout_s and batch_timeout_s must be > 0, backoff_s and backoff_cap_s >= 0")
         if not 0 <= self.max_error_rate <= 1:

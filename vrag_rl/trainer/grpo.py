@@ -173,6 +173,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     from vrag_rl.retrieval.cache import ensure_index
     from vrag_rl.retrieval.embed import EmbedderConfig
     from vrag_rl.reward.actor import start_reward_actor
+    from vrag_rl.reward.judge_server import start_judge_server
     from vrag_rl.rollout.worker import RolloutPool
     from vrag_rl.trainer.tracking import Tracker, read_metrics
 
@@ -203,7 +204,10 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     retriever = start_retriever_actor(str(corpus), str(index), embedder, cfg.retriever)
-    scorer = start_reward_actor(cfg.reward, cfg.judge)
+    judge_server, judge = None, cfg.judge
+    if judge is not None and judge.model_dir:  # a judge the job serves itself
+        judge_server, judge = start_judge_server(judge, out / "judge_server.log")
+    scorer = start_reward_actor(cfg.reward, judge)
     state = json.loads((resume / "controller.json").read_text()) if resume else {"step": 0}
     tracker = Tracker(
         out, cfg.tracking, config=json.loads(json.dumps(asdict(cfg), default=str)), resume_step=state["step"]
@@ -260,6 +264,9 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     trainer.shutdown()
     ray.kill(retriever)
     scorer.shutdown()
+    if judge_server is not None:
+        ray.get(judge_server.stop.remote())
+        ray.kill(judge_server)
     summary = {
         "steps": cfg.run.steps,
         "final": last,
@@ -279,8 +286,9 @@ def check_judge(rewards: list[RewardBreakdown], cfg: TrainConfig, where: str) ->
     if cfg.judge is None or not answered or sum(failures.values()) / answered <= cfg.judge.max_error_rate:
         return
     statuses = ", ".join(f"{n} {status}" for status, n in failures.most_common())
+    judge = cfg.judge.base_url or cfg.judge.model_dir
     raise RuntimeError(
-        f"{where}: the judge at {cfg.judge.base_url} failed on {sum(failures.values())} of {answered} answers "
+        f"{where}: the judge at {judge} failed on {sum(failures.values())} of {answered} answers "
         f"({statuses}), over judge.max_error_rate={cfg.judge.max_error_rate}: stopping"
     )
 
