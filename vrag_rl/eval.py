@@ -151,10 +151,13 @@ def backend_of(a, agent: AgentConfig, retriever):
 
 
 def run(a) -> Path:
-    if a.retriever_model is None or (a.policy is None and not a.endpoint) or (a.endpoint and not a.processor):
+    method = Method.parse(a.method, "--method")
+    generates = method != Method.RETRIEVAL
+    needs_policy = generates and a.policy is None and not a.endpoint
+    if a.retriever_model is None or needs_policy or (a.endpoint and not a.processor):
         tiny = build_tiny_models(cache_dir() / "tiny", TinyConfig(seed=0))
         a.retriever_model = a.retriever_model or str(tiny["retriever"])
-        if a.policy is None and not a.endpoint:
+        if needs_policy:
             a.policy = str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
         a.processor = a.processor or str(tiny["policy"])
     records = load_qa(a.corpus)[: a.questions]
@@ -170,9 +173,8 @@ def run(a) -> Path:
         crop_padding=a.crop_padding,
         budget=ImageBudget(min_pixels=a.min_pixels, max_pixels=a.max_pixels),
     )
-    method = Method.parse(a.method, "--method")
     retriever = open_retriever(a.corpus, a.index, a.retriever_model)
-    backend = None if method == Method.RETRIEVAL else backend_of(a, agent, retriever)
+    backend = backend_of(a, agent, retriever) if generates else None
     judge = None if judge_cfg is None else JudgeClient(judge_cfg)
     sampling = SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens)
     job = EvalRun(method, retriever, a.search_mode, sampling, backend, judge, a.top_k, a.seed, a.chunk)

@@ -126,11 +126,19 @@ def _table_lines(columns: list[str], tables: dict[str, dict], fmt) -> list[str]:
     return lines
 
 
+def _run_line(report: dict) -> str:
+    s = report["settings"]
+    policy = f", policy {s['policy']}" if report["method"] != Method.RETRIEVAL else ""
+    return (
+        f"{report['method']}, search {s['search_mode']}{policy}, {report['questions']} questions, corpus {s['corpus']}"
+    )
+
+
 def compare(a: dict, b: dict) -> str:
     """The two reports' tables side by side: each cell ``A → B (B - A)`` in percent points."""
     columns = a["columns"] + [c for c in b["columns"] if c not in a["columns"]]
     metrics = [m for m in a["tables"] if m in b["tables"]]
-    lines = [f"A: {a['method']}, {a['settings'].get('policy')}; B: {b['method']}, {b['settings'].get('policy')}", ""]
+    lines = [f"{name}: {_run_line(r)}" for name, r in (("A", a), ("B", b))] + [""]
     header = _header(columns)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for metric in metrics:
