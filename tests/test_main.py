@@ -73,8 +73,11 @@ def test_run_writes_metrics_checkpoints_plot_wandb_and_export(straight):
         "perf/weight_sync_bytes",
         "val/reward",
         "val/synthetic/reward",
+        "val/table/overall_questions/f1",  # the evaluation report's Table 1 cells, from the evaluation's code
+        "val/table/overall_datasets/ndcg@10",
     ):
         assert key in rows[-1], key
+    assert any(k.startswith("val/table/synthetic/") for k in rows[-1])
     assert rows[0]["train/searches"] > 0 and rows[0]["actor/grad_norm"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

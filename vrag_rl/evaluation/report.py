@@ -55,6 +55,11 @@ def metric_table(rows: list[dict], metric: str) -> dict[str, float]:
     return table
 
 
+def table_metrics(rows: list[dict], metrics: tuple[str, ...], prefix: str) -> dict[str, float]:
+    """The tables of ``metrics`` as flat ``{prefix}{cell}/{metric}`` numbers (training's validation logs them)."""
+    return {f"{prefix}{cell}/{m}": v for m in metrics for cell, v in metric_table(rows, m).items()}
+
+
 def process_metrics(rows: list[dict]) -> dict[str, float]:
     """What the agent did (``rollout.scoring.process_rates``, as training logs it), how often its cited page
     was a gold page and its answer was gated, and the run's throughput."""

@@ -46,6 +46,8 @@ from tqdm import tqdm
 
 from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
 from vrag_rl.data.records import QARecord, holdout_split, load_qa
+from vrag_rl.evaluation.metrics import Method, rollout_row
+from vrag_rl.evaluation.report import table_metrics
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.score import NO_ANSWER, RewardBreakdown
 from vrag_rl.rollout.agent_loop import Rollout, Task, make_groups
@@ -59,6 +61,7 @@ from vrag_rl.trainer.config import TrainConfig
 from vrag_rl.trainer.sampler import EpochSampler
 
 log = logging.getLogger("vrag_rl.grpo")
+VAL_TABLE = ("f1", "ndcg@10")  # validation's metrics per Table 1 cell, as the evaluation report has them
 SFT_KEYS = ("seed", "models.", "data", "sft.", "trainer.", "rollout.agent.")  # the warm start's settings
 
 
@@ -296,8 +299,9 @@ def check_judge(rewards: list[RewardBreakdown], cfg: TrainConfig, where: str) ->
 def validate(
     rollouts: RolloutBackend, scorer: Scorer, trainer: Trainer, val_qa: list[QARecord], cfg: TrainConfig, step: int
 ) -> dict[str, float]:
-    """Greedy rollouts on the held-out questions; metrics over all (``val/``) and per data source
-    (``val/SOURCE/``)."""
+    """Greedy rollouts on the held-out questions; metrics over all (``val/``), per data source
+    (``val/SOURCE/``), and the evaluation report's Table 1 cells of ``VAL_TABLE`` (``val/table/CELL/METRIC``,
+    computed by the evaluation's own code: ``evaluation.metrics.rollout_row`` and ``report.metric_table``)."""
     tasks = make_groups([(r.qid, r.question) for r in val_qa], 1, seed=cfg.seed)
     batch = sample(rollouts, trainer, tasks, replace(cfg.sampling, temperature=0.0))
     by_qid = {r.qid: r for r in val_qa}
@@ -307,7 +311,8 @@ def validate(
     for source in sorted({r.data_source for r in val_qa}):
         mine = [i for i, r in enumerate(batch) if by_qid[r.task.qid].data_source == source]
         metrics |= rollout_metrics([batch[i] for i in mine], [rewards[i] for i in mine], f"val/{source}/")
-    return metrics
+    rows = [rollout_row(r, by_qid[r.task.qid], Method.AGENT, None, with_judge=False) for r in batch]
+    return metrics | table_metrics(rows, VAL_TABLE, "val/table/")
 
 
 def sft_warm_start(
