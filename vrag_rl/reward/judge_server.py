@@ -9,9 +9,7 @@ behind. The judge code is the same as for any endpoint: only where the endpoint 
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +24,12 @@ SERVED_NAME = "judge"
 NODE_ADDRESS = "node"  # host: the address of the node the server runs on
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Runs the command with PR_SET_PDEATHSIG set, which execve keeps: set in a fresh interpreter rather than in a
+# preexec_fn, which is not safe in a process with threads (a Ray actor has several).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def _free_port(host: str) -> int:
@@ -56,7 +58,7 @@ class JudgeServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("w") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+                [sys.executable, "-c", _DIE_WITH_PARENT, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env
             )
         self.url = f"http://{host}:{port}"
         self._wait(cfg.serve_start_timeout_s)
