@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,25 +29,7 @@ from bench.machine import machine  # noqa: E402
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir  # noqa: E402
 from vrag_rl.models.tiny import TinyConfig, build_tiny_models  # noqa: E402
 from vrag_rl.trainer.warm import build_warm_policy  # noqa: E402
-
-
-def serve(policy: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(policy), "--port", str(port)]
-    cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--max-model-len", "4096", "--enforce-eager"]
-    cmd += ["--dtype", "float32", "--limit-mm-per-prompt", '{"image": 8}']
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("the vLLM server exited:\n" + log.read_text()[-2000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}/v1"
-        except httpx.HTTPError:
-            time.sleep(1)
+from vrag_rl.vllm_server import VLLMServer  # noqa: E402
 
 
 def evaluate(name: str, extra: list[str], args, work: Path) -> dict:
@@ -83,13 +61,12 @@ def main() -> None:
         work = Path(tmp)
         results["1 engine (in-process)"] = evaluate("one", ["--policy", str(policy)], args, work)
         results["2 engines (Ray actors)"] = evaluate("two", ["--policy", str(policy), "--engines", "2"], args, work)
-        server, url = serve(policy, work / "server.log")
+        server = VLLMServer(policy, "tiny", work / "server.log", extra_args=["--limit-mm-per-prompt", '{"image": 8}'])
         try:
-            endpoint = ["--endpoint", url, "--endpoint-model", "tiny", "--processor", str(policy)]
+            endpoint = ["--endpoint", server.base_url(), "--endpoint-model", "tiny", "--processor", str(policy)]
             results["endpoint (vLLM server)"] = evaluate("endpoint", endpoint, args, work)
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
     base = results["1 engine (in-process)"]["questions_per_s"]
     print(f"{'':26} {'q/s':>7} {'ratio':>7} {'answering s':>12} {'process s':>10} {'finish':>7}")
     for name, r in results.items():

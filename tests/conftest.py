@@ -116,35 +116,12 @@ def warm_policy(tiny_dirs, bundled_corpus) -> Path:
 def vllm_server(warm_policy, tmp_path_factory):
     """A real vLLM OpenAI-compatible server process serving the warm tiny policy as "tiny" on 127.0.0.1 (base URL
     ``.../v1``), started once per session: the evaluated endpoint and the judge of the tests."""
-    import socket
-    import subprocess
-    import sys
-    import time
+    from vrag_rl.vllm_server import VLLMServer
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(warm_policy)]
-    cmd += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096"]
-    cmd += ["--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 8}', "--seed", "0"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    extra = ["--limit-mm-per-prompt", '{"image": 8}', "--seed", "0"]
+    server = VLLMServer(warm_policy, "tiny", log, max_model_len=4096, extra_args=extra)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, "vLLM server exited:\n" + log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM server not healthy in 300 s:\n" + log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield f"{url}/v1"
+        yield server.base_url()
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a unit imports only units of lower layers, and modules of its own unit):
 
-    0  compat, choice, settings, chat_api               foundations
+    0  compat, choice, settings, chat_api, vllm_server  foundations
     1  agent, algo                                      the protocol, the RL math
     2  data                                             corpora, records, converters, expert trajectories
     3  reward, retrieval
@@ -30,6 +30,7 @@ LAYERS = {
     "vrag_rl.choice": 0,
     "vrag_rl.settings": 0,
     "vrag_rl.chat_api": 0,
+    "vrag_rl.vllm_server": 0,
     "vrag_rl.agent": 1,
     "vrag_rl.algo": 1,
     "vrag_rl.data": 2,

@@ -12,6 +12,7 @@ the HTTP parser's header-size limit. No attempt starts and no backoff sleeps pas
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -41,6 +42,17 @@ class Retries:
     max_retries: int = 3  # attempts = 1 + max_retries at most
     backoff_s: float = 0.5  # first wait; doubles per retry, capped, with jitter in [50%, 100%]
     backoff_cap_s: float = 8.0
+
+
+def api_key_from_env(variable: str | None, setting: str) -> str | None:
+    """The key held by the environment variable ``variable`` (None: no key); a named variable that is not set
+    is an error naming ``setting``, not an anonymous call."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise KeyError(f"{setting} names {variable!r}, which is not set in the environment")
+    return key
 
 
 def snippet(data: bytes | str, limit: int = 200) -> str:

@@ -14,7 +14,6 @@ The API key is never part of the config: ``api_key_env`` names the environment v
 when the client is made, so no file a run writes (saved configs, wandb, logs) can contain it.
 """
 
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from vrag_rl.chat_api import OK, ChatAPI, Retries, snippet
+from vrag_rl.chat_api import OK, ChatAPI, Retries, api_key_from_env, snippet
 
 DEFAULT_PROMPT = (
     "You are grading an answer to a question about a collection of documents.\n\n"
@@ -83,12 +82,7 @@ class JudgeConfig:
 
     def api_key(self) -> str | None:
         """The key from ``api_key_env``; a named variable that is not set is an error, not an anonymous call."""
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise KeyError(f"judge.api_key_env names {self.api_key_env!r}, which is not set in the environment")
-        return key
+        return api_key_from_env(self.api_key_env, "judge.api_key_env")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vrag_rl.chat_api import OK, ChatAPI, Retries
+from vrag_rl.chat_api import OK, ChatAPI, Retries, api_key_from_env
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, max_new_tokens
 
 _TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\n?|\Z)", re.DOTALL)
@@ -50,12 +49,7 @@ class EndpointConfig:
             raise ValueError("endpoint: timeout_s > 0, max_retries >= 0, max_in_flight >= 1")
 
     def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise KeyError(f"endpoint.api_key_env names {self.api_key_env!r}, which is not set in the environment")
-        return key
+        return api_key_from_env(self.api_key_env, "endpoint.api_key_env")
 
 
 def data_url(image: Image.Image) -> str:

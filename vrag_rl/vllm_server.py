@@ -1,0 +1,98 @@
+"""A vLLM OpenAI-compatible server process (``vllm.entrypoints.openai.api_server``): started, waited for until
+it answers ``/health``, stopped. The judge the job serves itself runs one (``reward.judge_server``); so do the
+tests and the evaluation benchmark.
+
+The process gets ``PR_SET_PDEATHSIG`` from a small interpreter that then execs the server (a ``preexec_fn`` is
+not safe in a process with threads, such as a Ray actor): it dies with whoever started it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+# Runs the command with PR_SET_PDEATHSIG set, which execve keeps.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """Serves ``model_dir`` as ``served_name``; ``base_url`` once healthy (the constructor waits); ``stop``.
+
+    ``on_cpu``: no graph capture, a 1 GiB KV cache and the engine in the server's own process (starts in
+    seconds rather than tens)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        served_name: str,
+        log_file: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        max_model_len: int = 4096,
+        dtype: str = "float32",
+        on_cpu: bool = True,
+        extra_args: Sequence[str] = (),
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        port = free_port(host)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+        cmd += ["--served-model-name", served_name, "--host", host, "--port", str(port)]
+        cmd += ["--max-model-len", str(max_model_len), "--dtype", dtype, *extra_args]
+        env = dict(os.environ)
+        if on_cpu:
+            cmd.append("--enforce-eager")
+            env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        self.log_file = Path(log_file)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _DIE_WITH_PARENT, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        self.url = f"http://{host}:{port}"
+        self._wait(start_timeout_s)
+
+    def _wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited ({self.proc.returncode}):\n{self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the vLLM server was not healthy within {timeout_s:.0f} s:\n{self._log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+
+    def _log_tail(self) -> str:
+        return f"({self.log_file}) " + self.log_file.read_text(errors="replace")[-3000:]
+
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
