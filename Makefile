@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed-$(strip $(TARGET))
 
 ASSETS  := .cache/assets
 
-.PHONY: env demo test assets
+.PHONY: env demo serve test assets
 env: $(STAMP)
 
 # torch goes in first and is then held by a constraint: a plain resolve would pull a multi-GB CUDA build
@@ -32,13 +32,19 @@ $(STAMP): pyproject.toml Makefile
 demo: env
 	$(BIN)/python -m vrag_rl.main +recipe=tiny_cpu
 
+# The agent behind its API and web page on http://127.0.0.1:8000 (tiny defaults: nothing else to start).
+serve: env
+	$(BIN)/python -m vrag_rl.serve
+
 # Test assets from Debian's packages: tesseract (OCR), poppler, Slurm with munge (the launch script's test
-# runs a real single-node Slurm), and real PDFs with charts and tables.
+# runs a real single-node Slurm), Chromium (the web page's tests drive it headless through Playwright, which
+# downloads no browser of its own), and real PDFs with charts and tables.
 assets: $(ASSETS)/.done
 $(ASSETS)/.done:
-	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null && command -v slurmctld >/dev/null || \
+	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null && command -v slurmctld >/dev/null && \
+	  command -v chromium >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-eng \
-	    poppler-utils slurm-wlm munge >/dev/null; }
+	    poppler-utils slurm-wlm munge chromium >/dev/null; }
 	mkdir -p $(ASSETS)/deb $(ASSETS)/pdf
 	cd $(ASSETS)/deb && { apt-get download -qq gnuplot-doc 2>/dev/null || \
 	  { apt-get update -qq && apt-get download -qq gnuplot-doc 2>/dev/null; }; } && dpkg -x gnuplot-doc_*.deb x

@@ -8,10 +8,11 @@ Layers, lowest first (a unit imports only units of lower layers, and modules of 
     3  reward, retrieval
     4  models                                           the tiny kit, the training-side forward
     5  rollout                                          engines, the agent loop, workers
-    6  evaluation                                       per-question scores, resumable runs, the report
+    6  evaluation, serving                              per-question scores and the report; the agent served
     7  trainer                                          trainer ranks, SFT, the GRPO controller
-    8  main, watch, eval                                entry points: never imported by the library
-    9  vrag_rl (the package root)                       installs the compat hook before anything runs
+    8  cli                                              the options (and tiny defaults) the entry points share
+    9  main, watch, eval, serve                         entry points: never imported by the library
+   10  vrag_rl (the package root)                       installs the compat hook before anything runs
 
 Imports inside functions and under ``TYPE_CHECKING`` count like any other: a lazy import is still a
 dependency. Beside the layer rule, no two modules may import each other, directly or around a longer loop.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vrag_rl"
 LAYERS = {
-    "vrag_rl": 9,
+    "vrag_rl": 10,
     "vrag_rl.compat": 0,
     "vrag_rl.choice": 0,
     "vrag_rl.settings": 0,
@@ -39,10 +40,13 @@ LAYERS = {
     "vrag_rl.models": 4,
     "vrag_rl.rollout": 5,
     "vrag_rl.evaluation": 6,
+    "vrag_rl.serving": 6,
     "vrag_rl.trainer": 7,
-    "vrag_rl.main": 8,
-    "vrag_rl.watch": 8,
-    "vrag_rl.eval": 8,
+    "vrag_rl.cli": 8,
+    "vrag_rl.main": 9,
+    "vrag_rl.watch": 9,
+    "vrag_rl.eval": 9,
+    "vrag_rl.serve": 9,
 }
 
 

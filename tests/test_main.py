@@ -180,27 +180,32 @@ def test_a_rollout_worker_killed_mid_step_costs_nothing(straight, tmp_path, warm
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_export_serves_with_vllm(straight, tmp_path):
-    out, _ = straight
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vrag_rl.watch",
-            "--policy",
-            str(out / "export"),
-            "--questions",
-            "1",
-            "--out",
-            str(tmp_path / "watch"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "watch" / "trajectories.jsonl").read_text().strip()
+def test_the_export_serves_the_agent_behind_vllm_serve(straight, tmp_path, tiny_dirs, bundled_index):
+    """The exported checkpoint under a real ``vllm serve`` process, and ``python -m vrag_rl.serve`` in front of it
+    (the policy as an endpoint, the export's own processor framing the turns), asked through the openai client."""
+    import openai
+    from serve_process import ServeProcess
+
+    from vrag_rl.vllm_server import VLLMServer
+
+    export = (straight[0] / "export").resolve()
+    extra = ["--limit-mm-per-prompt", '{"image": 8}', "--seed", "0"]
+    policy = VLLMServer(export, "export", tmp_path / "vllm.log", max_model_len=4096, extra_args=extra)
+    args = ["--endpoint", policy.base_url(), "--endpoint-model", "export", "--processor", str(export)]
+    args += ["--retriever-model", str(tiny_dirs["retriever"]), "--index", str(bundled_index)]
+    try:
+        agent = ServeProcess(args, tmp_path / "serve.log")
+        try:
+            with openai.OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+                question = [{"role": "user", "content": "Who founded Lagas Dynamics?"}]
+                reply = client.chat.completions.create(model="vrag-agent", messages=question)
+        finally:
+            agent.stop()
+    finally:
+        policy.stop()
+    result = reply.model_extra["vrag"]  # a result, not an error: every turn came from the endpoint
+    assert result["type"] == "result" and result["turns"] and not result["turns"][0]["action"] == "invalid"
+    assert reply.choices[0].message.content == (result["answer"] or "")
 
 
 def test_bad_key_and_bad_value_fail_at_start_with_the_key_named(tmp_path):

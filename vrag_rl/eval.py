@@ -26,51 +26,31 @@ import sys
 import time
 from pathlib import Path
 
-from vrag_rl.agent.images import ImageBudget
-from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
+from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, fill_defaults, rollout_config
 from vrag_rl.data.records import load_qa, sha256_file
 from vrag_rl.evaluation.browse import write_browser
 from vrag_rl.evaluation.metrics import Method
 from vrag_rl.evaluation.report import build_report, compare, markdown
 from vrag_rl.evaluation.run import RESULTS, SETTINGS, EvalRun, evaluate, read_results
 from vrag_rl.evaluation.teacher import KEEP_BY, write_sft_data
-from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
 from vrag_rl.retrieval.cache import ensure_index, open_retriever
-from vrag_rl.retrieval.types import SearchMode
 from vrag_rl.reward.judge import JudgeClient, JudgeConfig
-from vrag_rl.rollout.agent_loop import AgentConfig
-from vrag_rl.rollout.endpoint_engine import EndpointConfig
 from vrag_rl.rollout.engine import SamplingConfig
-from vrag_rl.rollout.vllm_engine import VLLMConfig
-from vrag_rl.rollout.worker import RolloutConfig, RolloutPool, RolloutWorker
+from vrag_rl.rollout.worker import RolloutPool, RolloutWorker
 from vrag_rl.settings import flatten
-from vrag_rl.trainer.warm import build_warm_policy
 
 
 def run_parser(sub) -> None:
     p = sub.add_parser("run", help="answer and score the questions of a corpus")
     p.add_argument("--method", default=Method.AGENT, choices=list(Method))
-    p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS)
-    p.add_argument("--index", type=Path, default=None, help="its page index (default: built into the cache)")
-    p.add_argument("--retriever-model", default=None, help="ColQwen2 directory (default: the tiny one)")
-    p.add_argument("--search-mode", default=SearchMode.VISUAL, choices=list(SearchMode))
-    p.add_argument("--policy", default=None, help="checkpoint directory (default: the warm tiny policy)")
+    add_corpus_args(p)
+    add_policy_args(p)
+    add_agent_args(p)
     p.add_argument("--engines", type=int, default=1, help="local vLLM engines; more than 1 run as Ray actors")
     p.add_argument("--engine-cpus", type=float, default=None, help="per engine actor (default: the cores, shared)")
     p.add_argument("--engine-gpus", type=float, default=0.0, help="per engine actor (1 on GPU nodes)")
-    p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL serving the policy instead")
-    p.add_argument("--endpoint-model", default=None, help="the endpoint's model name")
-    p.add_argument("--endpoint-key-env", default=None, help="environment variable holding the endpoint's key")
-    p.add_argument("--processor", default=None, help="endpoint: processor whose chat template frames the turns")
     p.add_argument("--top-k", type=int, default=3, help="vanilla_rag: pages shown with the question")
     p.add_argument("--questions", type=int, default=None, help="the first N questions (default: all)")
-    p.add_argument("--max-turns", type=int, default=4)
-    p.add_argument("--max-turn-tokens", type=int, default=256)
-    p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the paper's setting")
-    p.add_argument("--min-pixels", type=int, default=TINY_BUDGET.min_pixels)
-    p.add_argument("--max-pixels", type=int, default=TINY_BUDGET.max_pixels)
-    p.add_argument("--crop-padding", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=16, help="questions per batch (and per flush of the results)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of the judge")
@@ -118,24 +98,9 @@ def settings_of(a, judge: JudgeConfig | None) -> dict[str, object]:
     return flatten(settings)
 
 
-def backend_of(a, agent: AgentConfig, retriever):
+def backend_of(a, retriever):
     """The engine(s) answering: an in-process worker, a Ray pool of ``--engines`` workers, or the endpoint."""
-    images = max(a.max_turns, a.top_k)
-    vllm = VLLMConfig(
-        dtype="float32",
-        max_model_len=a.max_length,
-        max_images=images,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-    )
-    if a.endpoint:
-        endpoint = EndpointConfig(base_url=a.endpoint, model=a.endpoint_model or "", api_key_env=a.endpoint_key_env)
-        cfg = RolloutConfig(engine="endpoint", model_dir=a.processor or a.policy, agent=agent, endpoint=endpoint)
-    else:
-        # The retriever's actors take half a core; the engines share the rest unless told otherwise.
-        cpus = a.engine_cpus or min(1.0, max(0.1, ((os.cpu_count() or 1) - 0.5) / a.engines))
-        cfg = RolloutConfig(engine="vllm", model_dir=a.policy, vllm=vllm, agent=agent, num_workers=a.engines)
-        cfg.num_cpus, cfg.num_gpus = cpus, a.engine_gpus
+    cfg = rollout_config(a, max_images=max(a.max_turns, a.top_k))
     if a.engines == 1 or a.endpoint:
         return RolloutWorker(cfg, retriever=retriever)
     import ray
@@ -143,6 +108,10 @@ def backend_of(a, agent: AgentConfig, retriever):
     from vrag_rl.retrieval.actor import RetrieverConfig, start_retriever_actor
     from vrag_rl.retrieval.embed import EmbedderConfig
 
+    # The retriever's actors take half a core; the engines share the rest unless told otherwise.
+    cfg.num_workers = a.engines
+    cfg.num_cpus = a.engine_cpus or min(1.0, max(0.1, ((os.cpu_count() or 1) - 0.5) / a.engines))
+    cfg.num_gpus = a.engine_gpus
     ray.init(include_dashboard=False, log_to_driver=False)
     index = ensure_index(a.corpus, a.index, a.retriever_model)
     embedder = EmbedderConfig(model_dir=a.retriever_model, device="cpu", dtype="float32")
@@ -153,28 +122,15 @@ def backend_of(a, agent: AgentConfig, retriever):
 def run(a) -> Path:
     method = Method.parse(a.method, "--method")
     generates = method != Method.RETRIEVAL
-    needs_policy = generates and a.policy is None and not a.endpoint
-    if a.retriever_model is None or needs_policy or (a.endpoint and not a.processor):
-        tiny = build_tiny_models(cache_dir() / "tiny", TinyConfig(seed=0))
-        a.retriever_model = a.retriever_model or str(tiny["retriever"])
-        if needs_policy:
-            a.policy = str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
-        a.processor = a.processor or str(tiny["policy"])
+    fill_defaults(a, needs_policy=generates)
     records = load_qa(a.corpus)[: a.questions]
     if not records:
         raise SystemExit(f"{a.corpus} has no questions (qa.parquet)")
     judge_cfg = judge_of(a)
     settings = settings_of(a, judge_cfg)
     out = a.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    agent = AgentConfig(
-        max_turns=a.max_turns,
-        max_length=a.max_length,
-        search_mode=a.search_mode,
-        crop_padding=a.crop_padding,
-        budget=ImageBudget(min_pixels=a.min_pixels, max_pixels=a.max_pixels),
-    )
     retriever = open_retriever(a.corpus, a.index, a.retriever_model)
-    backend = backend_of(a, agent, retriever) if generates else None
+    backend = backend_of(a, retriever) if generates else None
     judge = None if judge_cfg is None else JudgeClient(judge_cfg)
     sampling = SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens)
     job = EvalRun(method, retriever, a.search_mode, sampling, backend, judge, a.top_k, a.seed, a.chunk)

@@ -1,6 +1,7 @@
-"""A vLLM OpenAI-compatible server process (``vllm.entrypoints.openai.api_server``): started, waited for until
-it answers ``/health``, stopped. The judge the job serves itself runs one (``reward.judge_server``); so do the
-tests and the evaluation benchmark.
+"""Server processes started, waited for until they answer, and stopped (``ServerProcess``), and the vLLM
+OpenAI-compatible server among them (``VLLMServer``, ``vllm.entrypoints.openai.api_server``). The judge the job
+serves itself runs one (``reward.judge_server``); so do the tests and the benchmarks, which also start
+``vrag_rl.serve`` this way.
 
 The process gets ``PR_SET_PDEATHSIG`` from a small interpreter that then execs the server (a ``preexec_fn`` is
 not safe in a process with threads, such as a Ray actor): it dies with whoever started it.
@@ -31,7 +32,61 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class VLLMServer:
+class ServerProcess:
+    """A server command started (dying with its parent), waited for until ``url + ready_path`` answers 200, stopped.
+
+    ``stop`` sends SIGTERM and waits (SIGKILL after a minute); ``proc.returncode`` then says how it ended."""
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        url: str,
+        log_file: str | Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        ready_path: str = "/health",
+        start_timeout_s: float = 300.0,
+        name: str = "the server",
+    ) -> None:
+        self.url, self.name = url, name
+        self.log_file = Path(log_file)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _DIE_WITH_PARENT, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd
+            )
+        self._wait(ready_path, start_timeout_s)
+
+    def _wait(self, path: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.name} did not answer {path} within {timeout_s:.0f} s:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}{path}", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def log_tail(self) -> str:
+        return f"({self.log_file}) " + self.log_file.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class VLLMServer(ServerProcess):
     """Serves ``model_dir`` as ``served_name``; ``base_url`` once healthy (the constructor waits); ``stop``.
 
     ``on_cpu``: no graph capture, a 1 GiB KV cache and the engine in the server's own process (starts in
@@ -58,41 +113,8 @@ class VLLMServer:
         if on_cpu:
             cmd.append("--enforce-eager")
             env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        self.log_file = Path(log_file)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _DIE_WITH_PARENT, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        self.url = f"http://{host}:{port}"
-        self._wait(start_timeout_s)
-
-    def _wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited ({self.proc.returncode}):\n{self._log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"the vLLM server was not healthy within {timeout_s:.0f} s:\n{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-
-    def _log_tail(self) -> str:
-        return f"({self.log_file}) " + self.log_file.read_text(errors="replace")[-3000:]
+        url = f"http://{host}:{port}"
+        super().__init__(cmd, url, log_file, env=env, start_timeout_s=start_timeout_s, name="the vLLM server")
 
     def base_url(self) -> str:
         return f"{self.url}/v1"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

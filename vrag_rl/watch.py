@@ -19,64 +19,38 @@ import os
 import time
 from pathlib import Path
 
-from vrag_rl.agent.images import ImageBudget
-from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
+from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, fill_defaults, rollout_config
 from vrag_rl.data.records import load_qa
-from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
 from vrag_rl.retrieval.cache import open_retriever
 from vrag_rl.reward.actor import RewardScorer
 from vrag_rl.reward.score import RewardConfig
-from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
+from vrag_rl.rollout.agent_loop import make_groups
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.scoring import score_rollouts
 from vrag_rl.rollout.transcript import write_transcripts
-from vrag_rl.rollout.vllm_engine import VLLMConfig
-from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker
-from vrag_rl.trainer.warm import build_warm_policy
+from vrag_rl.rollout.worker import RolloutWorker
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m vrag_rl.watch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS, help="page corpus with qa.parquet")
-    p.add_argument("--index", type=Path, default=None, help="its page index (default: built into the cache)")
-    p.add_argument("--policy", default=None, help="policy checkpoint directory (default: the warm tiny policy)")
-    p.add_argument("--retriever-model", default=None, help="ColQwen2 directory (default: the tiny one)")
+    add_corpus_args(p)
+    add_policy_args(p, endpoint=False)
+    add_agent_args(p)
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--samples", type=int, default=1, help="trajectories per question")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--max-turns", type=int, default=4)
-    p.add_argument("--max-turn-tokens", type=int, default=256)
-    p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--min-pixels", type=int, default=TINY_BUDGET.min_pixels)
-    p.add_argument("--max-pixels", type=int, default=TINY_BUDGET.max_pixels)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/watch-TIME)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    if a.policy is None or a.retriever_model is None:
-        tiny = build_tiny_models(cache_dir() / "tiny", TinyConfig(seed=0))
-        a.retriever_model = a.retriever_model or str(tiny["retriever"])
-        a.policy = a.policy or str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
+    fill_defaults(a)
     records = load_qa(a.corpus)[: a.questions]
     if not records:
         raise SystemExit(f"{a.corpus} has no questions (qa.parquet)")
     retriever = open_retriever(a.corpus, a.index, a.retriever_model)
-    agent = AgentConfig(
-        max_turns=a.max_turns,
-        max_length=a.max_length,
-        budget=ImageBudget(min_pixels=a.min_pixels, max_pixels=a.max_pixels),
-    )
-    vllm = VLLMConfig(
-        dtype="float32",
-        max_model_len=a.max_length,
-        max_images=a.max_turns,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-    )
-    cfg = RolloutConfig(engine=a.engine, model_dir=a.policy, dtype="float32", vllm=vllm, agent=agent)
+    cfg = rollout_config(a, max_images=a.max_turns, engine=a.engine)
     worker = RolloutWorker(cfg, retriever=retriever)
     tasks = make_groups([(r.qid, r.question) for r in records], a.samples, a.seed)
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from PIL import Image
 
 from vrag_rl.data.records import load_pages, write_pages
 from vrag_rl.retrieval.api import Limits, create_app
+from vrag_rl.retrieval.client import SearchClient
 from vrag_rl.retrieval.index import MultiVectorIndex
 from vrag_rl.retrieval.local import LocalRetriever
 from vrag_rl.retrieval.ocr import OCR_FILE, OCR_SCHEMA
@@ -166,6 +167,27 @@ def test_post_image_query(client, retriever, bundled_corpus):
         assert [(x["page_id"], x["score"]) for x in got] == [(h.page_id, h.score) for h in want]
         assert got[0]["page_id"] == "doc0002_3"
     assert [x["page_id"] for x in body["results"][0]] == [h.page_id for h in retriever.search(["revenue"], 3)[0]]
+
+
+@pytest.mark.parametrize("mode", ["visual", "text", "hybrid"])
+def test_the_search_client_is_the_retriever_over_http(server, corpus, retriever, bundled_corpus, mode):
+    """``retrieval.client.SearchClient`` (what ``vrag_rl.serve --search-url`` searches with) returns the retriever's
+    own hits, text and image queries alike."""
+    search = SearchClient(server, corpus)
+    assert search.search(QUERIES, 4, mode) == retriever.search(QUERIES, 4, mode)
+    with Image.open(bundled_corpus / "pages" / "doc0002_3.jpg") as im:
+        image = im.convert("RGB")
+    assert search.search_by_image([image], 3) == retriever.search_by_image([image], 3)
+    assert search.page_path("doc0002_3") == retriever.page_path("doc0002_3")
+    assert search.health() is None
+    search.close()
+
+
+def test_the_search_client_names_a_server_that_is_down(corpus, closed_port_url):
+    down = SearchClient(closed_port_url.removesuffix("/v1"), corpus, timeout_s=2)
+    assert down.health().startswith("the search API at http://127.0.0.1:")
+    with pytest.raises(RuntimeError, match="the search API at .* does not answer: ConnectError"):
+        down.search(["revenue"], 3)
 
 
 def test_pages_are_served_byte_for_byte(client, corpus):

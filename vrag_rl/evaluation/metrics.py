@@ -54,16 +54,6 @@ def is_gated(method: Method, rollout: Rollout) -> bool:
     return method == Method.AGENT and rollout.num_searches == 0
 
 
-def cited_pages(rollout: Rollout) -> list[str]:
-    """The pages the answer rests on: what was looked at last before answering (the last page or crop shown);
-    a single-turn task's answer rests on every page it was given."""
-    if rollout.answer is None:
-        return []
-    if rollout.task.context is not None:
-        return list(rollout.retrieved_pages)
-    return [rollout.views[-1][1]] if rollout.views else []
-
-
 def answer_scores(
     rollout: Rollout, record: QARecord, method: Method, verdict: JudgeResult | None, with_judge: bool
 ) -> tuple[dict[str, float | None], bool]:
@@ -98,7 +88,7 @@ def rollout_row(
     judge = None
     if with_judge:
         judge = {"status": NO_ANSWER, "detail": ""} if verdict is None else asdict(verdict)
-    cited = cited_pages(rollout)
+    cited = rollout.cited_pages()
     return {
         **question_fields(record, method),
         "prediction": rollout.answer,

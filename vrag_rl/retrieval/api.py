@@ -38,6 +38,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse
@@ -73,13 +74,13 @@ class SearchRequest(BaseModel):
     mode: SearchMode = SearchMode.VISUAL
 
 
-async def _refuse(send, status: int, detail: str) -> None:
+async def refuse(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
 
 
-class _BodyLimit:
+class BodyLimit:
     """ASGI wrapper refusing bodies over ``max_bytes`` with 413, by header or while streaming (chunked), and
     requests beyond ``max_in_flight`` at once with 503 (the event loop is one thread: a plain counter)."""
 
@@ -91,7 +92,7 @@ class _BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.max_in_flight:
-            return await _refuse(send, 503, f"busy: {self.max_in_flight} requests in flight; retry shortly")
+            return await refuse(send, 503, f"busy: {self.max_in_flight} requests in flight; retry shortly")
         self.in_flight += 1
         try:
             await self._limited(scope, receive, send)
@@ -101,7 +102,7 @@ class _BodyLimit:
     async def _limited(self, scope, receive, send):
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _refuse(send, 413, f"request body over {self.max_bytes} bytes")
+            return await refuse(send, 413, f"request body over {self.max_bytes} bytes")
         seen = 0
 
         async def limited_receive():
@@ -131,7 +132,7 @@ def _check_queries(queries: list[str], n_images: int, top_k: int, limits: Limits
             raise HTTPException(422, f"query {i} has {len(q)} characters; the limit is {limits.max_query_chars}")
 
 
-def _open_image(data: str, i: int, limits: Limits) -> Image.Image:
+def open_image(data: str, i: int, limits: Limits) -> Image.Image:
     """The image query's header, read (allowed formats only) and checked for size; nothing decoded yet."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
@@ -153,7 +154,7 @@ def _open_image(data: str, i: int, limits: Limits) -> Image.Image:
     return image
 
 
-def _decode_image(image: Image.Image, i: int, limits: Limits) -> Image.Image:
+def decode_image(image: Image.Image, i: int, limits: Limits) -> Image.Image:
     """The opened image decoded, as RGB shrunk to ``query_pixels``."""
     try:
         image.load()
@@ -169,11 +170,11 @@ def _decode_image(image: Image.Image, i: int, limits: Limits) -> Image.Image:
 
 
 def _decode_all(data: list[str], limits: Limits, decoder: ThreadPoolExecutor) -> list[Image.Image]:
-    opened = [_open_image(d, i, limits) for i, d in enumerate(data)]
+    opened = [open_image(d, i, limits) for i, d in enumerate(data)]
     pixels = sum(im.width * im.height for im in opened)
     if pixels > limits.max_request_pixels:
         raise HTTPException(413, f"the image queries hold {pixels} pixels; the limit is {limits.max_request_pixels}")
-    job = decoder.submit(lambda: [_decode_image(im, i, limits) for i, im in enumerate(opened)])
+    job = decoder.submit(lambda: [decode_image(im, i, limits) for i, im in enumerate(opened)])
     try:
         return job.result(timeout=limits.decode_wait_s)
     except FuturesTimeout:
@@ -183,6 +184,18 @@ def _decode_all(data: list[str], limits: Limits, decoder: ThreadPoolExecutor) ->
 
 def _hit_json(hits: list[Hit]) -> list[dict]:
     return [{"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)]
+
+
+def page_file(pages, page_id: str) -> Path:
+    """The image file of a page id from a request (``pages``: anything with ``page_path``), or the HTTP error."""
+    if any(c in page_id for c in "/\\\x00") or page_id.startswith("."):
+        raise HTTPException(400, f"malformed page id {page_id!r}: page ids are {{doc}}_{{page}}, not paths")
+    try:
+        return pages.page_path(page_id)
+    except (KeyError, FileNotFoundError):
+        raise HTTPException(404, f"no page {page_id!r} in the corpus") from None
+    except ValueError:
+        raise HTTPException(403, f"page {page_id!r} resolves outside the corpus") from None
 
 
 def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
@@ -220,17 +233,9 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
 
     @app.get("/pages/{page_id}")
     def page(page_id: str):
-        if any(c in page_id for c in "/\\\x00") or page_id.startswith("."):
-            raise HTTPException(400, f"malformed page id {page_id!r}: page ids are {{doc}}_{{page}}, not paths")
-        try:
-            path = retriever.page_path(page_id)
-        except (KeyError, FileNotFoundError):
-            raise HTTPException(404, f"no page {page_id!r} in the corpus") from None
-        except ValueError:
-            raise HTTPException(403, f"page {page_id!r} resolves outside the corpus") from None
-        return FileResponse(path, media_type="image/jpeg")
+        return FileResponse(page_file(retriever, page_id), media_type="image/jpeg")
 
-    return _BodyLimit(app, limits.max_body_bytes, limits.max_in_flight)
+    return BodyLimit(app, limits.max_body_bytes, limits.max_in_flight)
 
 
 def main(argv: list[str] | None = None) -> int:

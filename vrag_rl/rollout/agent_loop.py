@@ -13,6 +13,9 @@ actions (docs/protocol.md):
 - anything else (no tag, bad box, a crop before any image) is an invalid action: the fixed feedback turn
   follows and the trajectory goes on.
 
+``run`` takes a batch from start to end; ``start`` and ``step`` let a caller add trajectories between turns
+(serving batches its users' sessions that way).
+
 A single-turn task (``Task.context`` set: evaluation's vanilla RAG and direct baselines) shows the given pages
 with the question in one user turn (``build_reference_messages``) and allows one turn, which may only answer.
 
@@ -134,9 +137,20 @@ class Rollout:
     def num_searches(self) -> int:
         return sum(a.kind == ActionKind.SEARCH for a in self.actions)
 
+    def cited_pages(self) -> list[str]:
+        """The pages the answer rests on: what was looked at last before answering (the last page or crop shown);
+        a single-turn task's answer rests on every page it was given."""
+        if self.answer is None:
+            return []
+        if self.task.context is not None:
+            return list(self.retrieved_pages)
+        return [self.views[-1][1]] if self.views else []
+
 
 @dataclass
-class _State:
+class AgentState:
+    """A trajectory under way: its rollout and what the next turn needs."""
+
     rollout: Rollout
     view: View | None = None  # the most recent image shown: a bbox refers to it
     done: bool = False
@@ -164,28 +178,41 @@ class AgentLoop:
         encoder.check_budget(cfg.budget.min_pixels, cfg.budget.max_pixels)
         self._pages: dict[str, Image.Image] = {}  # raw pages of the current run
         self._shown: dict[str, tuple[View, EncodedImages] | None] = {}  # per run; None: cannot be shown
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {"generate_s": 0.0, "search_s": 0.0}
 
     def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
         t0 = time.perf_counter()
         self.timings = {"generate_s": 0.0, "search_s": 0.0}
-        states = [self._start(t) for t in tasks]
-        turn = 0
+        states = [self.start(t) for t in tasks]
         while live := [s for s in states if not s.done]:
-            turn += 1
-            self._generate(live, sampling, turn)
-            self._search([s for s in live if s.query is not None])
-            for s in live:
-                if not s.done:
-                    self._observe(s, final_next=turn == self.cfg.max_turns)
-        self._pages.clear()
-        self._shown.clear()
+            self.step(live, sampling)
+        self.forget()
         self.timings["total_s"] = time.perf_counter() - t0
         return [s.rollout for s in states]
 
-    def _start(self, task: Task) -> _State:
+    def step(self, live: list[AgentState], sampling: SamplingConfig) -> None:
+        """One turn of every state in ``live`` (none done): one batched generate, one batched search, then each
+        state's observation. States may start at different times (serving adds them between steps)."""
+        live = list(live)
+        self._generate(live, sampling)
+        self._search([s for s in live if s.query is not None])
+        for s in live:
+            if not s.done:
+                self._observe(s, final_next=s.rollout.num_turns == self.cfg.max_turns)
+
+    def forget(self) -> None:
+        """Drop the raw and encoded pages kept since the last call (they are loaded again when needed)."""
+        self._pages.clear()
+        self._shown.clear()
+
+    @property
+    def pages_kept(self) -> int:
+        return len(self._shown)
+
+    def start(self, task: Task) -> AgentState:
+        """A new trajectory's state, its prompt encoded (stopped at once if the prompt does not fit)."""
         traj = Trajectory(max_length=self.cfg.max_length)
-        state = _State(Rollout(task, traj))
+        state = AgentState(Rollout(task, traj))
         if task.context is None:
             ids, enc = self.encoder.prompt(build_messages(task.question, self.cfg.prompt))
         else:
@@ -199,7 +226,7 @@ class AgentLoop:
             state.stop(StopReason.LENGTH)
         return state
 
-    def _generate(self, live: list[_State], sampling: SamplingConfig, turn: int) -> None:
+    def _generate(self, live: list[AgentState], sampling: SamplingConfig) -> None:
         requests = []
         for s in list(live):
             room = s.rollout.trajectory.room()
@@ -208,6 +235,7 @@ class AgentLoop:
                 live.remove(s)
                 continue
             t = s.rollout.trajectory
+            turn = s.rollout.num_turns + 1
             seed = None if s.rollout.task.seed is None else _derive_seed(s.rollout.task.seed, turn)
             requests.append(
                 GenerationRequest(t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed)
@@ -216,7 +244,7 @@ class AgentLoop:
         generations = self.engine.generate(requests, sampling)
         self.timings["generate_s"] += time.perf_counter() - t0
         for s, gen in zip(live, generations):
-            final = turn > self.cfg.max_turns or s.rollout.task.context is not None
+            final = s.rollout.num_turns + 1 > self.cfg.max_turns or s.rollout.task.context is not None
             s.query, s.close_turn = None, gen.finish_reason != "stop"
             r = s.rollout
             r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
@@ -228,7 +256,7 @@ class AgentLoop:
             r.actions.append(action)
             self._act(s, action, final)
 
-    def _act(self, s: _State, action: Action, final: bool) -> None:
+    def _act(self, s: AgentState, action: Action, final: bool) -> None:
         r = s.rollout
         if action.kind == ActionKind.ANSWER:
             r.answer = action.content
@@ -256,7 +284,7 @@ class AgentLoop:
         else:
             s.notes.append(INVALID_ACTION_FEEDBACK)
 
-    def _search(self, searching: list[_State]) -> None:
+    def _search(self, searching: list[AgentState]) -> None:
         if not searching:
             return
         depth = max(len(s.rollout.retrieved_pages) for s in searching) + 1  # deep enough for an unseen page
@@ -273,7 +301,7 @@ class AgentLoop:
             s.new_page = s.view.page_id
             s.pending.append(encoded)
 
-    def _observe(self, s: _State, final_next: bool) -> None:
+    def _observe(self, s: AgentState, final_next: bool) -> None:
         notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
         ids, enc = self.encoder.observation(
             EncodedImages.join(s.pending), "\n".join(notes) or None, close_turn=s.close_turn

@@ -1,0 +1,155 @@
+"""The session scheduler in-process, on the transformers engine (one request at a time, so batching cannot move a
+result): sessions that join mid-way sample what the agent loop samples alone; capacity, time limits, cancellation
+and a dead policy endpoint end sessions with their reason, never the scheduler."""
+
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from vrag_rl.data.records import load_qa
+from vrag_rl.retrieval.local import LocalRetriever
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
+from vrag_rl.rollout.endpoint_engine import EndpointConfig, EndpointEngine
+from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.hf_engine import HFEngine
+from vrag_rl.serving.sessions import Busy, Question, SchedulerConfig, SessionScheduler
+
+SAMPLING = SamplingConfig(temperature=0.0, max_tokens=64)
+AGENT = AgentConfig(max_turns=3, max_length=2048)
+
+
+@pytest.fixture(scope="module")
+def loop(warm_policy, encoder, bundled_corpus, bundled_index, embedder):
+    retriever = LocalRetriever(bundled_corpus, bundled_index, embedder)
+    return AgentLoop(HFEngine(str(warm_policy), "float32", "cpu"), encoder, retriever, AGENT)
+
+
+class Collector:
+    """Each session's events, in order; ``wait`` blocks until a session's last event (result or error)."""
+
+    def __init__(self):
+        self.events: dict[str, list[dict]] = {}
+        self.ended: dict[str, threading.Event] = {}
+
+    def emit_for(self, key: str):
+        self.events[key], self.ended[key] = [], threading.Event()
+
+        def emit(event: dict) -> None:
+            self.events[key].append(event)
+            if event["type"] in ("result", "error"):
+                self.ended[key].set()
+
+        return emit
+
+    def wait(self, key: str, timeout: float = 120) -> dict:
+        assert self.ended[key].wait(timeout), f"session {key} did not end: {self.events[key]}"
+        return self.events[key][-1]
+
+
+def run_alone(loop, question: str):
+    return loop.run([Task("alone", question)], SAMPLING)[0]
+
+
+def test_sessions_joining_mid_way_sample_what_the_loop_samples_alone(loop, bundled_corpus):
+    questions = [r.question for r in load_qa(bundled_corpus)[:3]]
+    alone = [run_alone(loop, q) for q in questions]
+    scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig(max_live=4))
+    got = Collector()
+    try:
+        scheduler.submit(Question(questions[0]), got.emit_for("0"))
+        deadline = time.monotonic() + 60
+        while not got.events["0"] and time.monotonic() < deadline:  # the others arrive while the first is under way
+            time.sleep(0.01)
+        for i, q in enumerate(questions[1:], start=1):
+            scheduler.submit(Question(q), got.emit_for(str(i)))
+        results = [got.wait(str(i)) for i in range(len(questions))]
+    finally:
+        scheduler.close()
+    for i, (rollout, result) in enumerate(zip(alone, results)):
+        assert result["type"] == "result"
+        assert [t["text"] for t in result["turns"]] == rollout.texts
+        assert [e for e in got.events[str(i)] if e["type"] == "turn"] == result["turns"]  # streamed, then summed up
+        assert result["answer"] == rollout.answer
+    turns = sum(len(r["turns"]) for r in results)
+    assert scheduler.stepped == turns and scheduler.steps < turns  # turns of several sessions shared steps
+
+
+def test_over_capacity_submissions_are_refused_with_a_retry_estimate(loop, bundled_corpus):
+    question = load_qa(bundled_corpus)[0].question
+    scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig(max_live=1, max_waiting=1))
+    got = Collector()
+    try:
+        scheduler.submit(Question(question), got.emit_for("a"))
+        scheduler.submit(Question(question), got.emit_for("b"))
+        with pytest.raises(Busy) as busy:
+            scheduler.submit(Question(question), got.emit_for("c"))
+        assert busy.value.retry_after_s >= 1
+        assert got.wait("a")["type"] == got.wait("b")["type"] == "result"
+        scheduler.submit(Question(question), got.emit_for("d"))  # room again
+        assert got.wait("d")["type"] == "result"
+    finally:
+        scheduler.close()
+
+
+def test_a_session_past_its_time_limit_ends_with_504(loop, bundled_corpus):
+    scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig(time_limit_s=0.05))
+    got = Collector()
+    try:
+        scheduler.submit(Question(load_qa(bundled_corpus)[0].question), got.emit_for("late"))
+        end = got.wait("late")
+        assert end["type"] == "error" and end["status"] == 504 and "time limit" in end["message"]
+        assert scheduler.alive and scheduler.load == (0, 0)
+    finally:
+        scheduler.close()
+
+
+def test_a_cancelled_session_leaves_at_the_next_turn(loop, bundled_corpus):
+    scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig())
+    got = Collector()
+    emit = got.emit_for("gone")
+    session = None
+
+    def cancel_on_first_turn(event):
+        emit(event)
+        session.cancel()
+
+    try:
+        session = scheduler.submit(Question(load_qa(bundled_corpus)[0].question), cancel_on_first_turn)
+        done = got.emit_for("after")
+        scheduler.submit(Question(load_qa(bundled_corpus)[1].question), done)
+        assert got.wait("after")["type"] == "result"  # the scheduler went on
+        assert [e["type"] for e in got.events["gone"]] == ["turn"] and scheduler.load == (0, 0)
+    finally:
+        scheduler.close()
+
+
+def test_search_by_image_shows_its_pages_with_the_question(loop, bundled_corpus):
+    scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig(image_top_k=2))
+    got = Collector()
+    with Image.open(bundled_corpus / "pages" / "doc0001_2.jpg") as im:
+        image = im.convert("RGB")
+    try:
+        scheduler.submit(Question("What does this page report?", image), got.emit_for("img"))
+        result = got.wait("img")
+    finally:
+        scheduler.close()
+    first = got.events["img"][0]
+    assert first["type"] == "image_search" and first["views"][0]["page"] == "doc0001_2" and len(first["views"]) == 2
+    assert result["type"] == "result" and len(result["turns"]) == 1
+    assert [c["page"] for c in result["citations"]] == [v["page"] for v in first["views"]]
+
+
+def test_a_dead_policy_endpoint_ends_the_session_with_502(loop, encoder, tiny_dirs, closed_port_url):
+    cfg = EndpointConfig(base_url=closed_port_url, model="m", max_retries=0, timeout_s=2)
+    dead = AgentLoop(EndpointEngine(str(tiny_dirs["policy"]), cfg), encoder, loop.retriever, AGENT)
+    scheduler = SessionScheduler(dead, SAMPLING, SchedulerConfig())
+    got = Collector()
+    try:
+        scheduler.submit(Question("Who founded Lagas Dynamics?"), got.emit_for("dead"))
+        end = got.wait("dead")
+        assert end["type"] == "error" and end["status"] == 502 and "policy endpoint failed" in end["message"]
+        assert scheduler.alive and scheduler.last_error
+    finally:
+        scheduler.close()
