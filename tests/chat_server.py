@@ -195,9 +195,9 @@ def fast_config():
 
 
 @pytest.fixture
-def closed_port_url() -> str:
-    """URL of a loopback port nobody listens on (bound then released)."""
+def closed_port_url():
+    """URL of a loopback port nobody listens on: bound, never listening, for the whole test, so that no server the
+    test starts can be given the same port (connections to it are refused)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"

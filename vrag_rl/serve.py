@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sizes = {p.page_id: (p.width, p.height) for p in load_pages(a.corpus)}
+    sizes = {p.page_id: (p.width, p.height, p.timestamp) for p in load_pages(a.corpus)}
     scheduler, worker, checks = None, None, []
     if not catalog.page_ids:
         empty = f"the corpus {catalog.root} has no pages: ingest documents first (python -m vrag_rl.retrieval.ingest)"

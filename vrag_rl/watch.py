@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, fill_defaults, rollout_config
-from vrag_rl.data.records import load_qa
+from vrag_rl.data.records import load_pages, load_qa, page_label
 from vrag_rl.retrieval.cache import open_retriever
 from vrag_rl.reward.actor import RewardScorer
 from vrag_rl.reward.score import RewardConfig
@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> Path:
     rollouts = worker.rollout(tasks, SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens))
     elapsed = time.perf_counter() - t0
     by_qid = {r.qid: r for r in records}
+    times = {p.page_id: p.timestamp for p in load_pages(a.corpus)}
     rewards = score_rollouts(RewardScorer(RewardConfig()), by_qid, rollouts)
     extras = [
         {
             "reference": by_qid[r.task.qid].answer,
             "gold_pages": by_qid[r.task.qid].gold_pages,
+            "retrieved_labels": [page_label(p, times[p]) for p in r.retrieved_pages],  # video frames: with times
             "reward": {"total": b.total, "ndcg": b.ndcg, "answer": b.answer, "format": b.format},
         }
         for r, b in zip(rollouts, rewards)

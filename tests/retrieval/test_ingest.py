@@ -472,7 +472,7 @@ def test_extreme_aspect_pages_are_padded_so_processors_and_the_agent_take_them(t
     from vrag_rl.agent.images import fit_to_budget, page_view
     from vrag_rl.models.tiny import TINY_BUDGET
     from vrag_rl.retrieval.index import MultiVectorIndex
-    from vrag_rl.retrieval.ingest import MAX_PAGE_ASPECT
+    from vrag_rl.retrieval.sources import MAX_PAGE_ASPECT
 
     src = tmp_path / "src"
     strip = Image.new("RGB", (4100, 20), "white")

@@ -8,18 +8,23 @@ bookkeeping is under test.
 
 import dataclasses
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from vrag_rl.data.records import load_pages, load_qa, write_pages
 from vrag_rl.retrieval import ocr
 from vrag_rl.retrieval.bm25 import BM25Index
+from vrag_rl.retrieval.ingest import STATE_KEY
 from vrag_rl.retrieval.ocr import OcrConfig, OcrError, load_ocr, main, ocr_corpus
 
 CACHE = Path(os.environ.get("VRAG_RL_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
@@ -190,3 +195,121 @@ def test_module_entry_point(tmp_path):
     cmd = [sys.executable, "-m", "vrag_rl.retrieval.ocr", str(tmp_path / "missing")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "error:" in r.stderr
+
+
+# ---- the PDF's own text layer ---------------------------------------------------------------------------------
+
+GNUPLOT = Path(__file__).resolve().parents[2] / ".cache" / "assets" / "pdf" / "gnuplot.pdf"
+SCANNED = "Scanned invoice number 4711"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", unicodedata.normalize("NFC", text.lower()))
+
+
+def poppler_text(pdf: Path, page: int) -> str:
+    """poppler's pdftotext for one page: the oracle for the text layer."""
+    cmd = ["pdftotext", "-f", str(page), "-l", str(page), str(pdf), "-"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def manual(tmp_path_factory) -> Path:
+    """Five pages of gnuplot's manual (born digital) and a scanned page (an image-only PDF), ingested."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from vrag_rl.retrieval.ingest import IngestConfig, ingest
+
+    if not GNUPLOT.is_file():
+        pytest.fail(f"{GNUPLOT} is missing: run `make assets` (it extracts gnuplot.pdf from Debian's gnuplot-doc)")
+    src = tmp_path_factory.mktemp("manual-src")
+    shutil.copyfile(GNUPLOT, src / "gnuplot.pdf")
+    scan = Image.new("RGB", (850, 1100), "white")
+    ImageDraw.Draw(scan).text((60, 120), SCANNED, fill="black", font=ImageFont.load_default(size=44))
+    scan.save(src / "scan.pdf")
+    out = tmp_path_factory.mktemp("manual")
+    assert ingest([src], out, IngestConfig(dpi=100, max_pages=5), progress=False).ok
+    return out
+
+
+def copy_corpus(corpus: Path, dst: Path) -> Path:
+    shutil.copytree(corpus, dst, ignore=shutil.ignore_patterns(".writer.lock", "ocr.parquet"))
+    return dst
+
+
+def test_the_pdf_source_reads_the_text_layer_as_poppler_does(manual, tmp_path):
+    corpus = copy_corpus(manual, tmp_path / "c")
+    ocr_corpus(corpus, progress=False, source="pdf")
+    rows = {r.page_id: r for r in load_ocr(corpus)}
+    for page in load_pages(corpus):
+        row = rows[page.page_id]
+        assert (row.status, row.source) == ("ok", "pdf")
+        if page.doc == "scan":
+            assert row.text == ""  # an image-only page has no text layer
+            continue
+        ours, oracle = set(words(row.text)), set(words(poppler_text(GNUPLOT, page.page)))
+        assert oracle and len(ours & oracle) / len(ours | oracle) > 0.95, (page.page_id, ours ^ oracle)
+
+
+def test_auto_reads_the_layer_where_there_is_one_and_tesseract_where_not(manual, tmp_path, monkeypatch):
+    corpus = copy_corpus(manual, tmp_path / "c")
+    ocr_corpus(corpus, progress=False, source="auto")
+    rows = {r.page_id: r for r in load_ocr(corpus)}
+    assert {pid: r.source for pid, r in rows.items()} == {
+        **{f"gnuplot_{k}": "pdf" for k in range(1, 6)},
+        "scan_1": "ocr",
+    }
+    assert words(SCANNED) == words(rows["scan_1"].text)[: len(words(SCANNED))]
+    # the same corpus again under auto: every row stands; under ocr: the layer's rows are read again by tesseract
+    calls = []
+    monkeypatch.setattr(ocr, "ocr_image_bytes", lambda data, cfg, exe=None: calls.append(data) or "fake text")
+    ocr_corpus(corpus, progress=False, source="auto")
+    assert calls == []
+    ocr_corpus(corpus, progress=False, source="ocr")
+    assert len(calls) == 5 and {r.source for r in load_ocr(corpus)} == {"ocr"}
+
+
+def test_text_search_over_the_layer_finds_pages_at_least_as_well_as_over_ocr(manual, tmp_path):
+    """Queries are each page's rarest words by poppler (neither source's own text): recall@1 of BM25 per source."""
+    pages = [p for p in load_pages(manual) if p.doc == "gnuplot"]
+    texts = {p.page_id: words(poppler_text(GNUPLOT, p.page)) for p in pages}
+    counts = {w: sum(w in set(t) for t in texts.values()) for t in texts.values() for w in t}
+    queries = {pid: " ".join(sorted(set(t), key=lambda w: (counts[w], w))[:4]) for pid, t in texts.items()}
+    recall = {}
+    for source in ("pdf", "ocr"):
+        corpus = copy_corpus(manual, tmp_path / source)
+        ocr_corpus(corpus, progress=False, source=source)
+        rows = [r for r in load_ocr(corpus) if r.page_id in texts]
+        index = BM25Index()
+        index.build([r.page_id for r in rows], [r.text for r in rows])
+        hits = index.search(list(queries.values()), top_k=1)
+        recall[source] = sum(h[0][0] == pid for pid, h in zip(queries, hits)) / len(queries)
+    assert recall["pdf"] == 1.0 and recall["pdf"] >= recall["ocr"], recall
+
+
+@pytest.mark.parametrize("how", ["changed", "gone"])
+def test_a_source_pdf_changed_or_gone_since_ingest_is_not_read(manual, tmp_path, how):
+    corpus = copy_corpus(manual, tmp_path / "c")
+    pages = load_pages(corpus)
+    old = next(p.source for p in pages if p.doc == "gnuplot")
+    new = tmp_path / "gnuplot.pdf"
+    if how == "changed":
+        new.write_bytes(GNUPLOT.read_bytes() + b"\n% edited after ingest\n")
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(corpus / "pages.parquet").metadata.items()}
+    state = json.loads(meta[STATE_KEY])
+    state["sources"][str(new)] = state["sources"].pop(old)  # the manifest now names the new file, as ingested
+    moved = [dataclasses.replace(p, source=str(new)) if p.source == old else p for p in pages]
+    write_pages(moved, corpus / "pages.parquet", {STATE_KEY: json.dumps(state)})
+    ocr_corpus(corpus, progress=False, source="pdf")
+    rows = [r for r in load_ocr(corpus) if r.page_id.startswith("gnuplot")]
+    assert rows and all(r.status == "error" and "is gone or changed since ingest" in r.error for r in rows)
+    ocr_corpus(corpus, progress=False, source="auto")  # auto reads those pages' images instead
+    assert {r.source for r in load_ocr(corpus) if r.page_id.startswith("gnuplot")} == {"ocr"}
+
+
+def test_a_file_from_before_the_source_column_reads_as_tesseract(tmp_path):
+    import pyarrow as pa
+
+    rows = [{"page_id": "a_1", "checksum": "x", "text": "t", "status": "ok", "error": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ocr.parquet")
+    assert [r.source for r in load_ocr(tmp_path)] == ["ocr"]

@@ -63,6 +63,7 @@ PAGES_SCHEMA = pa.schema(
         ("file", pa.string()),  # relative to the corpus directory
         ("source", pa.string()),  # where the page came from: an input file's absolute path, or a generator
         ("checksum", pa.string()),  # sha256 (hex) of the page image file's bytes
+        ("timestamp", pa.float64()),  # a video frame's time in the video, in seconds (null for other pages)
     ]
 )
 
@@ -91,10 +92,16 @@ class PageRecord:
     file: str  # as stored: relative to the corpus directory; load_pages resolves it
     source: str
     checksum: str  # sha256 hex of the image file; readers can detect a changed or damaged page
+    timestamp: float | None = None  # kind "video": the frame's time in the video, in seconds
 
 
 def page_id(doc: str, page: int) -> str:
     return f"{doc}_{page}"
+
+
+def page_label(page_id: str, timestamp: float | None) -> str:
+    """A page id as people read it: a video frame's with its time in the video."""
+    return page_id if timestamp is None else f"{page_id} (at {timestamp:.1f} s)"
 
 
 def doc_name(path: Path) -> str:
@@ -225,5 +232,8 @@ def holdout_split(records: list[QARecord], every: int) -> tuple[list[QARecord], 
 def load_pages(corpus_dir: str | Path) -> list[PageRecord]:
     """Page rows with ``file`` resolved to a path under ``corpus_dir``."""
     corpus_dir = Path(corpus_dir)
-    rows = pq.read_table(corpus_dir / "pages.parquet", schema=PAGES_SCHEMA).to_pylist()
+    table = pq.read_table(corpus_dir / "pages.parquet")
+    if "timestamp" not in table.column_names:  # written before video frames were pages
+        table = table.append_column("timestamp", pa.nulls(len(table), pa.float64()))
+    rows = table.select(PAGES_SCHEMA.names).cast(PAGES_SCHEMA).to_pylist()
     return [PageRecord(**{**row, "file": str(corpus_dir / row["file"])}) for row in rows]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vrag_rl.data.records import load_pages
+from vrag_rl.data.records import load_pages, page_label
 
 THUMB_SIDE = 480
 
@@ -26,8 +26,8 @@ def is_wrong(row: dict) -> bool:
     return scores.get(key, 0.0) < 1.0
 
 
-def _thumbnails(rows: list[dict], corpus: Path, out: Path) -> dict[str, tuple[str, int, int]]:
-    """page id -> (thumbnail path relative to ``out``, raw width, raw height) of every page a row refers to."""
+def _thumbnails(rows: list[dict], corpus: Path, out: Path) -> dict[str, tuple[str, int, int, str]]:
+    """page id -> (thumbnail path relative to ``out``, raw width, raw height, label) of every page a row refers to."""
     wanted = {page for row in rows for page in _pages_of(row)}
     found = {}
     (out / "pages").mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def _thumbnails(rows: list[dict], corpus: Path, out: Path) -> dict[str, tuple[st
                 im = im.convert("RGB")
                 im.thumbnail((THUMB_SIDE, THUMB_SIDE))
                 im.save(out / name, quality=85)
-        found[page.page_id] = (name, page.width, page.height)
+        found[page.page_id] = (name, page.width, page.height, page_label(page.page_id, page.timestamp))
     return found
 
 
@@ -52,7 +52,8 @@ def _pages_of(row: dict) -> list[str]:
 def _figure(page: str, box: list[int] | None, thumbs: dict, caption: str) -> str:
     if page not in thumbs:
         return f"<p class='fb'>page {html.escape(page)} (not in the corpus)</p>"
-    name, width, height = thumbs[page]
+    name, width, height, label = thumbs[page]
+    caption = caption.replace(page, label, 1)
     overlay = ""
     if box is not None:
         x0, y0, x1, y1 = box

@@ -1,4 +1,4 @@
-"""Ingest PDFs and images into a page corpus: ``pages/{doc}_{page}.jpg`` (pages 1-based) plus ``pages.parquet``.
+"""Ingest PDFs, images and videos into a page corpus: ``pages/{doc}_{page}.jpg`` (pages 1-based) + ``pages.parquet``.
 
     python -m vrag_rl.retrieval.ingest SRC... --out CORPUS [--dpi 144] [--max-side 2048] [--max-pages N]
 
@@ -8,8 +8,9 @@ from an image, is scaled down to at most ``max_side`` pixels on its longer side 
 A page longer than ``MAX_PAGE_ASPECT`` times its width (or the other way round), such as a 4100x20 strip, is
 padded with white on its short side (below or to the right, so coordinates of its content do not move) up to
 that ratio: the vision processors refuse ratios over 200, and the margin keeps their rounding below it.
-Multi-frame TIFFs give one page per frame. Manifest rows have kind "pdf" or "image", the absolute source path
-and the sha256 of the JPEG file; rows are sorted by (doc, page).
+Multi-frame TIFFs give one page per frame. Videos (mp4, webm, mkv, mov) give one page per sampled frame, with its
+time in the video as the row's ``timestamp`` (``retrieval.video``). Manifest rows have kind "pdf", "image" or
+"video", the absolute source path and the sha256 of the JPEG file; rows are sorted by (doc, page).
 
 Document names: ``doc`` is the file stem in Unicode NFC with each run of characters other than letters and
 digits of any script, ``.``, ``_`` and ``-`` replaced by ``-`` (``報告書.pdf`` is ``報告書``). A name belongs to
@@ -36,20 +37,16 @@ refused before decoding (decompression bombs). The exit code is 0 when any page 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
-import pypdfium2 as pdfium
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vrag_rl.data.records import (
@@ -64,9 +61,9 @@ from vrag_rl.data.records import (
     writer_lock,
 )
 from vrag_rl.data.synthetic import encode_jpeg
+from vrag_rl.retrieval.sources import IMAGE_SUFFIXES, KINDS, OPENERS, BadInput, IngestConfig
+from vrag_rl.retrieval.video import VIDEO_SUFFIXES, FrameSampling
 
-PDF_SUFFIXES = frozenset({".pdf"})
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 REASONS = (
     "not found",
     "unsupported type",
@@ -78,46 +75,12 @@ REASONS = (
     "corrupt image",
     "truncated image",
     "decompression bomb",
+    "corrupt video",
+    "truncated video",
     "page file missing",
 )
 STATE_KEY = "vrag_rl.ingest"  # parquet metadata key of the resume state
 STATE_VERSION = 1
-_PDFIUM_ERRORS = {
-    pdfium.raw.FPDF_ERR_FILE: "file not found or could not be opened",
-    pdfium.raw.FPDF_ERR_FORMAT: "not in PDF format or corrupted",
-    pdfium.raw.FPDF_ERR_PASSWORD: "password required or incorrect password",
-    pdfium.raw.FPDF_ERR_SECURITY: "unsupported security scheme",
-}
-Render = Callable[[int], Image.Image]  # 0-based page index -> RGB image within max_side
-MAX_PAGE_ASPECT = 100  # longer side / shorter side of a stored page (see the module docstring)
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    dpi: float = 144.0
-    max_side: int = 2048
-    max_pages: int | None = None  # per document: the first N pages
-    max_pixels: int = 89_478_485  # larger images are decompression bombs (Pillow's default limit)
-    jpeg_quality: int = 90
-    checkpoint_seconds: float = 30.0  # how often the manifest is rewritten during a run
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.dpi <= 2400:
-            raise ValueError(f"dpi must be in [1, 2400], got {self.dpi}")
-        if not 16 <= self.max_side <= 65_000:  # JPEG cannot hold more than 65535 pixels a side
-            raise ValueError(f"max_side must be in [16, 65000], got {self.max_side}")
-        if self.max_pages is not None and self.max_pages < 1:
-            raise ValueError(f"max_pages must be at least 1, got {self.max_pages}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality must be in [1, 95], got {self.jpeg_quality}")
-        if self.checkpoint_seconds < 0:
-            raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
-
-    def render_settings(self) -> dict:
-        """The settings that change a page's pixels: pages made under other settings are rendered again."""
-        return {"dpi": self.dpi, "max_side": self.max_side, "jpeg_quality": self.jpeg_quality}
 
 
 @dataclass(frozen=True)
@@ -156,12 +119,6 @@ class IngestResult:
         return "\n".join(lines)
 
 
-class BadInput(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
 def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[Path], list[Problem]]:
     """Files named by ``sources`` (directories walked, ``exclude`` and hidden entries skipped), sorted."""
     found: set[Path] = set()
@@ -177,114 +134,6 @@ def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[P
         else:
             problems.append(Problem(str(path), "not found", "no such file or directory"))
     return sorted(found, key=str), problems
-
-
-def _fit(image: Image.Image, max_side: int) -> Image.Image:
-    """Scaled to ``max_side``, then padded to ``MAX_PAGE_ASPECT``."""
-    w, h = image.size
-    if max(w, h) > max_side:
-        s = max_side / max(w, h)
-        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
-    w, h = image.size
-    short = -(-max(w, h) // MAX_PAGE_ASPECT)  # ceil: the shortest side the ratio allows
-    if min(w, h) >= short:
-        return image
-    padded = Image.new("RGB", (w, short) if w > h else (short, h), (255, 255, 255))
-    padded.paste(image, (0, 0))
-    return padded
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        # Pillow's 8-bit conversion clips these modes instead of rescaling: a 16-bit scan would come out white.
-        a = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if a.max() <= 65535 else float(a.max())
-        image = Image.fromarray(np.clip(a / top * 255, 0, 255).round().astype(np.uint8))
-    if image.has_transparency_data:  # transparent areas become white paper, not black
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def _image_error(err: Exception) -> BadInput:
-    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return BadInput("decompression bomb", str(err))
-    if isinstance(err, OSError) and "truncated" in str(err):
-        return BadInput("truncated image", str(err))
-    return BadInput("corrupt image", f"{type(err).__name__}: {err}")
-
-
-@contextmanager
-def _pixel_guard(max_pixels: int) -> Iterator[None]:
-    """Pillow's decompression-bomb check at our limit, its warning (limit to twice the limit) made an error."""
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-@contextmanager
-def _open_image(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, Render]]:
-    # Pillow raises many exception types on malformed files; every one of them means a bad input here.
-    with _pixel_guard(cfg.max_pixels):
-        try:
-            image = Image.open(path)
-            frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1  # other formats: frame 1
-        except Exception as err:
-            raise _image_error(err) from err
-
-    def render(i: int) -> Image.Image:
-        with _pixel_guard(cfg.max_pixels):
-            try:
-                image.seek(i)
-                if image.size[0] * image.size[1] > cfg.max_pixels:  # TIFF frames are not checked by Pillow
-                    raise Image.DecompressionBombError(f"frame of {image.size[0]}x{image.size[1]} pixels")
-                rgb = _to_rgb(ImageOps.exif_transpose(image))  # phone photos of pages are stored rotated
-            except Exception as err:
-                raise _image_error(err) from err
-        return _fit(rgb, cfg.max_side)
-
-    try:
-        yield frames, render
-    finally:
-        image.close()
-
-
-@contextmanager
-def _open_pdf(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, Render]]:
-    # PDFium's own loader, not PdfDocument(path): that one reports a 0-page PDF as a load failure with a stale
-    # error code (whatever failed before, e.g. "incorrect password") and leaks the handle.
-    raw = pdfium.raw.FPDF_LoadDocument(os.fsencode(path) + b"\0", None)
-    if not raw:
-        code = pdfium.raw.FPDF_GetLastError()
-        detail = f"PDFium: {_PDFIUM_ERRORS.get(code, 'unknown error')} (code {code})"
-        locked = code in (pdfium.raw.FPDF_ERR_PASSWORD, pdfium.raw.FPDF_ERR_SECURITY)
-        raise BadInput("encrypted PDF" if locked else "corrupt PDF", detail)
-    pdf = pdfium.PdfDocument(raw)
-
-    def render(i: int) -> Image.Image:
-        try:
-            page = pdf[i]
-            try:
-                w, h = page.get_size()
-                # ceil(side * scale) is the bitmap side; the 0.5 keeps a capped side at max_side, not one above
-                scale = min(cfg.dpi / 72, (cfg.max_side - 0.5) / max(w, h))
-                image = page.render(scale=scale, fill_color=(255, 255, 255, 255), draw_annots=True).to_pil()
-            finally:
-                page.close()
-        except (pdfium.PdfiumError, ValueError, ZeroDivisionError) as err:
-            raise BadInput("corrupt PDF", f"page {i + 1}: {err}") from err
-        return _fit(image.convert("RGB"), cfg.max_side)
-
-    try:
-        pdf.init_forms()  # so filled-in form fields are drawn; must precede any page access
-        yield len(pdf), render
-    finally:
-        pdf.close()
 
 
 def _remove_temp_files(out: Path) -> None:
@@ -339,9 +188,10 @@ class _Corpus:
     def add_source(self, path: Path, bar: tqdm) -> None:
         """Render (or reuse) the pages of one input; raises BadInput when the whole input is unusable."""
         source, suffix = str(path), path.suffix.lower()
-        opener = _open_pdf if suffix in PDF_SUFFIXES else _open_image if suffix in IMAGE_SUFFIXES else None
-        if opener is None or not path.is_file():
-            raise BadInput("unsupported type", f"not a PDF or {'/'.join(sorted(IMAGE_SUFFIXES))} file")
+        kind = next((k for k, suffixes in KINDS.items() if suffix in suffixes), None)
+        if kind is None or not path.is_file():
+            known = "/".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+            raise BadInput("unsupported type", f"not a PDF, image or video ({known}) file")
         try:
             empty, source_state = path.stat().st_size == 0, {"sha256": sha256_file(path)}
         except OSError as err:
@@ -349,8 +199,10 @@ class _Corpus:
         if empty:
             raise BadInput("empty file", "zero bytes")
         doc = self._free_name(doc_name(path), source, source_state["sha256"])
-        source_state["settings"] = self.cfg.render_settings()
-        with opener(path, self.cfg) as (count, render):
+        source_state["settings"] = self.cfg.render_settings(video=kind == "video")
+        with OPENERS[kind](path, self.cfg) as (count, render, times, problem):
+            if problem is not None:
+                self.result.problems.append(Problem(source, *problem))
             if count == 0:
                 raise BadInput("empty PDF", "the document has no pages")
             count = min(count, self.cfg.max_pages or count)
@@ -373,8 +225,9 @@ class _Corpus:
                         continue
                     data = encode_jpeg(image, self.cfg.jpeg_quality)
                     atomic_write_bytes(self.out / file, data)
-                    kind = "pdf" if opener is _open_pdf else "image"
                     pages[number] = PageRecord(pid, doc, number, *image.size, kind, file, source, sha256_hex(data))
+                    if times is not None:
+                        pages[number] = dataclasses.replace(pages[number], timestamp=round(times[number - 1], 3))
                     self.result.pages_written += 1
                 bar.update()
                 self.write(force=False)
@@ -440,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     d = IngestConfig()
     p = argparse.ArgumentParser(
         prog="python -m vrag_rl.retrieval.ingest",
-        description="Turn PDFs and images into a page corpus (pages/*.jpg + pages.parquet).",
+        description="Turn PDFs, images and videos into a page corpus (pages/*.jpg + pages.parquet).",
     )
-    p.add_argument("sources", nargs="+", metavar="SRC", help="PDF or image files, or directories to walk")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="PDF, image or video files, or directories to walk")
     p.add_argument("--out", required=True, help="corpus directory (created; an existing corpus is resumed/extended)")
     p.add_argument("--dpi", type=float, default=d.dpi, help="PDF render resolution")
     p.add_argument("--max-side", type=int, default=d.max_side, help="cap on the longer page side, in pixels")
@@ -450,11 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are rejected as bombs")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds)
+    p.add_argument("--video-interval", type=float, default=d.video.interval_s, help="video: a frame every N s")
+    p.add_argument("--scene-change", type=float, default=d.video.scene_change, help="video: and at changes this big")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
+        video = FrameSampling(interval_s=args.video_interval, scene_change=args.scene_change)
         cfg = IngestConfig(
-            args.dpi, args.max_side, args.max_pages, args.max_pixels, args.jpeg_quality, args.checkpoint_seconds
+            args.dpi, args.max_side, args.max_pages, args.max_pixels, args.jpeg_quality, args.checkpoint_seconds, video
         )
     except ValueError as err:
         p.error(str(err))

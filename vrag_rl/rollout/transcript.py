@@ -116,7 +116,7 @@ def _card(record: dict, rollout: Rollout, out_dir: Path, n: int) -> str:
         f"<br><b>reference:</b> {e(str(record.get('reference', '')))}"
         f" · <b>gold:</b> {e(', '.join(record.get('gold_pages', [])))}"
         f"<br><b>answer:</b> {e(str(record['answer']))} · stop: {e(record['stop_reason'])} · "
-        f"retrieved: {e(', '.join(record['retrieved_pages']) or 'none')}{score}</p>"
+        f"retrieved: {e(', '.join(record.get('retrieved_labels', record['retrieved_pages'])) or 'none')}{score}</p>"
     )
     return f"<section>{head}{''.join(rows)}</section>"
 

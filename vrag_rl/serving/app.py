@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vrag_rl.retrieval.api import BodyLimit, Limits, decode_image, open_image, page_file
 from vrag_rl.retrieval.base import PageCatalog
-from vrag_rl.serving.events import PageSizes
+from vrag_rl.serving.events import PageSizes, view_json
 from vrag_rl.serving.sessions import Busy, Question, SessionScheduler
 
 WEB = files("vrag_rl.serving") / "web"
@@ -198,7 +198,7 @@ def create_app(
     @app.get("/v1/corpus")
     def corpus(offset: int = 0, limit: int = 60):
         ids = catalog.page_ids[max(0, offset) : max(0, offset) + max(1, min(limit, 500))]
-        pages = [{"page": p, "width": sizes[p][0], "height": sizes[p][1]} for p in ids]
+        pages = [view_json(p, None, sizes) for p in ids]
         return {"total": len(catalog.page_ids), "offset": offset, "pages": pages}
 
     @app.get("/pages/{page_id}")

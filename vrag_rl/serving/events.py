@@ -18,13 +18,16 @@ from urllib.parse import quote
 from vrag_rl.agent.actions import ActionKind
 from vrag_rl.rollout.agent_loop import Rollout
 
-PageSizes = dict[str, tuple[int, int]]  # page id -> raw (width, height): clients draw boxes over pages
+PageSizes = dict[str, tuple[int, int, float | None]]  # page id -> raw (width, height), a video frame's time
 
 
 def view_json(page: str, box: tuple[int, int, int, int] | None, sizes: PageSizes) -> dict:
-    """A page, or a crop of it (``box`` in the page's pixels), with links to both images (relative to the server)."""
-    width, height = sizes.get(page, (0, 0))
+    """A page, or a crop of it (``box`` in the page's pixels), with links to both images (relative to the server) and,
+    for a video frame, its time in the video (``timestamp``, seconds)."""
+    width, height, timestamp = sizes.get(page, (0, 0, None))
     view = {"page": page, "box": None if box is None else list(box), "width": width, "height": height}
+    if timestamp is not None:
+        view["timestamp"] = timestamp
     view["url"] = f"/pages/{quote(page)}"
     if box is not None:
         view["crop_url"] = f"{view['url']}?box={','.join(map(str, box))}"

@@ -13,6 +13,11 @@ function el(tag, cls, text) {
   return e;
 }
 
+// A page id as people read it: a video frame's with its time in the video.
+function label(view) {
+  return view.timestamp === undefined || view.timestamp === null ? view.page : `${view.page} (at ${view.timestamp.toFixed(1)} s)`;
+}
+
 function pageUrl(page, box, side) {
   let url = `/pages/${encodeURIComponent(page)}?side=${side}`;
   if (box) url += `&box=${box.join(",")}`;
@@ -30,7 +35,7 @@ function pageFigure(view, boxes, caption) {
   for (const box of boxes) wrap.appendChild(boxDiv(box, view.width, view.height));
   wrap.onclick = () => openViewer(view);
   fig.appendChild(wrap);
-  fig.appendChild(el("figcaption", "", caption || view.page));
+  fig.appendChild(el("figcaption", "", caption || label(view)));
   return fig;
 }
 
@@ -48,7 +53,7 @@ function viewFigures(view) {
   const out = [];
   if (view.box) {
     (sessionBoxes[view.page] = sessionBoxes[view.page] || []).push(view.box);
-    out.push(pageFigure(view, [view.box], `${view.page}: crop [${view.box.join(", ")}]`));
+    out.push(pageFigure(view, [view.box], `${label(view)}: crop [${view.box.join(", ")}]`));
     const zoom = el("figure", "crop");
     const img = el("img");
     img.src = pageUrl(view.page, view.box, 520);
@@ -57,7 +62,7 @@ function viewFigures(view) {
     zoom.appendChild(el("figcaption", "", "zoomed crop"));
     out.push(zoom);
   } else {
-    out.push(pageFigure(view, [], view.page));
+    out.push(pageFigure(view, [], label(view)));
   }
   return out;
 }
@@ -67,7 +72,7 @@ function openViewer(view) {
   frame.querySelectorAll(".box").forEach((b) => b.remove());
   $("viewer-img").src = pageUrl(view.page, null, 1600);
   for (const box of sessionBoxes[view.page] || []) frame.appendChild(boxDiv(box, view.width, view.height));
-  $("viewer-caption").textContent = `page ${view.page} (${view.width} x ${view.height})`;
+  $("viewer-caption").textContent = `page ${label(view)}, ${view.width} x ${view.height}`;
   $("viewer").hidden = false;
 }
 
@@ -112,7 +117,7 @@ function renderResult(result) {
     box.appendChild(el("p", "", "Pages it rests on (the one read last is outlined):"));
     const cites = el("div", "cites");
     for (const c of result.citations) {
-      const fig = pageFigure(c, c.box ? [c.box] : [], c.box ? `${c.page}: crop` : c.page);
+      const fig = pageFigure(c, c.box ? [c.box] : [], c.box ? `${label(c)}: crop` : label(c));
       fig.className = c.last ? "cite last" : "cite";
       cites.appendChild(fig);
     }
@@ -232,7 +237,7 @@ async function loadCorpus() {
     wrap.appendChild(img);
     wrap.onclick = () => openViewer(p);
     fig.appendChild(wrap);
-    fig.appendChild(el("figcaption", "", p.page));
+    fig.appendChild(el("figcaption", "", label(p)));
     grid.appendChild(fig);
   }
   const end = Math.min(body.total, corpusOffset + body.pages.length);
