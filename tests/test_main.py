@@ -180,31 +180,37 @@ def test_a_rollout_worker_killed_mid_step_costs_nothing(straight, tmp_path, warm
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_the_export_serves_the_agent_behind_vllm_serve(straight, tmp_path, tiny_dirs, bundled_index):
-    """The exported checkpoint under a real ``vllm serve`` process, and ``python -m vrag_rl.serve`` in front of it
-    (the policy as an endpoint, the export's own processor framing the turns), asked through the openai client."""
+def test_the_export_serves_the_agent_behind_vllm_serve(straight, tmp_path, tiny_dirs, bundled_corpus, bundled_index):
+    """The production shape, every part its own process on 127.0.0.1: the exported checkpoint under a real ``vllm
+    serve``, the page search API, and ``python -m vrag_rl.serve`` in front of both (the policy as an endpoint, the
+    export's own processor framing the turns, searches over HTTP), asked through the openai client."""
+    from contextlib import ExitStack
+
     import openai
     from serve_process import ServeProcess
 
-    from vrag_rl.vllm_server import VLLMServer
+    from vrag_rl.vllm_server import ServerProcess, VLLMServer, free_port
 
     export = (straight[0] / "export").resolve()
-    extra = ["--limit-mm-per-prompt", '{"image": 8}', "--seed", "0"]
-    policy = VLLMServer(export, "export", tmp_path / "vllm.log", max_model_len=4096, extra_args=extra)
-    args = ["--endpoint", policy.base_url(), "--endpoint-model", "export", "--processor", str(export)]
-    args += ["--retriever-model", str(tiny_dirs["retriever"]), "--index", str(bundled_index)]
-    try:
+    port = free_port("127.0.0.1")
+    search = [sys.executable, "-m", "vrag_rl.retrieval.api", "--corpus", str(bundled_corpus), "--index"]
+    search += [str(bundled_index), "--model", str(tiny_dirs["retriever"]), "--port", str(port)]
+    with ExitStack() as stack:
+        api = ServerProcess(search, f"http://127.0.0.1:{port}", tmp_path / "search.log", cwd=ROOT)
+        stack.callback(api.stop)
+        extra = ["--limit-mm-per-prompt", '{"image": 8}', "--seed", "0"]
+        policy = VLLMServer(export, "export", tmp_path / "vllm.log", max_model_len=4096, extra_args=extra)
+        stack.callback(policy.stop)
+        args = ["--endpoint", policy.base_url(), "--endpoint-model", "export", "--processor", str(export)]
+        args += ["--retriever-model", str(tiny_dirs["retriever"]), "--search-url", api.url]
         agent = ServeProcess(args, tmp_path / "serve.log")
-        try:
-            with openai.OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
-                question = [{"role": "user", "content": "Who founded Lagas Dynamics?"}]
-                reply = client.chat.completions.create(model="vrag-agent", messages=question)
-        finally:
-            agent.stop()
-    finally:
-        policy.stop()
+        stack.callback(agent.stop)
+        with openai.OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+            question = [{"role": "user", "content": "Who founded Lagas Dynamics?"}]
+            reply = client.chat.completions.create(model="vrag-agent", messages=question)
     result = reply.model_extra["vrag"]  # a result, not an error: every turn came from the endpoint
-    assert result["type"] == "result" and result["turns"] and not result["turns"][0]["action"] == "invalid"
+    assert result["type"] == "result" and result["turns"] and result["turns"][0]["action"] == "search"
+    assert result["turns"][0]["views"], "the search API found a page"
     assert reply.choices[0].message.content == (result["answer"] or "")
 
 

@@ -39,6 +39,8 @@ from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.worker import RolloutPool, RolloutWorker
 from vrag_rl.settings import flatten
 
+log = logging.getLogger("vrag_rl.eval")
+
 
 def run_parser(sub) -> None:
     p = sub.add_parser("run", help="answer and score the questions of a corpus")
@@ -112,6 +114,8 @@ def backend_of(a, retriever):
     cfg.num_workers = a.engines
     cfg.num_cpus = a.engine_cpus or min(1.0, max(0.1, ((os.cpu_count() or 1) - 0.5) / a.engines))
     cfg.num_gpus = a.engine_gpus
+    log.info("answering with %d local vLLM engines as Ray actors (%.2f CPUs, %g GPUs each)", a.engines, cfg.num_cpus,
+             cfg.num_gpus)  # fmt: skip
     ray.init(include_dashboard=False, log_to_driver=False)
     index = ensure_index(a.corpus, a.index, a.retriever_model)
     embedder = EmbedderConfig(model_dir=a.retriever_model, device="cpu", dtype="float32")

@@ -180,6 +180,27 @@ def test_single_turn_methods_and_the_retriever_alone(table_corpus, bundled_index
                                                                 for k in (1, 5, 10)}  # fmt: skip
 
 
+def test_vanilla_rag_on_two_local_engines_as_ray_actors_matches_the_endpoint(
+    table_corpus, bundled_index, vllm_server, tmp_path
+):
+    """The single-turn method on the local engines too, two of them as Ray actors (``--engines 2``): the same pages
+    shown, and the same answers as through the endpoint but for near-ties (see the agent's comparison above)."""
+    extra = ["--method", "vanilla_rag", "--top-k", "2", "--questions", "8"]
+    pool = run_cli(common(table_corpus, bundled_index, tmp_path / "pool", *extra, "--engines", "2"),
+                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _, err = pool.communicate(timeout=600)
+    assert pool.returncode == 0 and "2 local vLLM engines as Ray actors" in err, err[-3000:]
+    assert main(common(table_corpus, bundled_index, tmp_path / "ep", *endpoint_args(vllm_server), *extra)) == 0
+    local = {r["qid"]: r for r in rows_of(tmp_path / "pool")}
+    served = {r["qid"]: r for r in rows_of(tmp_path / "ep")}
+    assert local.keys() == served.keys() and len(local) == 8
+    assert all(
+        r["trajectory"]["retrieved_pages"] == served[q]["trajectory"]["retrieved_pages"] for q, r in local.items()
+    )
+    same = [q for q, r in local.items() if r["trajectory"]["texts"] == served[q]["trajectory"]["texts"]]
+    assert len(same) >= 0.75 * len(local), sorted(set(local) - set(same))
+
+
 def test_faulty_judges_leave_statuses_and_rule_metrics(table_corpus, bundled_index, vllm_server, judge_server,
                                                        closed_port_url, tmp_path):  # fmt: skip
     ep = endpoint_args(vllm_server)

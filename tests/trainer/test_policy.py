@@ -203,3 +203,25 @@ def test_skip_guard_stops_after_the_limit_in_a_row():
         guard.record(skipped, "here")
     with pytest.raises(FloatingPointError, match="3 optimizer updates in a row .*last at there"):
         guard.record(True, "there")
+
+
+def test_attention_implementations_agree_and_flash_attention_is_checked_up_front(tiny_dirs, trajectories):
+    """eager and SDPA attention give the same log-probs; flash-attention 2 asked for without CUDA or without the
+    flash-attn package stops before any model is loaded, saying what is missing."""
+    from vrag_rl.trainer.policy import check_attention
+
+    batch = trajectories[:4]
+    logps = {}
+    for attn in ("sdpa", "eager"):
+        trainer = PolicyTrainer.for_model(str(tiny_dirs["policy"]), TrainerConfig(attn_implementation=attn), 1, False)
+        assert trainer.model.config._attn_implementation == attn
+        logps[attn] = trainer.logprobs(batch, full_plan(batch), 1.0)
+    for a, b in zip(logps["sdpa"], logps["eager"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    flash = TrainerConfig(attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="runs on CUDA GPUs only"):
+        PolicyTrainer.for_model(str(tiny_dirs["policy"]), flash, 1, False)
+    with pytest.raises(ImportError, match="needs the flash-attn package"):  # this machine has no flash-attn
+        check_attention("flash_attention_2", "cuda")
+    with pytest.raises(ValueError, match="must be one of"):
+        TrainerConfig(attn_implementation="flash")

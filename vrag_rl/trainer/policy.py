@@ -19,6 +19,7 @@ they were. ``weights_finite`` checks the weights themselves before they are sync
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from vrag_rl.trainer.batch import MicroBatch, collate, forward_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("constant", "cosine")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation names
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainerConfig:
     num_cpus: float = 1.0  # per rank
     num_gpus: float = 0.0  # per rank; > 0 means CUDA and nccl
     param_dtype: str = "float32"  # compute dtype under FSDP2 (bfloat16 on GPUs); master weights stay fp32
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (the GPU recipes: CUDA and flash-attn)
     gradient_checkpointing: bool = False
     offload: bool = False  # parameters, gradients and optimizer state in host memory between uses
     freeze_vision: bool = False
@@ -70,6 +73,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}")
         if self.num_workers < 1 or self.micro_batch_tokens < 1:
             raise ValueError("trainer: num_workers >= 1 and micro_batch_tokens >= 1")
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(
+                f"trainer.attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}"
+            )
 
     @property
     def device(self) -> str:
@@ -85,10 +92,26 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _load(model_dir: str, device: str):
+def check_attention(attn: str, device: str) -> None:
+    """Flash-attention 2 needs CUDA and the flash-attn package: asked for without them, say so before loading."""
+    if attn != "flash_attention_2":
+        return
+    if device != "cuda":
+        raise ValueError("trainer.attn_implementation=flash_attention_2 runs on CUDA GPUs only; use sdpa on CPU")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "trainer.attn_implementation=flash_attention_2 needs the flash-attn package (`make env TARGET=gpu`); "
+            "or set trainer.attn_implementation=sdpa"
+        )
+
+
+def _load(model_dir: str, device: str, attn: str):
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    check_attention(attn, device)
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).to(
+        device
+    )
 
 
 def _shard(model, cfg: TrainerConfig) -> None:
@@ -126,14 +149,14 @@ class PolicyTrainer:
         self.sharded = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if self.sharded else 1
         torch.manual_seed(0)  # dropout (a model config may enable it) draws from here; checkpoints keep its state
-        self.model = _load(model_dir, cfg.device)
+        self.model = _load(model_dir, cfg.device, cfg.attn_implementation)
         if cfg.freeze_vision:
             self.model.model.visual.requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
         if with_reference:
-            self.reference = _load(model_dir, cfg.device).eval().requires_grad_(False)
+            self.reference = _load(model_dir, cfg.device, cfg.attn_implementation).eval().requires_grad_(False)
         if self.sharded:
             _shard(self.model, cfg)
             if self.reference is not None:

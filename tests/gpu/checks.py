@@ -1,0 +1,178 @@
+"""The GPU path, checkable on a bare single-GPU machine: torch and transformers, no vLLM, Ray, pytest or internet.
+
+    python tests/gpu/checks.py                 # on the GPU: every check, a JSON line each, exit 1 if one failed
+    python tests/gpu/checks.py --device cpu    # the same code over gloo on the CPU (a dry run of the checks)
+
+It needs this checkout and the warm tiny policy (``.cache/warm``, 4 MB: carried along, since the machine cannot
+build it). Checks:
+
+- ``fsdp2_bf16``: the policy trainer sharded with FSDP2 over a one-rank process group (nccl on CUDA), bf16
+  compute with fp32 master weights, gradient checkpointing; two SFT steps on trajectories with page images stay
+  finite and lower the NLL.
+- ``logprobs_vs_fp32``: the sharded bf16 trainer's log-probs of those trajectories against a plain fp32 forward of
+  the same weights, within bf16's precision.
+- ``maxsim``: exact MaxSim scores on the device against the CPU for 2,000 random pages, and the same top 10.
+- ``flash_attention``: with flash-attn installed, its log-probs against SDPA's (otherwise reported as absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import vrag_rl  # noqa: E402,F401  (the torchvision hook)
+from vrag_rl.agent.chat import ChatEncoder  # noqa: E402
+from vrag_rl.agent.prompt import PromptConfig, build_reference_messages  # noqa: E402
+from vrag_rl.agent.trajectory import Trajectory  # noqa: E402
+from vrag_rl.retrieval.maxsim import maxsim, pad_queries, plan_chunks  # noqa: E402
+from vrag_rl.trainer.batch import forward_logprobs  # noqa: E402
+from vrag_rl.trainer.policy import OptimConfig, PolicyTrainer, TrainerConfig  # noqa: E402
+
+POLICY = Path(os.environ.get("VRAG_RL_CACHE", ROOT / ".cache")) / "warm"
+PAGES = ROOT / "data" / "synthetic-small" / "pages"
+ANSWERS = ["Muxford", "40", "Rosur Noril", "9"]
+
+
+def trajectories(policy: Path) -> list[Trajectory]:
+    """One page shown with a question, then an answer turn: four of them, with images (as training sees them)."""
+    from transformers import AutoProcessor
+
+    encoder = ChatEncoder(AutoProcessor.from_pretrained(policy))
+    out = []
+    for k, (page, answer) in enumerate(zip(sorted(PAGES.glob("*.jpg"))[:4], ANSWERS)):
+        with Image.open(page) as im:
+            image = im.convert("RGB").resize((224, 308))
+        encoded = encoder.encode_images([image])
+        messages = build_reference_messages(f"Question {k}: what does the page say?", 1, PromptConfig())
+        ids, enc = encoder.prompt(messages, encoded.images)
+        t = Trajectory()
+        t.add_prompt(ids, enc.images, enc.pixel_values, enc.grids)
+        reply = encoder.tokenizer(f"<think>It is on the page.</think>\n<answer>{answer}</answer>")["input_ids"]
+        t.add_model_turn(reply + [encoder.eos_token_id])
+        out.append(t)
+    return out
+
+
+def start_group(device: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def sharded_trainer(device: str, attn: str = "sdpa") -> PolicyTrainer:
+    cfg = TrainerConfig(
+        num_gpus=1 if device == "cuda" else 0,
+        param_dtype="bfloat16",
+        gradient_checkpointing=True,
+        attn_implementation=attn,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+    )
+    return PolicyTrainer.for_model(str(POLICY), cfg, total_steps=10, with_reference=False)
+
+
+def check_fsdp2_bf16(device: str, batch: list[Trajectory]) -> dict:
+    trainer = sharded_trainer(device)
+    assert trainer.sharded and trainer.world_size == 1
+    plan = [(list(range(len(batch))), 1.0)]
+    tokens = sum(sum(t.response_mask) for t in batch)
+    first = trainer.sft_update(batch, plan, tokens)
+    trainer.end_step()
+    second = trainer.sft_update(batch, plan, tokens)
+    assert all(np.isfinite(v) for v in (*first.values(), *second.values())), (first, second)
+    assert second["nll"] < first["nll"], (first["nll"], second["nll"])
+    return {"nll": [first["nll"], second["nll"]], "grad_norm": first["grad_norm"]}
+
+
+def check_logprobs_vs_fp32(device: str, batch: list[Trajectory]) -> dict:
+    from transformers import AutoModelForImageTextToText
+
+    trainer = sharded_trainer(device)
+    plan = [(list(range(len(batch))), 1.0)]
+    bf16 = trainer.logprobs(batch, plan, 1.0)
+    fp32_model = AutoModelForImageTextToText.from_pretrained(POLICY, dtype=torch.float32).to(device).eval()
+    data = {k: v.to(device) for k, v in trainer._batch(batch).items()}
+    with torch.no_grad():
+        logp = forward_logprobs(fp32_model, data, 1.0, False, trainer.banned).float().cpu()
+    fp32 = [logp[i][data["response_mask"][i].bool().cpu()] for i in range(len(batch))]
+    diffs = torch.cat([(a - b).abs() for a, b in zip(bf16, fp32)])
+    assert diffs.mean() < 0.05 and diffs.max() < 0.5, (float(diffs.mean()), float(diffs.max()))
+    return {"mean_abs_diff": float(diffs.mean()), "max_abs_diff": float(diffs.max()), "tokens": int(diffs.numel())}
+
+
+def check_maxsim(device: str) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(40, 120, (2000,), generator=gen).numpy()
+    vectors = torch.nn.functional.normalize(torch.randn(int(lengths.sum()), 128, generator=gen), dim=-1)
+    queries = [torch.nn.functional.normalize(torch.randn(20, 128, generator=gen), dim=-1) for _ in range(16)]
+    chunks = plan_chunks(lengths, 65_536)
+    cpu = maxsim(vectors, chunks, len(lengths), pad_queries(queries, 128))
+    on_device = maxsim(vectors.to(device), chunks, len(lengths), pad_queries(queries, 128, device)).cpu()
+    torch.testing.assert_close(on_device, cpu, atol=1e-4, rtol=1e-5)
+    same = [
+        set(cpu[:, q].topk(10).indices.tolist()) == set(on_device[:, q].topk(10).indices.tolist()) for q in range(16)
+    ]
+    assert all(same), same
+    return {"pages": len(lengths), "max_abs_diff": float((on_device - cpu).abs().max())}
+
+
+def check_flash_attention(device: str, batch: list[Trajectory]) -> dict:
+    import importlib.util
+
+    if device != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return {"skipped": "flash-attn is not installed" if device == "cuda" else "flash-attn 2 needs CUDA"}
+    plan = [(list(range(len(batch))), 1.0)]
+    sdpa = sharded_trainer(device, "sdpa").logprobs(batch, plan, 1.0)
+    flash = sharded_trainer(device, "flash_attention_2").logprobs(batch, plan, 1.0)
+    diffs = torch.cat([(a - b).abs() for a, b in zip(sdpa, flash)])
+    assert diffs.max() < 0.1, float(diffs.max())
+    return {"max_abs_diff_vs_sdpa": float(diffs.max())}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    device = p.parse_args().device
+    if device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA device"}))
+        return 1
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    print(json.dumps(info), flush=True)
+    start_group(device)
+    batch = trajectories(POLICY)
+    checks = {
+        "fsdp2_bf16": lambda: check_fsdp2_bf16(device, batch),
+        "logprobs_vs_fp32": lambda: check_logprobs_vs_fp32(device, batch),
+        "maxsim": lambda: check_maxsim(device),
+        "flash_attention": lambda: check_flash_attention(device, batch),
+    }
+    failed = 0
+    for name, check in checks.items():
+        t0 = time.perf_counter()
+        try:
+            found = check()
+            result = {"check": name, "ok": "skipped" if "skipped" in found else True, **found}
+        except Exception as err:  # every check reports, whatever the first one did
+            failed += 1
+            result = {"check": name, "ok": False, "error": f"{type(err).__name__}: {err}"}
+        print(json.dumps(result | {"seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
