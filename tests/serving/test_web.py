@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 from serve_process import ServeProcess, serve_args
 
 from vrag_rl.data.records import load_qa, write_pages
@@ -130,8 +131,8 @@ def test_an_empty_corpus_and_a_dead_policy_endpoint_and_search_api_are_shown(
         context, tab = not_ready_page(browser, empty)
         assert "has no pages: ingest documents first" in tab.locator("#status").inner_text()
         tab.fill("#question", "anything")
-        tab.click("#send")
-        assert tab.locator("#error").inner_text().startswith("The server cannot answer now: the corpus")
+        tab.click("#send")  # the refusal arrives after the request: wait for it
+        expect(tab.locator("#error")).to_contain_text("The server cannot answer now: the corpus", timeout=60_000)
         context.close()
         context, tab = not_ready_page(browser, dead)
         status = tab.locator("#status").inner_text()
