@@ -11,7 +11,11 @@ batch of queries is answered by
   * our exact mode (MaxSim over every page),
   * our approximate mode (FAISS candidates, exact rerank),
 with queries/s, speed-ups, recall@10 of approximate against exact, and the exact mode's achieved FLOP/s against
-this machine's fp32 matrix-multiply peak measured in the same run. Timings are the best of ``--repeats`` runs
+this machine's fp32 matrix-multiply peak measured in the same run. Beside them, the single-vector index
+(``retrieval.dense_index``: one CLIP / SigLIP-sized vector per page, d=768) on the same pages: each page's vector
+is its mean token vector through a fixed random projection to 768 dimensions (queries likewise), so it keeps the
+corpus's topic structure; FAISS exact, IVF and HNSW answer the same queries, with bytes per page on disk for
+both kinds of index. Neither side's times include embedding the query. Timings are the best of ``--repeats`` runs
 (the machine may be shared). Results go to stdout and, as JSON, to ``--out``.
 """
 
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim before colpali-engine imports it)
 from bench.machine import machine  # noqa: E402
+from vrag_rl.retrieval.dense_index import DenseIndexConfig, SingleVectorIndex  # noqa: E402
 from vrag_rl.retrieval.index import MultiVectorIndex  # noqa: E402
 from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec  # noqa: E402
 from vrag_rl.retrieval.types import IndexConfig  # noqa: E402
@@ -39,6 +44,43 @@ from vrag_rl.retrieval.types import IndexConfig  # noqa: E402
 # Tokens per page by corpus size. ColQwen2 gives ~700 per page; 100k pages x 700 x 128 x 2 bytes would be
 # 18 GB of float16 vectors before any FAISS index: more than a shared 24 GB machine holds, so 100k uses 256.
 DEFAULT_TOKENS = {10_000: 700, 100_000: 256}
+SINGLE_DIM = 768  # SigLIP base; CLIP ViT-B/32 has 512
+
+
+def recall_at_10(found, exact) -> float:
+    return float(np.mean([len({p for p, _ in a} & {p for p, _ in e}) / 10 for a, e in zip(found, exact)]))
+
+
+def target_at_10(found, targets: list[str]) -> float:
+    """Share of queries whose target page (the page the query was drawn from) is in the top 10."""
+    return float(np.mean([t in {p for p, _ in f} for f, t in zip(found, targets)]))
+
+
+def single_vector_rows(ids: list[str], means: np.ndarray, queries, targets, args, workdir: Path) -> dict:
+    """The single-vector index on the same pages: exact, IVF and HNSW, q/s, recall@10, target@10, bytes per page."""
+    projection = np.random.default_rng(0).standard_normal((means.shape[1], SINGLE_DIM)).astype(np.float32)
+
+    def unit(x):
+        y = x @ projection
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    pages, q = unit(means), unit(np.stack([t.numpy().mean(0) for t in queries]))
+    rows, exact = {}, None
+    for kind, search in (("exact", {}), ("ivf", {"nprobe": 16}), ("hnsw", {"ef_search": 64})):
+        cfg = DenseIndexConfig(kind=kind)
+        index = SingleVectorIndex.create(workdir / f"single-{kind}", [(i, "") for i in ids], pages, "synthetic", cfg)
+        index.search(q[:1], 10, **search)
+        seconds = best_time(lambda index=index, search=search: index.search(q, 10, **search), args.repeats)
+        found = index.search(q, 10, **search)
+        exact = exact or found
+        rows[kind] = {
+            "qps": len(q) / seconds,
+            "bytes_per_page": index.bytes_per_page,
+            "recall_at_10": recall_at_10(found, exact),
+            "target_at_10": target_at_10(found, targets),
+        }
+        shutil.rmtree(workdir / f"single-{kind}")
+    return {"dim": SINGLE_DIM, **rows}
 
 
 def best_time(fn, repeats: int) -> float:
@@ -75,13 +117,22 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
         f"nlist={cfg.nlist or 'auto'}, {-(-n_pages // cfg.shard_size)} shards)",
         flush=True,
     )
+    means = np.zeros((n_pages, spec.dim), np.float32)  # each page's mean token: its single-vector stand-in
+
+    def pages_noting_means():
+        for i, (pid, checksum, vectors) in enumerate(corpus.pages()):
+            means[i] = vectors.numpy().mean(0)
+            yield pid, checksum, vectors
+
     t0 = time.perf_counter()
     index = MultiVectorIndex.create(
-        workdir / f"index-{n_pages}", corpus.pages(), "synthetic", spec.dim, cfg, total=n_pages, progress=True
+        workdir / f"index-{n_pages}", pages_noting_means(), "synthetic", spec.dim, cfg, total=n_pages, progress=True
     )
     build_s = time.perf_counter() - t0
     n_tokens = sum(s["n_tokens"] for s in index.manifest["shards"])
-    queries, _ = corpus.queries(args.queries, tokens=args.query_tokens)
+    multi_bytes = sum(f.stat().st_size for f in (workdir / f"index-{n_pages}").glob("shard_*")) / n_pages
+    queries, target_rows = corpus.queries(args.queries, tokens=args.query_tokens)
+    targets = [corpus.page_id(i) for i in target_rows]
     lq = max(len(q) for q in queries)
     flops = 2 * n_tokens * spec.dim * len(queries) * lq  # one multiply-add per (page token, query token, dim)
 
@@ -93,7 +144,7 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
     for nprobe in args.nprobe:
         approx_s = best_time(lambda n=nprobe: index.search(queries, 10, "approx", nprobe=n), args.repeats)
         approx = index.search(queries, 10, "approx", nprobe=nprobe)
-        recall = float(np.mean([len({p for p, _ in a} & {p for p, _ in e}) / 10 for a, e in zip(approx, exact)]))
+        recall = recall_at_10(approx, exact)
         approx_runs.append(
             {"nprobe": nprobe, "qps": len(queries) / approx_s, "vs_exact": exact_s / approx_s, "recall_at_10": recall}
         )
@@ -110,6 +161,7 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
         / subset_tokens
     )
     shutil.rmtree(workdir / f"index-{n_pages}")
+    single = single_vector_rows([corpus.page_id(i) for i in range(n_pages)], means, queries, targets, args, workdir)
 
     q = len(queries)
     result = {
@@ -127,6 +179,9 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
         "peak_gflops": peak,
         "exact_of_peak": flops / exact_s / 1e9 / peak,
         "approx": approx_runs,
+        "multi_vector_bytes_per_page": multi_bytes,
+        "multi_vector_target_at_10": target_at_10(exact, targets),
+        "single_vector": single,
         "baseline_subset_pages": subset,
         "config": {k: getattr(cfg, k) for k in ("shard_size", "dtype", "ivf_codec", "nlist", "k_tokens", "n_rerank")},
     }
@@ -140,6 +195,17 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
             f"approx nprobe={r['nprobe']:<3}         {r['qps']:8.3f} q/s  {r['vs_exact']:5.1f}x exact     "
             f"recall@10 {r['recall_at_10']:.3f}",
             flush=True,
+        )
+    print(
+        f"multi-vector index         {multi_bytes / 1024:8.1f} KiB per page (float16 vectors + SQ8 IVF)  "
+        f"target@10 {result['multi_vector_target_at_10']:.3f}"
+    )
+    for kind in ("exact", "ivf", "hnsw"):
+        r = single[kind]
+        print(
+            f"single-vector {kind:<5}        {r['qps']:8.0f} q/s  {r['qps'] / result['exact_qps']:7.0f}x multi exact  "
+            f"{r['bytes_per_page'] / 1024:.1f} KiB per page  recall@10 {r['recall_at_10']:.3f}  "
+            f"target@10 {r['target_at_10']:.3f}"
         )
     return result
 

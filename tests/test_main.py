@@ -26,6 +26,14 @@ SHORT = [
 ]
 
 
+def job_args(warm_policy, tiny_dirs) -> list[str]:
+    """The short tiny run from the warm policy, searching by reciprocal rank fusion of BM25, ColQwen2 and the
+    kit's single-vector CLIP index."""
+    tiny = tiny_dirs["policy"].parent
+    dense = [f"models.dense={tiny_dirs['clip']}", "rollout.agent.search_mode=hybrid"]
+    return [*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny}", *dense]
+
+
 def run_main(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vrag_rl.main", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900
@@ -48,13 +56,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, warm_policy, tiny_dirs):
     out = tmp_path_factory.mktemp("straight")
-    proc = run_main(
-        *SHORT,
-        f"models.policy={warm_policy}",
-        f"models.tiny_dir={tiny_dirs['policy'].parent}",
-        "run.steps=2",
-        f"hydra.run.dir={out}",
-    )
+    proc = run_main(*job_args(warm_policy, tiny_dirs), "run.steps=2", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
 
@@ -83,6 +85,7 @@ def test_run_writes_metrics_checkpoints_plot_wandb_and_export(straight):
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert "GRPO steps" in proc.stdout and (out / "summary.json").exists()
+    assert "retriever modes: visual, text, dense, hybrid" in proc.stderr + proc.stdout
 
 
 def test_kills_during_saves_then_resume_reproduce_the_straight_run(straight, tmp_path, warm_policy, tiny_dirs):
@@ -90,13 +93,7 @@ def test_kills_during_saves_then_resume_reproduce_the_straight_run(straight, tmp
     straight run's metrics and weights. The first kill leaves a complete-looking temporary folder of step 2,
     the second a committed step 2 that nothing was pruned or exported after."""
     out, _ = straight
-    common = [
-        *SHORT,
-        f"models.policy={warm_policy}",
-        f"models.tiny_dir={tiny_dirs['policy'].parent}",
-        "run.steps=2",
-        f"hydra.run.dir={tmp_path}",
-    ]
+    common = [*job_args(warm_policy, tiny_dirs), "run.steps=2", f"hydra.run.dir={tmp_path}"]
     checkpoints = tmp_path / "checkpoints"
     for point in ("written", "committed"):
         killed = subprocess.run(
@@ -120,7 +117,7 @@ def test_kills_during_saves_then_resume_reproduce_the_straight_run(straight, tmp
 def test_other_settings_or_resume_false_in_a_used_directory_stop_at_start(straight, warm_policy, tiny_dirs):
     out, _ = straight
     logged = (out / "metrics.jsonl").read_text()
-    common = [*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny_dirs['policy'].parent}"]
+    common = job_args(warm_policy, tiny_dirs)
     other = run_main(*common, "run.steps=3", "algo.clip_high=0.28", f"hydra.run.dir={out}")
     assert other.returncode != 0 and "algo.clip_high: 0.2 -> 0.28" in other.stderr
     fresh = run_main(*common, "run.steps=3", "run.resume=false", f"hydra.run.dir={out}")
@@ -154,7 +151,7 @@ def test_a_rollout_worker_killed_mid_step_costs_nothing(straight, tmp_path, warm
     import time
 
     out, _ = straight
-    args = [*SHORT, f"models.policy={warm_policy}", f"models.tiny_dir={tiny_dirs['policy'].parent}", "run.steps=2"]
+    args = [*job_args(warm_policy, tiny_dirs), "run.steps=2"]
     log = tmp_path / "job.log"  # a file, not a pipe nobody reads while the job runs
     job = subprocess.Popen(
         [sys.executable, "-m", "vrag_rl.main", *args, f"hydra.run.dir={tmp_path}"],
@@ -223,4 +220,6 @@ def test_bad_key_and_bad_value_fail_at_start_with_the_key_named(tmp_path):
     assert proc.returncode != 0 and "run.steps" in proc.stderr
     proc = run_main("+recipe=no_such_recipe", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "no_such_recipe" in proc.stderr
+    proc = run_main("+recipe=tiny_cpu", f"hydra.run.dir={tmp_path}", "rollout.agent.search_mode=dense")
+    assert proc.returncode != 0 and "search_mode=dense needs an index this corpus lacks" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -14,6 +14,8 @@ from pathlib import Path
 from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
 from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
+from vrag_rl.retrieval.cache import ensure_dense_index
+from vrag_rl.retrieval.dense import DenseConfig
 from vrag_rl.retrieval.types import SearchMode
 from vrag_rl.rollout.agent_loop import AgentConfig
 from vrag_rl.rollout.endpoint_engine import EndpointConfig
@@ -26,6 +28,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS, help="page corpus (default: the bundled one)")
     p.add_argument("--index", type=Path, default=None, help="its page index (default: built into the cache)")
     p.add_argument("--retriever-model", default=None, help="ColQwen2 directory (default: the tiny one)")
+    p.add_argument("--dense-model", default=None, help="CLIP / SigLIP directory: a single-vector index beside ColQwen2")
+    p.add_argument("--dense-index", type=Path, default=None, help="its index (default: built into the cache)")
     p.add_argument("--search-mode", default=SearchMode.VISUAL, choices=list(SearchMode))
 
 
@@ -60,6 +64,15 @@ def fill_defaults(a: argparse.Namespace, needs_policy: bool = True) -> None:
             a.policy = str(build_warm_policy(tiny["policy"], BUNDLED_CORPUS, cache_dir() / "warm"))
         if endpoint:
             a.processor = a.processor or str(tiny["policy"])
+
+
+def dense_config(a: argparse.Namespace) -> DenseConfig | None:
+    """The single-vector retriever of ``--dense-model``, its index built into the cache when none is given."""
+    if a.dense_model is None:
+        if a.search_mode == SearchMode.DENSE or a.dense_index is not None:
+            raise SystemExit("--search-mode dense and --dense-index need --dense-model (a CLIP or SigLIP directory)")
+        return None
+    return ensure_dense_index(a.corpus, a.dense_index, a.dense_model)
 
 
 def agent_config(a: argparse.Namespace) -> AgentConfig:

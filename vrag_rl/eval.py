@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, fill_defaults, rollout_config
+from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, dense_config, fill_defaults, rollout_config
 from vrag_rl.data.records import load_qa, sha256_file
 from vrag_rl.evaluation.browse import write_browser
 from vrag_rl.evaluation.metrics import Method
@@ -86,6 +86,7 @@ def settings_of(a, judge: JudgeConfig | None) -> dict[str, object]:
         "data": {name: sha256_file(corpus / name) for name in ("qa.parquet", "pages.parquet")},
         "index": str(a.index),
         "retriever_model": str(a.retriever_model),
+        "dense_model": a.dense_model,
         "search_mode": str(a.search_mode),
         "top_k": a.top_k,
         "agent": {k: getattr(a, k) for k in ("max_turns", "max_turn_tokens", "max_length", "crop_padding", "seed")},
@@ -100,7 +101,7 @@ def settings_of(a, judge: JudgeConfig | None) -> dict[str, object]:
     return flatten(settings)
 
 
-def backend_of(a, retriever):
+def backend_of(a, retriever, dense):
     """The engine(s) answering: an in-process worker, a Ray pool of ``--engines`` workers, or the endpoint."""
     cfg = rollout_config(a, max_images=max(a.max_turns, a.top_k))
     if a.engines == 1 or a.endpoint:
@@ -119,7 +120,7 @@ def backend_of(a, retriever):
     ray.init(include_dashboard=False, log_to_driver=False)
     index = ensure_index(a.corpus, a.index, a.retriever_model)
     embedder = EmbedderConfig(model_dir=a.retriever_model, device="cpu", dtype="float32")
-    actor = start_retriever_actor(str(a.corpus), str(index), embedder, RetrieverConfig(num_cpus=0.25))
+    actor = start_retriever_actor(str(a.corpus), str(index), embedder, RetrieverConfig(num_cpus=0.25), dense=dense)
     return RolloutPool(cfg, actor, str(a.corpus))
 
 
@@ -133,8 +134,9 @@ def run(a) -> Path:
     judge_cfg = judge_of(a)
     settings = settings_of(a, judge_cfg)
     out = a.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    retriever = open_retriever(a.corpus, a.index, a.retriever_model)
-    backend = backend_of(a, retriever) if generates else None
+    dense = dense_config(a)
+    retriever = open_retriever(a.corpus, a.index, a.retriever_model, dense)
+    backend = backend_of(a, retriever, dense) if generates else None
     judge = None if judge_cfg is None else JudgeClient(judge_cfg)
     sampling = SamplingConfig(temperature=a.temperature, max_tokens=a.max_turn_tokens)
     job = EvalRun(method, retriever, a.search_mode, sampling, backend, judge, a.top_k, a.seed, a.chunk)

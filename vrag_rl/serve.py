@@ -21,7 +21,14 @@ import time
 
 import httpx
 
-from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, fill_defaults, rollout_config
+from vrag_rl.cli import (
+    add_agent_args,
+    add_corpus_args,
+    add_policy_args,
+    dense_config,
+    fill_defaults,
+    rollout_config,
+)
 from vrag_rl.data.records import load_pages
 from vrag_rl.retrieval.base import PageCatalog
 from vrag_rl.retrieval.cache import open_retriever
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             retriever = SearchClient(a.search_url, a.corpus)
             checks.append(Probe(retriever.health))
         else:
-            retriever = open_retriever(a.corpus, a.index, a.retriever_model)
+            retriever = open_retriever(a.corpus, a.index, a.retriever_model, dense_config(a))
         if a.endpoint:
             checks.append(Probe(endpoint_check(a.endpoint)))
         worker = RolloutWorker(rollout_config(a, max_images=max(a.max_turns, a.image_top_k)), retriever=retriever)

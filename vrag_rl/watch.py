@@ -19,7 +19,14 @@ import os
 import time
 from pathlib import Path
 
-from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, fill_defaults, rollout_config
+from vrag_rl.cli import (
+    add_agent_args,
+    add_corpus_args,
+    add_policy_args,
+    dense_config,
+    fill_defaults,
+    rollout_config,
+)
 from vrag_rl.data.records import load_pages, load_qa, page_label
 from vrag_rl.retrieval.cache import open_retriever
 from vrag_rl.reward.actor import RewardScorer
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     records = load_qa(a.corpus)[: a.questions]
     if not records:
         raise SystemExit(f"{a.corpus} has no questions (qa.parquet)")
-    retriever = open_retriever(a.corpus, a.index, a.retriever_model)
+    retriever = open_retriever(a.corpus, a.index, a.retriever_model, dense_config(a))
     cfg = rollout_config(a, max_images=a.max_turns, engine=a.engine)
     worker = RolloutWorker(cfg, retriever=retriever)
     tasks = make_groups([(r.qid, r.question) for r in records], a.samples, a.seed)

@@ -281,3 +281,21 @@ def test_teacher_trajectories_round_trip_into_sft(bundled_corpus, bundled_index,
     )
     nll = [row["nll"] for row in run_sft(trainer, data, 3, len(kept), 0, seed=0)]  # the same batch each step
     assert all(v == v and v > 0 for v in nll) and nll[-1] < nll[0]
+
+
+def test_the_retriever_alone_on_the_single_vector_index(table_corpus, bundled_index, tiny_dirs, tmp_path, embedder):
+    from vrag_rl.retrieval.cache import ensure_dense_index
+    from vrag_rl.retrieval.local import LocalRetriever
+
+    clip = str(tiny_dirs["clip"])
+    args = ["run", "--corpus", str(table_corpus), "--index", str(bundled_index), "--method", "retrieval"]
+    with pytest.raises(SystemExit, match="--search-mode dense and --dense-index need --dense-model"):
+        main([*args, "--search-mode", "dense", "--out", str(tmp_path / "refused")])
+    dense_args = ["--search-mode", "dense", "--dense-model", clip, "--questions", "6"]
+    assert main([*args, *dense_args, "--out", str(tmp_path / "dense")]) == 0
+    assert report_of(tmp_path / "dense")["settings"]["dense_model"] == clip
+    dense = LocalRetriever(table_corpus, bundled_index, embedder, dense=ensure_dense_index(table_corpus, None, clip))
+    questions = {r.qid: r.question for r in load_qa(table_corpus)}
+    for row in rows_of(tmp_path / "dense"):
+        hits = dense.search([questions[row["qid"]]], top_k=len(row["ranked"]), mode="dense")[0]
+        assert row["ranked"] == [h.page_id for h in hits]

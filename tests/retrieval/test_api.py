@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from asgi_thread import serve_app
 from PIL import Image
 
 from vrag_rl.data.records import load_pages, write_pages
@@ -88,21 +87,8 @@ def retriever(corpus, api_index, embedder) -> LocalRetriever:
 
 @pytest.fixture(scope="module")
 def server(retriever):
-    """uvicorn serving the app from a thread, on a loopback socket bound to a free port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(retriever, LIMITS), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_app(create_app(retriever, LIMITS)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Every path of the framework runs on these on a 2-core CPU with no model hub: a byte-level BPE tokenizer
 trained here with Qwen's special tokens and a Qwen2.5-VL style chat template, a Qwen2.5-VL processor, a
-Qwen2.5-VL policy and a ColQwen2 retriever (colpali-engine), saved as ordinary directories that
+Qwen2.5-VL policy, a ColQwen2 retriever (colpali-engine) and single-vector CLIP and SigLIP retrievers
+(``tiny_dense.py``), saved as ordinary directories that
 transformers, colpali-engine and vLLM load like any hub checkpoint.
 
     python -m vrag_rl.models.tiny --out .cache/tiny --seed 0
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.synthetic import report_text
+from vrag_rl.models.tiny_dense import DenseFamily, TinyDenseConfig, build_dense_model
 
 # The tiny policy's processor takes images of 4..512 merged patches; its pages are shown small.
 TINY_BUDGET = ImageBudget(min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
@@ -301,9 +303,10 @@ def build_retriever_processor(tokenizer, cfg: TinyConfig):
 
 
 def build_tiny_models(out: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[str, Path]:
-    """Build and save the kit; returns {"policy": dir, "retriever": dir}. Reuses a complete kit of the same config."""
+    """Build and save the kit; returns {"policy", "retriever", "clip", "siglip"} -> directory. Reuses a complete
+    kit of the same config."""
     out = Path(out)
-    dirs = {"policy": out / "policy", "retriever": out / "retriever"}
+    dirs = {name: out / name for name in ("policy", "retriever", *(f.value for f in DenseFamily))}
     stamp = out / "tiny_config.json"
     wanted = json.dumps({**asdict(cfg), "tokenizer_text": TOKENIZER_TEXT}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == wanted and all((d / "config.json").exists() for d in dirs.values()):
@@ -315,13 +318,15 @@ def build_tiny_models(out: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[s
     retriever_tokenizer.padding_side = "left"
     build_retriever_processor(retriever_tokenizer, cfg).save_pretrained(dirs["retriever"])
     build_retriever(retriever_tokenizer, cfg).save_pretrained(dirs["retriever"])
+    for family in DenseFamily:
+        build_dense_model(dirs[family], family, _trained_bpe(cfg.seed, cfg.vocab_size), TinyDenseConfig(cfg.seed))
     stamp.write_text(wanted)  # written last: its presence means the kit is complete
     return dirs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=".cache/tiny", help="output directory (policy/ and retriever/ inside)")
+    parser.add_argument("--out", default=".cache/tiny", help="output directory (one folder per model)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dirs = build_tiny_models(args.out, TinyConfig(seed=args.seed))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from vrag_rl.retrieval.base import BaseRetriever, PageCatalog, as_embedder
 from vrag_rl.retrieval.bm25 import BM25Index
+from vrag_rl.retrieval.dense import DenseConfig
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.index import MultiVectorIndex
 from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode, rank
@@ -112,10 +113,11 @@ class DistributedRetriever(BaseRetriever):
         index_mode: str = IndexMode.EXACT,
         fusion_depth: int = 50,
         rrf_k: int = 60,
+        dense: DenseConfig | None = None,
         actors: RetrieverConfig = RetrieverConfig(),
         shard_actor: type[ShardActor] = ShardActor,
     ):
-        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k)
+        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k, dense)
         self.cfg = actors
         index_dir = str(Path(index_dir).resolve())  # actors may run with another working directory
         remote = ray.remote(shard_actor).options(

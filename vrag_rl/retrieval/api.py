@@ -6,8 +6,9 @@ Endpoints:
   ``idx`` is the 0-based rank within the query's list and ``image_file`` a path the client opens itself
   (here the absolute path of the page image); the reference always returns 10 pages, hence the default.
 - ``POST /search`` — JSON ``{"queries": [...], "image_queries": [base64...], "top_k": 5, "mode":
-  "visual" | "text" | "hybrid"}``; returns ``{"results": [...], "image_results": [...]}``, one ranked list
-  per query of ``{"idx", "page_id", "score", "image_file"}`` (image queries are always visual).
+  "visual" | "text" | "dense" | "hybrid", "image_mode": "visual" | "dense" | "hybrid"}``; returns
+  ``{"results": [...], "image_results": [...]}``, one ranked list per query of ``{"idx", "page_id", "score",
+  "image_file"}``; ``mode`` ranks the text queries, ``image_mode`` the image queries.
 - ``GET /pages/{page_id}`` — the page JPEG, for clients on another machine.
 - ``GET /health`` — page count and available modes.
 
@@ -72,6 +73,7 @@ class SearchRequest(BaseModel):
     image_queries: list[str] = []  # base64 image files, optionally as "data:image/...;base64,..." URLs
     top_k: int = 5
     mode: SearchMode = SearchMode.VISUAL
+    image_mode: SearchMode = SearchMode.VISUAL
 
 
 async def refuse(send, status: int, detail: str) -> None:
@@ -212,8 +214,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
 
     @app.get("/health")
     def health():
-        modes = list(SearchMode) if retriever.text_index is not None else [SearchMode.VISUAL]
-        return {"status": "ok", "pages": len(retriever.page_ids), "modes": modes}
+        return {"status": "ok", "pages": len(retriever.page_ids), "modes": retriever.modes()}
 
     @app.get("/search")
     def search_get(queries: list[str] = Query(...), top_k: int = 10):
@@ -224,11 +225,16 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
     @app.post("/search")
     def search_post(req: SearchRequest):
         _check_queries(req.queries, len(req.image_queries), req.top_k, limits)
-        if req.mode != SearchMode.VISUAL and req.queries and retriever.text_index is None:
-            raise HTTPException(400, f"mode {req.mode!r} needs a text index, and this server has none (no OCR)")
+        try:  # before any image is decoded
+            if req.queries:
+                retriever.check_mode(req.mode)
+            if req.image_queries:
+                retriever.check_mode(req.image_mode, images=True)
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from None
         images = _decode_all(req.image_queries, limits, decoder) if req.image_queries else []
         results = run(retriever.search, req.queries, req.top_k, req.mode) if req.queries else []
-        image_results = run(retriever.search_by_image, images, req.top_k) if images else []
+        image_results = run(retriever.search_by_image, images, req.top_k, req.image_mode) if images else []
         return {"results": [_hit_json(h) for h in results], "image_results": [_hit_json(h) for h in image_results]}
 
     @app.get("/pages/{page_id}")
@@ -241,6 +247,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
+    from vrag_rl.retrieval.dense import DenseConfig
     from vrag_rl.retrieval.embed import EmbedderConfig
     from vrag_rl.retrieval.index import StaleIndexError
     from vrag_rl.retrieval.local import LocalRetriever
@@ -251,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="ColQwen2 retriever model directory the index was built with")
     p.add_argument("--text-index", default=None, help="saved BM25 index (default: from CORPUS/ocr.parquet if any)")
     p.add_argument("--index-mode", choices=list(IndexMode), default=IndexMode.EXACT)
+    p.add_argument("--dense-model", default=None, help="CLIP / SigLIP model of a single-vector index (mode dense)")
+    p.add_argument("--dense-index", default=None, help="its index directory (vrag_rl.retrieval.dense_index build)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--pool-factor", type=int, default=1, help="must match the index's token pooling")
@@ -260,10 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-query-chars", type=int, default=Limits.max_query_chars)
     p.add_argument("--max-top-k", type=int, default=Limits.max_top_k)
     a = p.parse_args(argv)
+    if (a.dense_model is None) != (a.dense_index is None):
+        p.error("--dense-model and --dense-index go together")
 
     try:
         cfg = EmbedderConfig(model_dir=a.model, device=a.device, dtype=a.dtype, pool_factor=a.pool_factor)
-        retriever = LocalRetriever(a.corpus, a.index, cfg, text_index=a.text_index, index_mode=a.index_mode)
+        dense = DenseConfig(a.dense_model, a.dense_index, a.device, a.dtype) if a.dense_model else None
+        retriever = LocalRetriever(
+            a.corpus, a.index, cfg, text_index=a.text_index, index_mode=a.index_mode, dense=dense
+        )
     except (StaleIndexError, FileNotFoundError, ValueError) as err:  # a wrong path, model or stale index
         print(f"error: {err}", file=sys.stderr)
         return 2

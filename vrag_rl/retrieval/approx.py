@@ -25,7 +25,7 @@ from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
 _ADD_ROWS = 1 << 18  # vectors widened to float32 and added to FAISS at a time
 
 
-def _faiss():
+def import_faiss():
     """Import faiss with its OpenMP threads sleeping, not spinning, between parallel regions.
 
     faiss-cpu wheels bundle their own libgomp next to torch's. By default idle OpenMP threads spin, so
@@ -56,7 +56,7 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
     """Build the shard's FAISS index, write it to ``path`` and return the file's sha256."""
     from tqdm.auto import tqdm
 
-    faiss = _faiss()
+    faiss = import_faiss()
     n, d = vectors.shape
     if cfg.approx == ApproxKind.HNSW:
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -81,11 +81,11 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
 
 
 def load(path: Path):
-    return _faiss().read_index(str(path))
+    return import_faiss().read_index(str(path))
 
 
 def _params(index, cfg: IndexConfig):
-    faiss = _faiss()
+    faiss = import_faiss()
     if isinstance(index, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(efSearch=cfg.ef_search)
     return faiss.SearchParametersIVF(nprobe=cfg.nprobe)

@@ -1,7 +1,9 @@
-"""What every retriever shares: the corpus's page catalog, the optional BM25 text index, and the search logic.
+"""What every retriever shares: the corpus's page catalog, the optional BM25 text and single-vector indexes,
+and the search logic.
 
-``BaseRetriever`` ties together the corpus manifest (``pages.parquet``), an embedder for queries and
-optionally a BM25 index over the pages' OCR text; subclasses supply the visual top-k: ``LocalRetriever``
+``BaseRetriever`` ties together the corpus manifest (``pages.parquet``), an embedder for queries, optionally
+a BM25 index over the pages' OCR text and optionally a single-vector CLIP / SigLIP index (``dense_index.py``,
+small enough to live in this process); subclasses supply the ColQwen2 visual top-k: ``LocalRetriever``
 (``local.py``, the whole index in this process) and ``DistributedRetriever`` (``actor.py``, shards on Ray
 actors). Results are ``Hit`` lists ranked by score with ties broken by the index's page order (corpus order
 at build time), so two runs, and both subclasses, give the same list. ``page_path`` is the only way a page id
@@ -20,12 +22,15 @@ from torch import Tensor
 
 from vrag_rl.data.records import load_pages
 from vrag_rl.retrieval.bm25 import BM25Index
+from vrag_rl.retrieval.dense import DenseConfig, DenseEmbedder
+from vrag_rl.retrieval.dense_index import SingleVectorIndex
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.fusion import reciprocal_rank_fusion
 from vrag_rl.retrieval.ocr import OCR_FILE, load_ocr, stale_ocr
 from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode
 
 log = logging.getLogger(__name__)
+IMAGE_MODES = [SearchMode.VISUAL, SearchMode.DENSE, SearchMode.HYBRID]  # the indexes of page images
 
 
 class PageCatalog:
@@ -95,6 +100,7 @@ class BaseRetriever(ABC):
         index_mode: str = IndexMode.EXACT,
         fusion_depth: int = 50,
         rrf_k: int = 60,
+        dense: DenseConfig | None = None,
     ):
         self.index_mode = IndexMode.parse(index_mode, "index_mode")
         self.catalog = PageCatalog(corpus_dir)
@@ -102,7 +108,12 @@ class BaseRetriever(ABC):
         self.text_index = load_text_index(self.catalog.root, text_index)
         if self.text_index is not None:
             self._check_foreign("text index", self.text_index.page_ids)
-        self.fusion_depth = fusion_depth  # how deep each ranking goes before fusion: deeper = steadier fusion
+        self.dense_embedder = self.dense_index = None
+        if dense is not None:  # a stale index, or one of another model, fails here
+            self.dense_embedder = DenseEmbedder(dense)
+            fingerprint = self.dense_embedder.fingerprint
+            self.dense_index = SingleVectorIndex.load(dense.index_dir, fingerprint, self.catalog.root)
+        self.fusion_depth = fusion_depth  # how deep each ranking goes before fusion
         self.rrf_k = rrf_k
 
     @property
@@ -124,44 +135,72 @@ class BaseRetriever(ABC):
                 f"(e.g. {foreign[:3]}): it was built from another corpus or an older manifest"
             )
 
+    def modes(self) -> list[SearchMode]:
+        """The search modes this retriever answers: visual always, the others with their indexes."""
+        modes = [SearchMode.VISUAL]
+        modes += [SearchMode.TEXT] if self.text_index is not None else []
+        modes += [SearchMode.DENSE] if self.dense_index is not None else []
+        return modes + [SearchMode.HYBRID] if len(modes) > 1 else modes
+
+    def check_mode(self, mode: str, images: bool = False) -> SearchMode:
+        """``mode`` as a member when this retriever answers it for text queries (or ``images``), else
+        ValueError saying which index it needs."""
+        mode = SearchMode.parse(mode, "mode")
+        allowed = IMAGE_MODES if images else list(SearchMode)
+        if mode in allowed and mode in self.modes():
+            return mode
+        needs = {
+            SearchMode.TEXT: "a text index: OCR the corpus (python -m vrag_rl.retrieval.ocr) or pass one",
+            SearchMode.DENSE: "a single-vector index: build one (python -m vrag_rl.retrieval.dense_index) and pass it",
+            SearchMode.HYBRID: "a second index to fuse with ColQwen2's: a text index (OCR) or a single-vector one",
+        }
+        if mode in allowed:
+            raise ValueError(f"mode '{mode}' needs {needs[mode]}")
+        raise ValueError(f"mode '{mode}' is not one of {[str(m) for m in allowed]} for image queries")
+
     def search(self, queries: list[str], top_k: int = 5, mode: str = SearchMode.VISUAL) -> list[list[Hit]]:
-        """Ranked pages per text query: ``visual`` (ColQwen2 MaxSim), ``text`` (BM25 over OCR) or
-        ``hybrid`` (reciprocal rank fusion of both rankings)."""
+        """Ranked pages per text query: ``visual`` (ColQwen2 MaxSim), ``text`` (BM25 over OCR), ``dense``
+        (the single-vector index) or ``hybrid`` (reciprocal rank fusion of every index's ranking)."""
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings, not one string")
-        mode = SearchMode.parse(mode, "mode")
+        mode = self.check_mode(mode)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not queries:
             return []
-        if mode != SearchMode.VISUAL and self.text_index is None:
-            raise ValueError(
-                f"mode {mode!r} needs a text index: OCR the corpus (python -m vrag_rl.retrieval.ocr) or pass one"
-            )
-        if mode == SearchMode.VISUAL:
-            ranked = self._visual_topk(self.embedder.embed_queries(queries), top_k)
-        elif mode == SearchMode.TEXT:
-            ranked = self.text_index.search(queries, top_k)  # BM25 breaks ties in corpus order
-        else:
-            depth = max(top_k, self.fusion_depth)
-            visual = self._visual_topk(self.embedder.embed_queries(queries), depth)
-            text = self.text_index.search(queries, depth)
-            ranked = [self._fuse(v, t, top_k) for v, t in zip(visual, text)]
-        return [self.catalog.hits(r) for r in ranked]
+        rankers = {
+            SearchMode.VISUAL: lambda k: self._visual_topk(self.embedder.embed_queries(queries), k),
+            SearchMode.TEXT: lambda k: self.text_index.search(queries, k),  # BM25 breaks ties in corpus order
+            SearchMode.DENSE: lambda k: self.dense_index.search(self.dense_embedder.embed_queries(queries), k),
+        }
+        return self._ranked(rankers, mode, top_k)
 
-    def search_by_image(self, images: list[Image.Image], top_k: int = 5) -> list[list[Hit]]:
-        """Ranked pages per query image (a page, a crop, a photo), by the same visual index."""
+    def search_by_image(self, images: list[Image.Image], top_k: int = 5, mode: str = SearchMode.VISUAL):
+        """Ranked pages per query image (a page, a crop, a photo): ``visual``, ``dense`` or ``hybrid`` of both."""
+        mode = self.check_mode(mode, images=True)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not images:
             return []
-        ranked = self._visual_topk(self.embedder.embed_images(list(images)), top_k)
-        return [self.catalog.hits(r) for r in ranked]
+        rankers = {SearchMode.VISUAL: lambda k: self._visual_topk(self.embedder.embed_images(list(images)), k)}
+        if self.dense_index is not None:
+            rankers[SearchMode.DENSE] = lambda k: self.dense_index.search(self.dense_embedder.embed_images(images), k)
+        if mode == SearchMode.HYBRID and len(rankers) < 2:
+            raise ValueError("image mode 'hybrid' fuses the ColQwen2 and the single-vector index: pass a dense one")
+        return self._ranked(rankers, mode, top_k)
 
-    def _fuse(self, visual: list[tuple[str, float]], text: list[tuple[str, float]], top_k: int):
-        # Exact RRF; its tie rule (best rank reached, visual before text) is deterministic on its own.
-        rankings = [[pid for pid, _ in visual], [pid for pid, _ in text]]
-        return reciprocal_rank_fusion(rankings, k=self.rrf_k, top_k=top_k)
+    def _ranked(self, rankers: dict, mode: SearchMode, top_k: int) -> list[list[Hit]]:
+        """One ranker's top-k, or (hybrid) every available ranker's top-depth fused by exact RRF, whose tie
+        rule (best rank reached, earlier ranking first: visual, text, dense) is deterministic on its own."""
+        if mode != SearchMode.HYBRID:
+            return [self.catalog.hits(r) for r in rankers[mode](top_k)]
+        depth = max(top_k, self.fusion_depth)  # deeper = steadier fusion
+        rankings = [ranker(depth) for m, ranker in rankers.items() if m in self.modes()]
+        fused = []
+        for per_query in zip(*rankings):
+            lists = [[pid for pid, _ in ranking] for ranking in per_query]
+            fused.append(self.catalog.hits(reciprocal_rank_fusion(lists, k=self.rrf_k, top_k=top_k)))
+        return fused
 
 
 def as_embedder(embedder: EmbedderConfig | PageEmbedder) -> PageEmbedder:

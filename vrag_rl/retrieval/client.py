@@ -44,7 +44,9 @@ class SearchClient:
         body = self._post({"queries": queries, "top_k": top_k, "mode": str(mode)})
         return [self._hits(r) for r in body["results"]]
 
-    def search_by_image(self, images: list[Image.Image], top_k: int = 5) -> list[list[Hit]]:
+    def search_by_image(
+        self, images: list[Image.Image], top_k: int = 5, mode: str = SearchMode.VISUAL
+    ) -> list[list[Hit]]:
         if not images:
             return []
         encoded = []
@@ -52,7 +54,7 @@ class SearchClient:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode())
-        body = self._post({"image_queries": encoded, "top_k": top_k})
+        body = self._post({"image_queries": encoded, "top_k": top_k, "image_mode": str(mode)})
         return [self._hits(r) for r in body["image_results"]]
 
     def page_path(self, page_id: str) -> Path:

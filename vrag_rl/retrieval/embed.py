@@ -75,15 +75,15 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def model_fingerprint(model_dir: str | Path, pool_factor: int) -> str:
-    """sha256 over the model's config, processor config, weights and the pooling factor.
+def weights_fingerprint(model_dir: str | Path, header: str) -> str:
+    """sha256 over ``header`` (the embedding's kind and settings), the model's configs and its weights.
 
     Embeddings are only comparable between identical fingerprints. The compute dtype is left out on
     purpose: a bf16 GPU build and fp32 CPU queries of the same weights are meant to work together.
     """
     model_dir = Path(model_dir)
     h = hashlib.sha256()
-    h.update(f"colqwen-multivector/pool_factor={pool_factor}\n".encode())
+    h.update(f"{header}\n".encode())
     for name in _CONFIG_FILES:
         path = model_dir / name
         if path.is_file():
@@ -95,6 +95,11 @@ def model_fingerprint(model_dir: str | Path, pool_factor: int) -> str:
         st = path.stat()
         h.update(f"{path.name}:{_file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)}\n".encode())
     return h.hexdigest()
+
+
+def model_fingerprint(model_dir: str | Path, pool_factor: int) -> str:
+    """The fingerprint of a ColQwen2 checkpoint's multi-vector embeddings at a token pooling factor."""
+    return weights_fingerprint(model_dir, f"colqwen-multivector/pool_factor={pool_factor}")
 
 
 class PageEmbedder:

@@ -42,6 +42,7 @@ from vrag_rl.retrieval.store import (
     FORMAT_VERSION,
     MANIFEST,
     StaleIndexError,
+    corpus_drift,
     load_shard,
     read_manifest,
     write_manifest,
@@ -228,22 +229,12 @@ class MultiVectorIndex:
 
     def check_corpus(self, corpus_dir) -> None:
         """Fail (reason "corpus") unless the index holds exactly the corpus's pages with the same images."""
-        current = {p.page_id: page_checksum(p) for p in load_pages(corpus_dir)}
-        indexed = dict(self.manifest["pages"])
-        added = [pid for pid in current if pid not in indexed]
-        removed = [pid for pid in indexed if pid not in current]
-        changed = [pid for pid in indexed if pid in current and current[pid] != indexed[pid]]
-        if added or removed or changed:
-            parts = [
-                f"{len(v)} {k} (e.g. {', '.join(v[:3])})"
-                for k, v in (("added", added), ("removed", removed), ("changed", changed))
-                if v
-            ]
+        drift = corpus_drift(self.manifest["pages"], corpus_dir)
+        if drift:
             raise StaleIndexError(
                 "corpus",
-                f"index {self.dir} is stale for corpus {corpus_dir}: pages "
-                + "; ".join(parts)
-                + ". Add new pages with add_pages, or rebuild the index",
+                f"index {self.dir} is stale for corpus {corpus_dir}: {drift}. "
+                "Add new pages with add_pages, or rebuild the index",
             )
 
     # ---- search ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from vrag_rl.retrieval.base import BaseRetriever, as_embedder
 from vrag_rl.retrieval.bm25 import BM25Index
+from vrag_rl.retrieval.dense import DenseConfig
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.index import MultiVectorIndex
 from vrag_rl.retrieval.types import IndexMode
@@ -20,7 +21,8 @@ from vrag_rl.retrieval.types import IndexMode
 class LocalRetriever(BaseRetriever):
     """Single-process retriever: the whole visual index in this process.
 
-    ``embedder``: the ``EmbedderConfig`` of the model the index was built with, or that model already loaded.
+    ``embedder``: the ``EmbedderConfig`` of the model the index was built with, or that model already loaded;
+    ``dense``: the single-vector index to search beside it (modes ``dense`` and ``hybrid``).
     """
 
     def __init__(
@@ -32,8 +34,9 @@ class LocalRetriever(BaseRetriever):
         index_mode: str = IndexMode.EXACT,
         fusion_depth: int = 50,
         rrf_k: int = 60,
+        dense: DenseConfig | None = None,
     ):
-        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k)
+        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k, dense)
         # A stale index (pages added, removed or changed since it was built) or another model's fails here.
         self.index = MultiVectorIndex.load(
             index_dir, expected_fingerprint=self.embedder.fingerprint, corpus_dir=self.catalog.root

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vrag_rl.data.records import atomic_write_bytes, sha256_file, temp_path
+from vrag_rl.data.records import atomic_write_bytes, load_pages, page_checksum, sha256_file, temp_path
 from vrag_rl.retrieval import approx
 from vrag_rl.retrieval.maxsim import plan_chunks
 from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
@@ -36,6 +36,22 @@ class StaleIndexError(RuntimeError):
 
 def pages_checksum(pages: list[list[str]]) -> str:
     return hashlib.sha256("".join(f"{pid}\t{cs}\n" for pid, cs in pages).encode()).hexdigest()
+
+
+def corpus_drift(indexed_pages: list[list[str]], corpus_dir) -> str | None:
+    """What changed in the corpus since an index of ``indexed_pages`` ([page id, image checksum]) was built:
+    a sentence naming added, removed and changed pages, or None when the index is current."""
+    current = {p.page_id: page_checksum(p) for p in load_pages(corpus_dir)}
+    indexed = dict(indexed_pages)
+    added = [pid for pid in current if pid not in indexed]
+    removed = [pid for pid in indexed if pid not in current]
+    changed = [pid for pid in indexed if pid in current and current[pid] != indexed[pid]]
+    parts = [
+        f"{len(v)} {k} (e.g. {', '.join(v[:3])})"
+        for k, v in (("added", added), ("removed", removed), ("changed", changed))
+        if v
+    ]
+    return "pages " + "; ".join(parts) if parts else None
 
 
 def save_npy(path: Path, array: np.ndarray) -> str:
@@ -102,7 +118,8 @@ def write_manifest(index_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(index_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def read_manifest(index_dir: Path) -> dict:
+def read_manifest(index_dir: Path, fmt: str = FORMAT, version: int = FORMAT_VERSION) -> dict:
+    """An index's manifest, checked: present, JSON, of format ``fmt`` at ``version``, its page list intact."""
     path = index_dir / MANIFEST
     if not path.is_file():
         raise StaleIndexError("missing", f"no index at {index_dir} ({MANIFEST} not found); build one first")
@@ -110,12 +127,12 @@ def read_manifest(index_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StaleIndexError("checksum", f"{path} is not valid JSON ({err}): the index is damaged") from err
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != fmt or manifest.get("format_version") != version:
         raise StaleIndexError(
             "version",
             f"{path}: format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r}, this code reads {FORMAT!r} version "
-            f"{FORMAT_VERSION}: rebuild the index",
+            f"{manifest.get('format_version')!r}, this code reads {fmt!r} version "
+            f"{version}: rebuild the index",
         )
     if pages_checksum(manifest["pages"]) != manifest["corpus_checksum"]:
         raise StaleIndexError("checksum", f"{path}: page list does not match its checksum (edited by hand?)")

@@ -19,7 +19,8 @@ class SearchMode(Choice):
 
     VISUAL = "visual"  # ColQwen2 MaxSim over page images
     TEXT = "text"  # BM25 over the pages' OCR text
-    HYBRID = "hybrid"  # reciprocal rank fusion of both rankings
+    DENSE = "dense"  # one CLIP / SigLIP vector per page image (retrieval.dense_index)
+    HYBRID = "hybrid"  # reciprocal rank fusion of the rankings of every index the retriever has
 
 
 class IndexMode(Choice):

@@ -25,6 +25,7 @@ from vrag_rl.trainer.tracking import TrackingConfig
 class PolicyModels:
     policy: str | None = None  # a Hugging Face checkpoint directory; None: the tiny policy (built in tiny_dir)
     retriever: str | None = None  # a ColQwen2 directory; None: the tiny one
+    dense: str | None = None  # a CLIP / SigLIP directory: a single-vector index beside ColQwen2 (search_mode dense)
     tiny_dir: str = ".cache/tiny"
     tiny_seed: int = 0
 
@@ -33,6 +34,7 @@ class PolicyModels:
 class DataConfig:
     corpus: str = str(BUNDLED_CORPUS)  # pages/, pages.parquet, qa.parquet
     index: str | None = None  # its page index; None: the corpus's cached index (retrieval.cache), built if needed
+    dense_index: str | None = None  # the single-vector index of models.dense; None: cached, built if needed
     holdout_every: int = 10  # every n-th question is held out for validation, never trained on
     max_val_questions: int = 16
     # GRPO draws from the first n training questions only (SFT uses them all): a small set seen again and again

@@ -173,7 +173,7 @@ def run(cfg: TrainConfig, out: Path) -> dict:
 
     from vrag_rl.models.tiny import TinyConfig, build_tiny_models
     from vrag_rl.retrieval.actor import start_retriever_actor
-    from vrag_rl.retrieval.cache import ensure_index
+    from vrag_rl.retrieval.cache import ensure_dense_index, ensure_index
     from vrag_rl.retrieval.embed import EmbedderConfig
     from vrag_rl.reward.actor import start_reward_actor
     from vrag_rl.reward.judge_server import start_judge_server
@@ -206,7 +206,15 @@ def run(cfg: TrainConfig, out: Path) -> dict:
     # 2. Actors that live for the whole run.
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    retriever = start_retriever_actor(str(corpus), str(index), embedder, cfg.retriever)
+    dense = ensure_dense_index(corpus, cfg.data.dense_index, cfg.models.dense) if cfg.models.dense else None
+    retriever = start_retriever_actor(str(corpus), str(index), embedder, cfg.retriever, dense=dense)
+    modes = [str(m) for m in ray.get(retriever.modes.remote())]
+    if cfg.rollout.agent.search_mode not in modes:  # here, not at the first search inside a rollout worker
+        raise ValueError(
+            f"rollout.agent.search_mode={cfg.rollout.agent.search_mode} needs an index this corpus lacks; its "
+            f"retriever has {modes} (OCR the corpus for text, set models.dense for dense)"
+        )
+    log.info("retriever modes: %s", ", ".join(modes))
     judge_server, judge = None, cfg.judge
     if judge is not None and judge.model_dir:  # a judge the job serves itself
         judge_server, judge = start_judge_server(judge, out / "judge_server.log")
