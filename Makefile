@@ -36,15 +36,16 @@ demo: env
 serve: env
 	$(BIN)/python -m vrag_rl.serve
 
-# Test assets from Debian's packages: tesseract (OCR), poppler, Slurm with munge (the launch script's test
-# runs a real single-node Slurm), Chromium (the web page's tests drive it headless through Playwright, which
-# downloads no browser of its own), and real PDFs with charts and tables.
+# Test assets from Debian's packages: tesseract (OCR), poppler, Slurm with munge (the launch script's tests run
+# a real Slurm, on one node and on two made of network namespaces with iproute2's `ip`), Chromium (the web
+# page's tests drive it headless through Playwright, which downloads no browser of its own), and real PDFs
+# with charts and tables.
 assets: $(ASSETS)/.done
 $(ASSETS)/.done:
 	command -v tesseract >/dev/null && command -v pdftoppm >/dev/null && command -v slurmctld >/dev/null && \
-	  command -v chromium >/dev/null || \
+	  command -v chromium >/dev/null && command -v ip >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-eng \
-	    poppler-utils slurm-wlm munge chromium >/dev/null; }
+	    poppler-utils slurm-wlm munge chromium iproute2 >/dev/null; }
 	mkdir -p $(ASSETS)/deb $(ASSETS)/pdf
 	cd $(ASSETS)/deb && { apt-get download -qq gnuplot-doc 2>/dev/null || \
 	  { apt-get update -qq && apt-get download -qq gnuplot-doc 2>/dev/null; }; } && dpkg -x gnuplot-doc_*.deb x

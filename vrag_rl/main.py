@@ -45,12 +45,17 @@ register_recipes()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
+    import ray
+
+    from vrag_rl.trainer.cluster import NodeWatch
     from vrag_rl.trainer.grpo import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg: TrainConfig = OmegaConf.to_object(raw)  # runs the dataclasses' value checks
     out = Path(cfg.run.out_dir or HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, out)
+    ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster, or RAY_ADDRESS's (launch/slurm.sbatch)
+    with NodeWatch():  # a node lost mid-run ends the job naming it, instead of a wait on its actors
+        summary = run(cfg, out)
     final = summary["final"]
     print(
         f"\n{summary['steps']} GRPO steps in {summary['seconds']:.0f}s: train reward {final['train/reward']:.3f}, "

@@ -18,6 +18,7 @@ make the second run sample what the first would have).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -33,6 +34,8 @@ from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Rollout, Task
 from vrag_rl.rollout.endpoint_engine import EndpointConfig
 from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig, iter_buckets
 from vrag_rl.rollout.vllm_engine import VLLMConfig
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("vllm", "hf", "endpoint")
 
@@ -65,6 +68,7 @@ class RolloutConfig:
     num_workers: int = 1
     num_cpus: float = 1.0  # per worker actor
     num_gpus: float = 0.0  # per worker actor (1 on GPU clusters)
+    spread: bool = False  # one worker per node where Ray can (multi-node CPU runs); else Ray packs them
     bucket_bytes: int = 256 << 20  # weight-update bucket size
     call_timeout_s: float = 1800.0  # a batch of rollouts still running after this is taken for a hung worker
     restart_timeout_s: float = 600.0  # how long restarted workers may take to come back
@@ -169,6 +173,12 @@ class RolloutWorker:
         """Seconds spent generating, searching and in total during the last ``rollout``."""
         return dict(self.loop.timings)
 
+    def node_ip(self) -> str:
+        """The address of the Ray node this worker runs on (as a Ray actor)."""
+        import ray
+
+        return ray.util.get_node_ip_address()
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> WeightSync:
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         t0 = time.perf_counter()
@@ -215,13 +225,19 @@ class RolloutPool:
     def __init__(self, cfg: RolloutConfig, retriever_actor, corpus_dir: str):
         import ray
 
-        remote = ray.remote(RolloutWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=-1)
+        remote = ray.remote(RolloutWorker).options(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            max_restarts=-1,
+            scheduling_strategy="SPREAD" if cfg.spread else "DEFAULT",
+        )
         corpus_dir = str(Path(corpus_dir).resolve())
         self.cfg = cfg
         self.workers = [
             remote.remote(cfg, retriever_actor=retriever_actor, corpus_dir=corpus_dir) for _ in range(cfg.num_workers)
         ]
-        ray.get([w.timings.remote() for w in self.workers])  # wait for every engine: start-up errors surface here
+        # Wait for every engine: start-up errors surface here.
+        log.info("rollout workers on %s", ray.get([w.node_ip.remote() for w in self.workers]))
         self.last_timings: list[dict[str, float]] = []
 
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:

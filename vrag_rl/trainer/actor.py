@@ -12,6 +12,7 @@ cached warm start, the in-process GRPO step test, benchmarks).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,8 @@ from vrag_rl.rollout.worker import RolloutBackend, WeightSync
 from vrag_rl.trainer.batch import MicroBatch, RankShare, split_over_ranks
 from vrag_rl.trainer.export import write_hf_checkpoint
 from vrag_rl.trainer.policy import PolicyTrainer, TrainerConfig
+
+log = logging.getLogger(__name__)
 
 GRPO_PER_TOKEN = ("pg_clipfrac", "ppo_kl", "entropy", "kl")  # metrics summed per token, reported as means
 SFT_PER_TOKEN = ("nll",)
@@ -121,9 +124,15 @@ class TrainerRank:
     def setup(
         self, master: tuple[str, int], model_dir: str, cfg: TrainerConfig, total_steps: int, with_reference: bool
     ) -> None:
+        import ray
         import torch.distributed as dist
 
+        from vrag_rl.trainer.cluster import interface_of
+
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
+        if cfg.device != "cuda" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo binds to the address the host name resolves to, which may be loopback or nothing at all
+            os.environ["GLOO_SOCKET_IFNAME"] = interface_of(ray.util.get_node_ip_address()) or "lo"
         if cfg.device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each rank its own GPU as device 0
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", rank=self.rank, world_size=self.world_size)
@@ -191,10 +200,14 @@ class TrainerGroup:
         import ray
 
         self.cfg, self.world_size = cfg, cfg.num_workers
-        remote = ray.remote(TrainerRank).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        placement = "SPREAD" if cfg.spread else "DEFAULT"
+        remote = ray.remote(TrainerRank).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement
+        )
         self.ranks = [remote.remote(r, cfg.num_workers) for r in range(cfg.num_workers)]
-        master = ray.get(self.ranks[0].address.remote())
-        ray.get([r.setup.remote(master, model_dir, cfg, total_steps, with_reference) for r in self.ranks])
+        addresses = ray.get([r.address.remote() for r in self.ranks])
+        log.info("trainer ranks on %s; torch.distributed master %s:%d", [ip for ip, _ in addresses], *addresses[0])
+        ray.get([r.setup.remote(addresses[0], model_dir, cfg, total_steps, with_reference) for r in self.ranks])
 
     def _shares(self, trajectories: list[Trajectory]) -> list[RankShare]:
         return split_over_ranks(trajectories, self.world_size, self.cfg.micro_batch_tokens)

@@ -60,6 +60,7 @@ class TrainerConfig:
     num_workers: int = 1  # data-parallel ranks (Ray actors)
     num_cpus: float = 1.0  # per rank
     num_gpus: float = 0.0  # per rank; > 0 means CUDA and nccl
+    spread: bool = False  # one rank per node where Ray can (multi-node CPU runs); else Ray packs them
     param_dtype: str = "float32"  # compute dtype under FSDP2 (bfloat16 on GPUs); master weights stay fp32
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (the GPU recipes: CUDA and flash-attn)
     gradient_checkpointing: bool = False
