@@ -121,7 +121,7 @@ def test_a_lost_node_stops_the_job_naming_it_and_a_resubmission_resumes(cluster,
     run_dir = tmp_path / "run"
     job = submit(cluster, tmp_path / "lost.out", run_dir, warm_policy, tiny_dirs, "sft.steps=0", "run.steps=3")
     deadline = time.monotonic() + 900
-    while metrics_rows(run_dir) < 1:  # step 1 done and saved: step 2 is being sampled
+    while not (run_dir / "checkpoints" / "step-000001").is_dir():  # step 1 committed: step 2 is under way
         assert time.monotonic() < deadline, (tmp_path / "lost.out").read_text()[-3000:]
         time.sleep(1)
     ray_on_node2 = netns_processes(nodes[1].netns)

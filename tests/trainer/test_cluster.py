@@ -44,6 +44,22 @@ def test_an_error_on_the_lost_node_is_reported_as_the_node_and_others_pass_throu
     assert told and "node1 (10.0.0.1)" in told[0]
 
 
+def test_an_error_of_rays_before_the_node_is_declared_dead_waits_for_the_table():
+    """A peer's closed connection surfaces at once; Ray marks the node dead only after missed health checks."""
+    from ray.exceptions import RayError
+
+    table, told = NodeTable(), []
+    later = threading.Timer(0.3, lambda: table.rows[1].update(Alive=False))
+    with pytest.raises(RayError), NodeWatch(table, interval_s=0.05, on_lost=told.append, settle_s=10):
+        later.start()
+        raise RayError("connection closed by peer")
+    assert told and "node2 (10.0.0.2)" in told[0]
+    told.clear()
+    with pytest.raises(RayError), NodeWatch(NodeTable(), interval_s=0.05, on_lost=told.append, settle_s=0.3):
+        raise RayError("an actor error with every node alive")  # waits settle_s, then passes through
+    assert told == []
+
+
 def test_the_interface_of_an_address():
     name, addresses = next((n, a) for n, a in psutil.net_if_addrs().items() if any(x.family == 2 for x in a))
     ip = next(x.address for x in addresses if x.family == 2)

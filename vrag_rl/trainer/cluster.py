@@ -4,7 +4,8 @@ A node that leaves the cluster mid-run takes its trainer rank with it, and a col
 waiting on that rank would wait for ever. ``NodeWatch`` (a context manager around the run) polls Ray's node
 table from a thread of the controller; when a node that was alive at the start is dead, it names the node and
 ends the controller process at once (exit status ``NODE_LOST_EXIT``), also when the run failed on the lost node
-first: checkpoints are committed atomically, so the job's resubmission resumes from the last one.
+before Ray declared it dead: checkpoints are committed atomically, so the job's resubmission resumes from the
+last one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,12 @@ class NodeWatch:
         list_nodes: Callable[[], list[dict]] | None = None,
         interval_s: float = 2.0,
         on_lost: Callable[[str], None] | None = None,
+        settle_s: float = 90.0,
     ):
         import ray
 
         self.list_nodes = list_nodes or ray.nodes
-        self.interval_s = interval_s
+        self.interval_s, self.settle_s = interval_s, settle_s
         self.on_lost = on_lost or _exit_naming
         self.started = {n["NodeID"]: node_name(n) for n in self.list_nodes() if n["Alive"]}
         self._stop = threading.Event()
@@ -68,11 +71,20 @@ class NodeWatch:
         return self
 
     def __exit__(self, kind, err, tb) -> None:
-        """Stops the watch; an error raised meanwhile (a call to an actor of the lost node, say) is reported as the
-        node it came from when a node is lost."""
+        """Stops the watch; an error raised meanwhile is reported as the node it came from when a node is lost.
+
+        A peer's closed connection or a dead actor can surface before Ray declares the node dead (~40 s of
+        missed health checks), so after an error of Ray's the table is read again for up to ``settle_s``."""
+        import ray
+
         self._stop.set()
         self._thread.join()
-        if isinstance(err, Exception) and (lost := self.lost()):
+        if not isinstance(err, Exception):
+            return
+        deadline = time.monotonic() + (self.settle_s if isinstance(err, ray.exceptions.RayError) else 0)
+        while not (lost := self.lost()) and time.monotonic() < deadline:
+            time.sleep(self.interval_s)
+        if lost:
             self.on_lost(self.message(lost))
 
     def _run(self) -> None:
