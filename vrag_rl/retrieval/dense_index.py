@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from vrag_rl.choice import Choice
-from vrag_rl.data.records import atomic_write_bytes, load_pages, page_checksum, sha256_file, temp_path, writer_lock
+from vrag_rl.data.records import atomic_write_bytes, load_pages, sha256_file, temp_path, writer_lock
 from vrag_rl.retrieval.approx import auto_nlist, import_faiss
 from vrag_rl.retrieval.dense import DenseConfig, DenseEmbedder
+from vrag_rl.retrieval.index import embed_pages
 from vrag_rl.retrieval.store import MANIFEST, StaleIndexError, corpus_drift, pages_checksum, read_manifest
 
 FORMAT = "vrag-rl.single-vector-index"
@@ -101,16 +101,9 @@ class SingleVectorIndex:
         pages = load_pages(corpus_dir)
         if not pages:
             raise ValueError(f"corpus {corpus_dir} has no pages")
-        step = embedder.cfg.batch_size * 4
-        vectors = []
-        for start in tqdm(range(0, len(pages), step), desc="embed pages", unit="batch", disable=not progress):
-            images = []
-            for page in pages[start : start + step]:
-                with Image.open(page.file) as im:
-                    images.append(im.convert("RGB"))
-            vectors.append(embedder.embed_images(images))
-        ids = [(p.page_id, page_checksum(p)) for p in pages]
-        return cls.create(out_dir, ids, np.concatenate(vectors), embedder.fingerprint, cfg)
+        rows = list(tqdm(embed_pages(pages, embedder), total=len(pages), desc="embed pages", disable=not progress))
+        vectors = np.stack([v for _, _, v in rows])
+        return cls.create(out_dir, [(pid, cs) for pid, cs, _ in rows], vectors, embedder.fingerprint, cfg)
 
     @classmethod
     def create(cls, out_dir, pages: list[tuple[str, str]], vectors: np.ndarray, fingerprint: str, cfg=None):

@@ -107,7 +107,7 @@ class MultiVectorIndex:
         if not pages:
             raise ValueError(f"corpus {corpus_dir} has no pages")
         return cls.create(
-            out_dir, _embed_pages(pages, embedder), embedder.fingerprint, embedder.dim, cfg, len(pages), progress
+            out_dir, embed_pages(pages, embedder), embedder.fingerprint, embedder.dim, cfg, len(pages), progress
         )
 
     @classmethod
@@ -160,7 +160,7 @@ class MultiVectorIndex:
             raise KeyError(f"pages not in corpus {corpus_dir}: {unknown[:5]}")
         order = {pid: i for i, pid in enumerate(by_id)}
         records = [by_id[pid] for pid in sorted(page_ids, key=order.__getitem__)]
-        self.add_embeddings(_embed_pages(records, embedder), len(records), progress)
+        self.add_embeddings(embed_pages(records, embedder), len(records), progress)
 
     def add_embeddings(
         self, pages: Iterable[tuple[str, str, Tensor]], total: int | None = None, progress: bool = False
@@ -270,8 +270,9 @@ class MultiVectorIndex:
         ]
 
 
-def _embed_pages(records, embedder) -> Iterator[tuple[str, str, Tensor]]:
-    """(page_id, checksum, vectors) per page, embedding a few images at a time (pages can be large)."""
+def embed_pages(records, embedder) -> Iterator[tuple[str, str, Tensor]]:
+    """(page_id, checksum, embedding) per page, embedding a few images at a time (pages can be large); any
+    embedder with ``cfg.batch_size`` and ``embed_images`` (ColQwen2's token vectors, or one CLIP vector)."""
     from PIL import Image
 
     step = embedder.cfg.batch_size * 4
