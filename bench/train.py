@@ -86,7 +86,7 @@ def run_ours(args) -> dict:
     from vrag_rl.rollout.engine import GenerationRequest, SamplingConfig
     from vrag_rl.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from vrag_rl.trainer.actor import LocalTrainer
-    from vrag_rl.trainer.policy import OptimConfig, TrainerConfig
+    from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
 
     policy, items = workload(args)
     encoder = ChatEncoder(AutoProcessor.from_pretrained(policy))

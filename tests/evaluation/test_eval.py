@@ -252,7 +252,7 @@ def test_teacher_trajectories_round_trip_into_sft(bundled_corpus, bundled_index,
     from vrag_rl.rollout.agent_loop import AgentConfig
     from vrag_rl.rollout.replay import Recording, replay
     from vrag_rl.trainer.actor import LocalTrainer
-    from vrag_rl.trainer.policy import OptimConfig, TrainerConfig
+    from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
     from vrag_rl.trainer.sft import ExpertData, run_sft
 
     judge = ["--judge-url", f"{judge_server.url}/reply/True", "--judge-model", "j"]

@@ -39,7 +39,8 @@ from vrag_rl.agent.prompt import PromptConfig, build_reference_messages  # noqa:
 from vrag_rl.agent.trajectory import Trajectory  # noqa: E402
 from vrag_rl.retrieval.maxsim import maxsim, pad_queries, plan_chunks  # noqa: E402
 from vrag_rl.trainer.batch import forward_logprobs  # noqa: E402
-from vrag_rl.trainer.policy import OptimConfig, PolicyTrainer, TrainerConfig  # noqa: E402
+from vrag_rl.trainer.policy import PolicyTrainer  # noqa: E402
+from vrag_rl.trainer.settings import OptimConfig, TrainerConfig  # noqa: E402
 
 POLICY = Path(os.environ.get("VRAG_RL_CACHE", ROOT / ".cache")) / "warm"
 PAGES = ROOT / "data" / "synthetic-small" / "pages"

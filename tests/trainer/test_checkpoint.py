@@ -83,3 +83,13 @@ def test_a_setting_added_since_the_save_counts_at_its_default(tmp_path):
     changed = {**current, "algo.clip_high": 0.28}
     with pytest.raises(ValueError, match="algo.clip_high: 0.2 -> 0.28"):
         check_fingerprint(tmp_path, changed, "the checkpoint")
+
+
+def test_a_part_of_the_settings_is_checked_over_its_own_keys(tmp_path):
+    """The supervised warm start's fingerprint holds only the settings it depends on: the rest of the run's
+    settings, at their defaults or not, are no difference (a resumed run with SFT steps reuses its warm start)."""
+    part = {k: v for k, v in fingerprint(TrainConfig()).items() if k.startswith(("sft.", "models.", "data/"))}
+    (tmp_path / "fingerprint.json").write_text(json.dumps(part))
+    check_fingerprint(tmp_path, part, "the supervised warm start")
+    with pytest.raises(ValueError, match="sft.lr: 1e-05 -> 0.001"):
+        check_fingerprint(tmp_path, {**part, "sft.lr": 1e-3}, "the supervised warm start")

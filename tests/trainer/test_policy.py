@@ -11,27 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.rollout.conftest import TINY_BUDGET
 from vrag_rl.algo.config import AlgoConfig
-from vrag_rl.data.expert import load_page, scripted_trajectory
-from vrag_rl.data.records import load_qa
-from vrag_rl.trainer.policy import OptimConfig, PolicyTrainer, TrainerConfig
+from vrag_rl.trainer.policy import PolicyTrainer
+from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
 
 ALGO = AlgoConfig(prompts_per_step=2, group_size=4, kl_coef=0.01, entropy_coef=0.001)
 CFG = TrainerConfig(num_workers=2, num_cpus=0.5, micro_batch_tokens=2048, optim=OptimConfig(lr=1e-3, warmup_steps=0))
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5]
-
-
-@pytest.fixture(scope="module")
-def trajectories(bundled_corpus, encoder):
-    """Two questions x four variants; "no_search" has no image at all."""
-    out = []
-    for record in [r for r in load_qa(bundled_corpus) if r.answer_box is not None][:2]:
-        page = load_page(bundled_corpus, record.answer_box[0])
-        for variant in ("expert", "no_crop", "wrong_answer", "no_search"):
-            out.append(scripted_trajectory(record, page, encoder, variant, budget=TINY_BUDGET).trajectory)
-    assert any(not t.images for t in out)
-    return out
 
 
 def one_rank(model_dir) -> PolicyTrainer:
@@ -63,7 +49,7 @@ def test_grpo_step_follows_the_advantage_sign(tiny_dirs, encoder):
     ref = trainer.logprobs(samples, plan, 1.0, reference=True)
     assert all(torch.equal(a, b) for a, b in zip(old, ref))
     tokens = sum(sum(t.response_mask) for t in samples)
-    trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.05)
+    trainer.backend.optimizer = torch.optim.SGD(trainer.backend.params, lr=0.05)
     pure = AlgoConfig(prompts_per_step=2, group_size=2, kl_coef=0.0, entropy_coef=0.0)
     metrics = trainer.grpo_update(samples, plan, advantages, old, pure, tokens, 1.0, ref)
     assert metrics["tokens"] == tokens and metrics["grad_norm"] > 0 and metrics["kl"] == 0.0

@@ -24,7 +24,8 @@ from vrag_rl.algo.config import AlgoConfig
 from vrag_rl.rollout.worker import RolloutBackend, WeightSync
 from vrag_rl.trainer.batch import MicroBatch, RankShare, split_over_ranks
 from vrag_rl.trainer.export import write_hf_checkpoint
-from vrag_rl.trainer.policy import PolicyTrainer, TrainerConfig
+from vrag_rl.trainer.policy import PolicyTrainer
+from vrag_rl.trainer.settings import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,13 @@ class TrainerRank:
         from vrag_rl.trainer.cluster import interface_of
 
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
+        # torchrun's variables, which DeepSpeed reads; Ray shows each rank its own GPU as device 0
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         if cfg.device != "cuda" and "GLOO_SOCKET_IFNAME" not in os.environ:
             # gloo binds to the address the host name resolves to, which may be loopback or nothing at all
             os.environ["GLOO_SOCKET_IFNAME"] = interface_of(ray.util.get_node_ip_address()) or "lo"
         if cfg.device == "cuda":
-            torch.cuda.set_device(0)  # Ray shows each rank its own GPU as device 0
+            torch.cuda.set_device(0)
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", rank=self.rank, world_size=self.world_size)
         self.policy = PolicyTrainer.for_model(model_dir, cfg, total_steps, with_reference)
         self.model_dir = model_dir

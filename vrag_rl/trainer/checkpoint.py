@@ -54,8 +54,10 @@ def check_fingerprint(directory: Path, current: dict[str, object], what: str) ->
     path = directory / FINGERPRINT
     if not path.is_file():
         raise ValueError(f"{what} {directory} has no {FINGERPRINT}: it was made by an older version; start anew")
-    # A setting added since the save reads as its default: the saved run ran as that default does.
-    diff = differences({**setting_defaults(), **json.loads(path.read_text())}, current)
+    # A setting added since the save reads as its default: the saved run ran as that default does. Only the
+    # settings ``current`` covers count (the warm start's fingerprint is a part of the run's).
+    defaults = {k: v for k, v in setting_defaults().items() if k in current}
+    diff = differences({**defaults, **json.loads(path.read_text())}, current)
     if diff:
         raise ValueError(
             f"{what} {directory} was made with other settings or data; they would not continue this run:\n  "

@@ -17,7 +17,7 @@ from vrag_rl.reward.judge import JudgeConfig
 from vrag_rl.reward.score import RewardConfig
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.worker import RolloutConfig
-from vrag_rl.trainer.policy import TrainerConfig
+from vrag_rl.trainer.settings import TrainerConfig
 from vrag_rl.trainer.tracking import TrackingConfig
 
 

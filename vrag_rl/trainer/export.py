@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vrag_rl.trainer.policy import DTYPES
+from vrag_rl.trainer.settings import DTYPES
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

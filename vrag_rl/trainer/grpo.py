@@ -333,7 +333,7 @@ def sft_warm_start(
 
     from vrag_rl.agent.chat import ChatEncoder
     from vrag_rl.evaluation.teacher import load_recordings
-    from vrag_rl.trainer.policy import OptimConfig
+    from vrag_rl.trainer.settings import OptimConfig
     from vrag_rl.trainer.sft import ExpertData, run_sft
 
     agent = cfg.rollout.agent

@@ -1,9 +1,9 @@
 """One data-parallel rank of the policy being trained: a plain class (``trainer/actor.py`` is its Ray shell).
 
-Inside a process group the model is sharded with FSDP2 (``fully_shard``: each vision block, each decoder layer,
-then the root) over a 1-D mesh of all ranks, with bf16 compute when asked (master weights and gradient
-reductions stay fp32), optional CPU offload of parameters and optimizer state, and activation checkpointing.
-Without a process group it is an ordinary single-process model, which is what unit tests and the warm start use.
+Inside a process group the model is sharded by the configured backend: FSDP2 (``trainer/fsdp.py``) or DeepSpeed
+ZeRO stage 2 or 3 (``trainer/zero.py``), behind one interface (``trainer/backend.py``); the updates are the same
+math on both. Without a process group it is an ordinary single-process model, which is what unit tests and the
+warm start use.
 
 A sharded forward is a collective, so every rank runs the same number of micro-batches (``batch.plan_ranks``)
 and the same modules in the same order: a micro-batch without images gets a 4-patch dummy image outside the
@@ -12,18 +12,17 @@ the token count of the whole mini-batch (over all ranks); ``_step`` multiplies i
 place that knows gradients are averaged over ranks, so the accumulated gradient equals the whole mini-batch's
 on one rank.
 
-A non-finite loss or gradient norm on any rank skips the optimizer step on every rank (the ranks agree by
-an all-reduce, so their weights never diverge) and is reported as ``skipped_updates``; the weights stay as
-they were. ``weights_finite`` checks the weights themselves before they are synced or saved.
+A non-finite loss or gradient norm on any rank skips the optimizer step on every rank (the ranks agree, so
+their weights never diverge) and is reported as ``skipped_updates``; the weights stay as they were.
+``weights_finite`` checks the weights themselves before they are synced or saved.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,65 +31,10 @@ import torch.distributed as dist
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.algo.config import AlgoConfig
 from vrag_rl.algo.losses import kl_penalty, policy_loss
+from vrag_rl.trainer.backend import Backend, all_ranks
 from vrag_rl.trainer.batch import MicroBatch, collate, forward_logprobs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SCHEDULES = ("constant", "cosine")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation names
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    warmup_steps: int = 5  # linear warm-up, then the schedule
-    schedule: str = "constant"  # "constant" | "cosine" (to 0 at the last step)
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip > 0 and len(self.betas) == 2):
-            raise ValueError("optim: lr > 0, warmup_steps >= 0, grad_clip > 0 and two betas")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-
-
-@dataclass
-class TrainerConfig:
-    num_workers: int = 1  # data-parallel ranks (Ray actors)
-    num_cpus: float = 1.0  # per rank
-    num_gpus: float = 0.0  # per rank; > 0 means CUDA and nccl
-    spread: bool = False  # one rank per node where Ray can (multi-node CPU runs); else Ray packs them
-    param_dtype: str = "float32"  # compute dtype under FSDP2 (bfloat16 on GPUs); master weights stay fp32
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (the GPU recipes: CUDA and flash-attn)
-    gradient_checkpointing: bool = False
-    offload: bool = False  # parameters, gradients and optimizer state in host memory between uses
-    freeze_vision: bool = False
-    micro_batch_tokens: int = 8192  # padded tokens per forward
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def __post_init__(self) -> None:
-        if self.param_dtype not in DTYPES:
-            raise ValueError(f"trainer.param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}")
-        if self.num_workers < 1 or self.micro_batch_tokens < 1:
-            raise ValueError("trainer: num_workers >= 1 and micro_batch_tokens >= 1")
-        if self.attn_implementation not in ATTENTION:
-            raise ValueError(
-                f"trainer.attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}"
-            )
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.num_gpus > 0 else "cpu"
-
-
-def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.schedule == "constant":
-        return 1.0
-    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+from vrag_rl.trainer.fsdp import FsdpBackend
+from vrag_rl.trainer.settings import OptimConfig, TrainerConfig, lr_factor
 
 
 def check_attention(attn: str, device: str) -> None:
@@ -115,21 +59,21 @@ def _load(model_dir: str, device: str, attn: str):
     )
 
 
-def _shard(model, cfg: TrainerConfig) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+def _adamw(params, o: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
-    mesh = init_device_mesh(cfg.device, (dist.get_world_size(),))
-    options = dict(
-        mesh=mesh,
-        mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=torch.float32),
-        offload_policy=CPUOffloadPolicy() if cfg.offload else OffloadPolicy(),
-    )
-    for block in model.model.visual.blocks:
-        fully_shard(block, **options)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, **options)
-    fully_shard(model, **options)
+
+def _backend(model, reference, cfg: TrainerConfig, sharded: bool) -> Backend:
+    def make_optimizer(params):
+        return _adamw(params, cfg.optim)
+
+    if sharded and cfg.backend == "deepspeed":
+        if cfg.device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        from vrag_rl.trainer.zero import ZeroBackend
+
+        return ZeroBackend(model, reference, cfg, make_optimizer)
+    return FsdpBackend(model, reference, cfg, sharded, make_optimizer)
 
 
 class PolicyTrainer:
@@ -155,22 +99,20 @@ class PolicyTrainer:
             self.model.model.visual.requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.reference = None
+        reference = None
         if with_reference:
-            self.reference = _load(model_dir, cfg.device, cfg.attn_implementation).eval().requires_grad_(False)
-        if self.sharded:
-            _shard(self.model, cfg)
-            if self.reference is not None:
-                _shard(self.reference, cfg)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+            reference = _load(model_dir, cfg.device, cfg.attn_implementation).eval().requires_grad_(False)
+        config = self.model.config
+        self.backend = _backend(self.model, reference, cfg, self.sharded)
+        self.model, self.reference = self.backend.model, self.backend.reference
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.backend.optimizer, lambda s: lr_factor(s, o, total_steps)
+        )
         # 4 patches of zeros (one merged image token): the vision tower's part of every collective.
-        patch = self.model.config.vision_config
+        patch = config.vision_config
         dim = patch.in_channels * patch.temporal_patch_size * patch.patch_size**2
         self._dummy_pixels = torch.zeros(4, dim)
-        config = self.model.config
         self._dummy_ids = [config.vision_start_token_id, image_token_id, config.vision_end_token_id]
 
     @classmethod
@@ -244,43 +186,27 @@ class PolicyTrainer:
         ``loss_fn`` gives a micro-batch's share of the mini-batch loss over all ranks; the data-parallel
         gradient average divides by the world size, which the scale here undoes."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.zero_grad()
         sums: dict[str, float] = {}
         finite = True
         for indices, weight in plan:
             batch = self._batch([trajectories[i] for i in indices])
             loss, metrics = loss_fn(indices, batch)
-            (loss * weight * self.world_size).backward()
+            self.backend.backward(loss * weight * self.world_size)
             finite = finite and bool(torch.isfinite(loss))
             if weight:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        skip = not self._all_ranks(finite and math.isfinite(norm))
-        if skip:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+        norm, skip = self.backend.step(finite)
         # The caller sums ranks: each rank holds the global norm and the common decision.
         sums["grad_norm"] = norm / self.world_size
         sums["skipped_updates"] = float(skip) / self.world_size
         return sums
 
-    def _all_ranks(self, flag: bool) -> bool:
-        """True when ``flag`` holds on every rank (a collective under a process group)."""
-        if not self.sharded:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.cfg.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-
     def weights_finite(self) -> bool:
         """Every weight of the policy is finite, on every rank (a collective under a process group)."""
-        local = all(
-            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in self.model.parameters()
-        )
-        return self._all_ranks(local)
+        local = all(bool(torch.isfinite(t).all()) for t in self.backend.local_tensors())
+        return all_ranks(local, self.sharded, self.cfg.device)
 
     def grpo_update(
         self,
@@ -359,21 +285,14 @@ class PolicyTrainer:
     def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full fp32 tensor on CPU) per parameter, each once (tied weights: one name). Collective:
         every rank must iterate to the end."""
-        for name, p in self.model.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            yield name, full.detach().to("cpu", torch.float32)
+        return self.backend.full_parameters()
 
     def _rng_file(self, path: Path) -> Path:
         return path / f"rng-rank{dist.get_rank() if self.sharded else 0}.pt"
 
     def save(self, path: Path) -> None:
-        """Sharded model and optimizer state (torch.distributed.checkpoint), this rank's RNG states and the
-        schedule position."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        """The backend's sharded model and optimizer state, this rank's RNG states and the schedule position."""
+        self.backend.save(path)
         rng = {"cpu": torch.get_rng_state()}
         if self.cfg.device == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -383,13 +302,7 @@ class PolicyTrainer:
             (path / "scheduler.json").write_text(json.dumps(state))
 
     def load(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.backend.load(path)
         rng = torch.load(self._rng_file(path), weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng:

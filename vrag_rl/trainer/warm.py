@@ -24,7 +24,7 @@ from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
 from vrag_rl.data.records import holdout_split, load_qa
 from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
 from vrag_rl.trainer.actor import LocalTrainer
-from vrag_rl.trainer.policy import OptimConfig, TrainerConfig
+from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
 from vrag_rl.trainer.sft import ExpertData, run_sft
 
 STAMP = "warm_config.json"
