@@ -8,10 +8,12 @@ d=128) is written as a sharded index (float16 vectors, per-shard IVF over every 
 batch of queries is answered by
   * colpali-engine's ``score_multi_vector`` (brute force, the baseline; timed on a subset of the pages, given
     as float32 tensors, and scaled linearly to the corpus: its cost is linear in the pages),
-  * our exact mode (MaxSim over every page),
+  * our exact mode (MaxSim over every page), with its products in float32 and in bfloat16 (top 10 against
+    float32's: the share of queries with the same ten pages in the same order),
   * our approximate mode (FAISS candidates, exact rerank),
 with queries/s, speed-ups, recall@10 of approximate against exact, and the exact mode's achieved FLOP/s against
-this machine's fp32 matrix-multiply peak measured in the same run. Beside them, the single-vector index
+this machine's matrix-multiply peak in each precision, measured in the same run (bf16 is several times
+fp32 on CPUs with AMX or avx512_bf16, and a slow path elsewhere). Beside them, the single-vector index
 (``retrieval.dense_index``: one CLIP / SigLIP-sized vector per page, d=768) on the same pages: each page's vector
 is its mean token vector through a fixed random projection to 768 dimensions (queries likewise), so it keeps the
 corpus's topic structure; FAISS exact, IVF and HNSW answer the same queries, with bytes per page on disk for
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim before colpali-engine imports it)
-from bench.machine import machine  # noqa: E402
+from bench.machine import best_time, machine, matmul_peak  # noqa: E402
 from vrag_rl.retrieval.dense_index import DenseIndexConfig, SingleVectorIndex  # noqa: E402
 from vrag_rl.retrieval.index import MultiVectorIndex  # noqa: E402
 from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec  # noqa: E402
@@ -83,23 +85,7 @@ def single_vector_rows(ids: list[str], means: np.ndarray, queries, targets, args
     return {"dim": SINGLE_DIM, **rows}
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def matmul_peak(repeats: int = 5, n: int = 4096) -> float:
-    """fp32 GFLOP/s of a large square matrix product: this machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
-
-
-def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dict:
+def run_size(n_pages: int, tokens: int, args, peaks: dict[str, float], workdir: Path) -> dict:
     spec = SyntheticSpec(n_pages=n_pages, tokens=tokens, tokens_jitter=tokens // 16, seed=0)
     corpus = SyntheticCorpus(spec)
     nlist = args.nlist or (1024 if n_pages * tokens <= 10_000 * 700 else 2048)
@@ -139,6 +125,10 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
     index.search(queries[:1], 10)  # warm up allocations and threads
     exact_s = best_time(lambda: index.search(queries, 10, "exact"), args.repeats)
     exact = index.search(queries, 10, "exact")
+    index.search(queries[:1], 10, "exact", compute_dtype="bfloat16")
+    bf16_s = best_time(lambda: index.search(queries, 10, "exact", compute_dtype="bfloat16"), args.repeats)
+    bf16 = index.search(queries, 10, "exact", compute_dtype="bfloat16")
+    bf16_same = float(np.mean([[p for p, _ in a] == [p for p, _ in b] for a, b in zip(bf16, exact)]))
     index.search(queries[:1], 10, "approx")
     approx_runs = []  # a small speed / recall trade-off curve over nprobe
     for nprobe in args.nprobe:
@@ -176,8 +166,13 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
         "exact_qps": q / exact_s,
         "exact_vs_baseline": base_s / exact_s,
         "exact_gflops": flops / exact_s / 1e9,
-        "peak_gflops": peak,
-        "exact_of_peak": flops / exact_s / 1e9 / peak,
+        "peak_gflops": peaks["float32"],
+        "exact_of_peak": flops / exact_s / 1e9 / peaks["float32"],
+        "bf16_peak_gflops": peaks["bfloat16"],
+        "exact_bf16_qps": q / bf16_s,
+        "exact_bf16_vs_fp32": exact_s / bf16_s,
+        "exact_bf16_of_best_peak": flops / bf16_s / 1e9 / max(peaks.values()),
+        "exact_bf16_same_top10": bf16_same,
         "approx": approx_runs,
         "multi_vector_bytes_per_page": multi_bytes,
         "multi_vector_target_at_10": target_at_10(exact, targets),
@@ -188,7 +183,12 @@ def run_size(n_pages: int, tokens: int, args, peak: float, workdir: Path) -> dic
     print(f"baseline (colpali-engine)  {result['baseline_qps']:8.3f} q/s   (build {build_s:.0f} s)")
     print(
         f"exact                      {result['exact_qps']:8.3f} q/s  {result['exact_vs_baseline']:5.1f}x baseline  "
-        f"{result['exact_gflops']:.0f} GFLOP/s = {100 * result['exact_of_peak']:.0f}% of {peak:.0f} peak"
+        f"{result['exact_gflops']:.0f} GFLOP/s = {100 * result['exact_of_peak']:.0f}% of {peaks['float32']:.0f} peak"
+    )
+    print(
+        f"exact, bf16 products       {result['exact_bf16_qps']:8.3f} q/s  {result['exact_bf16_vs_fp32']:5.2f}x fp32  "
+        f"{flops / bf16_s / 1e9:.0f} GFLOP/s = {100 * result['exact_bf16_of_best_peak']:.0f}% of the best peak; "
+        f"top 10 as fp32's for {100 * bf16_same:.0f}% of queries"
     )
     for r in approx_runs:
         print(
@@ -239,13 +239,13 @@ def main() -> None:
         p.error("give one --tokens value per --pages value")
 
     info = machine()
-    peak = matmul_peak()
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     print(
         f"{info['cpu']} ({info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads), "
-        f"{info['date']}; fp32 matmul peak {peak:.0f} GFLOP/s"
+        f"{info['date']}; matmul peak fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s"
     )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vrag-bench-"))
-    results = [run_size(n, t, args, peak, workdir) for n, t in zip(args.pages, tokens)]
+    results = [run_size(n, t, args, peaks, workdir) for n, t in zip(args.pages, tokens)]
     Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=1))
     print(f"\nwritten {args.out}")
 

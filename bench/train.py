@@ -1,9 +1,11 @@
 """Trainer benchmark: GRPO step throughput of our trainer against TRL's GRPOTrainer, and weight-sync speed.
 
     python bench/train.py                      # 4 prompts x 4 samples, 64 new tokens, 5 timed steps per side
+    python bench/train.py --policy x16 --no-sync-sizes    # the same at 16M parameters
     python bench/train.py --steps 2 --no-sync-sizes
 
-Both sides train the tiny random-weight Qwen2.5-VL policy on the same batch: the first ``--prompts`` questions
+Both sides train the same random-weight Qwen2.5-VL policy (``--policy``: the tiny kit's, or a 16M-parameter
+variant built the same way) on the same batch: the first ``--prompts`` questions
 of the bundled corpus, each one user turn holding its gold page (resized into the tiny image budget) and the
 question, rendered by the policy's chat template; ``--samples`` generations per prompt at temperature 1, at most
 ``--max-new-tokens`` each; GRPO with group-std advantages, PPO clip 0.2 (no dual clip), token-mean loss, no KL
@@ -12,10 +14,16 @@ no gradient checkpointing. The reward is the number of distinct words of a compl
 random model, so advantages are non-zero and every step updates. This measures throughput, not learning.
 
 * ours: the vLLM CPU engine generates (per-request seeds), ``LocalTrainer`` (one in-process ``PolicyTrainer``)
-  recomputes the old log-probs and updates, then its weights go into the engine in-process (``full_parameters`` ->
-  ``update_weights``; no Ray actors or buckets, unlike the main job's rollout pool).
-* TRL: ``GRPOTrainer`` with transformers ``generate`` (``use_vllm=False``); with one iteration it takes the old
-  log-probs from the update's own forward, so it does one forward fewer than ours.
+  updates, taking the old log-probs from the update's own forward (``algo.old_logprobs=update``; ``--old-logprobs
+  recompute`` runs the separate pass instead), then its weights go into the engine in-process
+  (``full_parameters`` -> ``update_weights``; no Ray actors or buckets, unlike the main job's rollout pool).
+* TRL: ``GRPOTrainer`` with transformers ``generate`` (``use_vllm=False``); with one iteration it also takes the
+  old log-probs from the update's own forward.
+
+The update's achieved FLOP/s is an estimate: 6 FLOPs per weight per token it touches (forward and backward:
+each language-model layer weight per sequence token, each vision weight per image patch, the output head per
+response token only, as our forward computes it), attention's score products left out; it is set against the
+machine's fp32 matrix-multiply peak measured in the same run (both sides train in fp32).
 
 Each side runs in its own subprocess, one after the other, with one untimed warm-up step and ``--steps`` timed
 steps; a step is timed whole (TRL: from one ``on_step_end`` to the next). Reported per side: seconds per step,
@@ -42,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vrag_rl  # noqa: E402,F401  (torchvision shim first)
-from bench.machine import machine  # noqa: E402
+from bench.machine import machine, matmul_peak  # noqa: E402
 from vrag_rl.agent.images import fit_to_budget  # noqa: E402
 from vrag_rl.data.expert import load_page  # noqa: E402
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir  # noqa: E402
@@ -59,9 +67,15 @@ SYNC_SIZES = {
 }
 
 
+def policy_dir(name: str) -> str:
+    return str(
+        build_tiny_models(cache_dir() / ("tiny" if name == "tiny" else f"tiny-{name}"), SYNC_SIZES[name])["policy"]
+    )
+
+
 def workload(args) -> tuple[str, list[tuple]]:
     """The policy directory and (image as shown, question) per prompt: the same on both sides."""
-    policy = str(build_tiny_models(cache_dir() / "tiny", SYNC_SIZES["tiny"])["policy"])
+    policy = policy_dir(args.policy)
     b = TINY_BUDGET
     pages = [(load_page(BUNDLED_CORPUS, r.gold_pages[0]), r.question) for r in load_qa(BUNDLED_CORPUS)[: args.prompts]]
     return policy, [(fit_to_budget(page, b.min_pixels, b.max_pixels, b.factor), q) for page, q in pages]
@@ -108,6 +122,7 @@ def run_ours(args) -> dict:
         clip_high=CLIP,
         dual_clip_c=None,
         kl_coef=0.0,
+        old_logprobs=args.old_logprobs,
     )
     sampling = SamplingConfig(temperature=TEMPERATURE, max_tokens=args.max_new_tokens)
     n = args.prompts * args.samples
@@ -130,7 +145,7 @@ def run_ours(args) -> dict:
         rewards = torch.tensor([reward(encoder.tokenizer.decode(g.token_ids, skip_special_tokens=True)) for g in gens])
         advantages = grpo_advantages(rewards, [i // args.samples for i in range(n)]).tolist()
         marks.append(time.perf_counter())
-        old = trainer.logprobs(trajectories, TEMPERATURE)
+        old = trainer.logprobs(trajectories, TEMPERATURE) if algo.old_logprobs == "recompute" else None
         marks.append(time.perf_counter())
         trainer.grpo_update(trajectories, advantages, old, None, algo, TEMPERATURE)
         trainer.end_step()
@@ -144,22 +159,37 @@ def run_ours(args) -> dict:
                 "tokens": sum(len(g.token_ids) for g in gens),
                 "phases": phases,
                 "sync_bytes": nbytes,
+                "update_flops": update_flops(trainer.policy.model, trajectories),
             }
         )
     engine.close()
     out = summarize(steps[1:]) | prompt_record([ids for ids, _ in prompts]) | {"threads": torch.get_num_threads()}
     out["phases"] = {k: statistics.mean(s["phases"][k] for s in steps[1:]) for k in PHASES}
+    out["update_gflops"] = statistics.mean(s["update_flops"] / s["phases"]["update"] for s in steps[1:]) / 1e9
+    out["parameters"] = sum(p.numel() for p in trainer.policy.model.parameters())
     if args.sync_sizes:
-        out["weight_sync"] = [sync_speed(name, cfg, vllm, trainer_cfg) for name, cfg in SYNC_SIZES.items()]
+        out["weight_sync"] = [sync_speed(name, vllm, trainer_cfg) for name in SYNC_SIZES]
     return out
 
 
-def sync_speed(name: str, cfg: TinyConfig, vllm, trainer_cfg) -> dict:
+def update_flops(model, trajectories) -> float:
+    """6 FLOPs per weight per token it touches (see the module docstring)."""
+    language = model.model.language_model
+    layers = sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    head = model.lm_head.weight.numel()
+    tokens = sum(len(t) for t in trajectories)
+    patches = sum(int(g[0] * g[1] * g[2]) for t in trajectories for g in t.image_grid_thw)
+    responses = sum(sum(t.response_mask) for t in trajectories)
+    return 6.0 * (layers * tokens + vision * patches + head * responses)
+
+
+def sync_speed(name: str, vllm, trainer_cfg) -> dict:
     """Median of 3 ``update_weights`` from a fresh ``LocalTrainer`` into a fresh engine of the same model."""
     from vrag_rl.rollout.vllm_engine import VLLMEngine
     from vrag_rl.trainer.actor import LocalTrainer
 
-    model_dir = str(build_tiny_models(cache_dir() / ("tiny" if name == "tiny" else f"tiny-{name}"), cfg)["policy"])
+    model_dir = policy_dir(name)
     engine, trainer = VLLMEngine(model_dir, vllm), LocalTrainer(trainer_cfg, model_dir, 1, with_reference=False)
     times = []
     for _ in range(3):
@@ -276,6 +306,10 @@ def run_side(side: str, args) -> dict:
             "--steps",
             str(args.steps),
             "--sync-sizes" if args.sync_sizes else "--no-sync-sizes",
+            "--policy",
+            args.policy,
+            "--old-logprobs",
+            args.old_logprobs,
         ]
         t0 = time.perf_counter()
         with log.open("w") as f:
@@ -298,6 +332,8 @@ def main() -> None:
         default=True,
         help="also time weight sync for the tiny policy and two larger variants",
     )
+    p.add_argument("--policy", choices=tuple(SYNC_SIZES), default="tiny", help="x16: 16M parameters")
+    p.add_argument("--old-logprobs", choices=("update", "recompute"), default="update")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train-results.json"))
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -307,6 +343,7 @@ def main() -> None:
         args.result.write_text(json.dumps((run_ours if args.side == "ours" else run_trl)(args)))
         return
     t0 = time.perf_counter()
+    peak = matmul_peak(torch.float32)
     ours, trl = run_side("ours", args), run_side("trl", args)
     settings = {k: v for k, v in vars(args).items() if k not in ("side", "result")} | {"out": str(args.out)}
     report = {
@@ -315,6 +352,8 @@ def main() -> None:
         "ours": ours,
         "trl": trl,
         "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
+        "fp32_peak_gflops": peak,
+        "update_of_peak": ours["update_gflops"] / peak,
         "same_prompts": ours["prompt_sha1"] == trl["prompt_sha1"],
     }
     n = args.prompts * args.samples
@@ -335,6 +374,10 @@ def main() -> None:
         "| | | | |"
     )
     print(f"ours / TRL (tokens/s): {report['ratio_tokens_per_s']:.2f}x")
+    print(
+        f"{args.policy} policy, {ours['parameters'] / 1e6:.1f}M parameters: our update at about "
+        f"{ours['update_gflops']:.1f} GFLOP/s = {100 * report['update_of_peak']:.0f}% of the fp32 peak, {peak:.0f}"
+    )
     if not report["same_prompts"]:
         print("WARNING: the two sides' prompt ids differ; the workloads are not the same")
     if args.sync_sizes:

@@ -213,14 +213,19 @@ def test_the_export_serves_the_agent_behind_vllm_serve(straight, tmp_path, tiny_
 
 
 def test_the_whole_job_runs_under_deepspeed_and_its_export_runs_on_vllm(tmp_path, warm_policy, tiny_dirs):
-    """``trainer.backend=deepspeed`` (ZeRO-3, two gloo ranks) through the whole job: SFT steps, GRPO steps with
-    weights streamed into the vLLM rollout engine, validation, checkpoints, export; the export runs the agent on
-    vLLM (``vrag_rl.watch``). Resume under DeepSpeed is checked bit for bit in ``trainer/test_zero.py``."""
-    args = [*job_args(warm_policy, tiny_dirs), "trainer.backend=deepspeed", "sft.steps=2", "sft.batch_size=2"]
+    """``trainer.backend=deepspeed`` (ZeRO-3, two gloo ranks) through the whole job: GRPO steps with weights
+    streamed into the vLLM rollout engine, validation, checkpoints, export; the export runs the agent on
+    vLLM (``vrag_rl.watch``). Resume under DeepSpeed is checked bit for bit in ``trainer/test_zero.py``. Its
+    steps are on-policy (one mini-batch) and take their old log-probs from the update (``old_logprobs=update``):
+    no log-prob pass runs (there is no KL term either), and every ratio is exactly 1."""
+    args = [*job_args(warm_policy, tiny_dirs), "trainer.backend=deepspeed", "algo.mini_batches=1"]
+    args.append("algo.old_logprobs=update")
     proc = run_main(*args, "run.steps=2", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["actor/skipped_updates"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time/logprobs_s"] < 0.01 and r["actor/ppo_kl"] == 0.0 for r in logged)
     assert rows[-1]["actor/grad_norm"] > 0 and "val/reward" in rows[-1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer" / "zero").is_dir()  # DeepSpeed's own format

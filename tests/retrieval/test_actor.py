@@ -80,17 +80,24 @@ def test_front_resubmits_after_ray_gave_up_and_bounds_it(monkeypatch):
     """The front's own retry loop (Ray's max_task_retries exhausted): resubmit, then give up after ``retries``."""
     import vrag_rl.retrieval.actor as actor_mod
 
+    timeouts = []
+
     def fake_get(ref, timeout=None):
+        timeouts.append(timeout)
         if isinstance(ref, Exception):
             raise ref
         return ref
 
     monkeypatch.setattr(actor_mod.ray, "get", fake_get)
     front = DistributedRetriever.__new__(DistributedRetriever)
-    front.cfg = RetrieverConfig(retries=2, retry_wait_s=0.0)
+    front.cfg = RetrieverConfig(retries=2, retry_wait_s=0.0, call_timeout_s=3.0, start_timeout_s=60.0)
     front.shard_actors = [_FlakyActor(0), _FlakyActor(2)]
     assert front._call_all(lambda a: a.search.remote(7)) == [("answer", (7,)), ("answer", (7,))]
     assert [a.calls for a in front.shard_actors] == [1, 3]
+    assert timeouts == [3.0, 3.0, 63.0, 63.0]  # a resubmission waits for the restarting actor's start-up too
+    timeouts.clear()
+    front._call_all(lambda a: a.search.remote(7), starting=True)
+    assert timeouts == [63.0, 63.0]
     front.shard_actors = [_FlakyActor(3)]
     with pytest.raises(ActorDiedError):
         front._call_all(lambda a: a.search.remote(7))

@@ -121,6 +121,27 @@ def test_exact_equals_colpali_scorer_on_random_vectors(tmp_path, dtype):
     assert tied == ["p0007", "p_dup_a", "p_dup_b"]
 
 
+def test_bfloat16_products_stay_within_bfloat16_rounding_of_the_oracle(tmp_path):
+    """compute_dtype=bfloat16: every score within bf16 rounding of the float32 oracle (unit vectors: each
+    similarity off by a few 2^-9, summed over the query's tokens), the best page the oracle's wherever the
+    oracle's margin exceeds that, and the scores really rounded (this is not the float32 path)."""
+    pages = random_pages(150, seed=0)
+    queries = random_queries(12, seed=1)
+    index = create(tmp_path / "i", pages, shard_size=37, approx="none", chunk_tokens=200)
+    oracle = oracle_scores(queries, {p: index.page_vectors(p) for p in pages})
+    rounded = False
+    for q, res, scores in zip(queries, index.search(queries, len(pages), compute_dtype="bfloat16"), oracle):
+        bound = len(q) * 2**-7
+        assert all(abs(s - scores[p]) <= bound for p, s in res)
+        best, second = sorted(scores.values(), reverse=True)[:2]
+        if best - second > 2 * bound:
+            assert scores[res[0][0]] == best
+        rounded = rounded or any(abs(s - scores[p]) > 1e-4 for p, s in res)
+    assert rounded
+    with pytest.raises(ValueError, match="compute_dtype must be float32 or bfloat16"):
+        IndexConfig(compute_dtype="float16")
+
+
 def test_exact_equals_colpali_scorer_on_tiny_colqwen2(bundled_index, bundled_corpus, embedder):
     index = MultiVectorIndex.load(bundled_index, expected_fingerprint=embedder.fingerprint, corpus_dir=bundled_corpus)
     pages = load_pages(bundled_corpus)

@@ -85,6 +85,22 @@ def test_local_trainer_is_one_process_trainer_behind_the_group_interface(tiny_di
     assert local.end_step() == single.end_step()
 
 
+def test_an_on_policy_update_without_old_logprobs_equals_one_with_them(tiny_dirs, trajectories):
+    """``algo.old_logprobs=update``: the update's own forward stands in for the old log-probs, which on an
+    on-policy step are the same numbers: the same metrics and weights as after a separate old-log-prob pass."""
+    tokens = sum(sum(t.response_mask) for t in trajectories)
+    plan = full_plan(trajectories)
+    recomputed, own = one_rank(tiny_dirs["policy"]), one_rank(tiny_dirs["policy"])
+    old = recomputed.logprobs(trajectories, plan, 1.0)
+    want = recomputed.grpo_update(trajectories, plan, ADVANTAGES, old, ALGO, tokens, 1.0)
+    got = own.grpo_update(trajectories, plan, ADVANTAGES, None, ALGO, tokens, 1.0)
+    assert got == want
+    for (name, a), (_, b) in zip(recomputed.model.named_parameters(), own.model.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="old_logprobs=update needs an on-policy step"):
+        AlgoConfig(prompts_per_step=2, mini_batches=2, old_logprobs="update")
+
+
 def test_reloaded_trainer_continues_exactly(tiny_dirs, trajectories, tmp_path):
     """Saved after one SFT step, a trainer's second step equals that of a fresh trainer loaded from the
     checkpoint: weights, optimizer and schedule, and with attention dropout on, the RNG state too."""

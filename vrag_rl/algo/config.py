@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from vrag_rl.algo.losses import AGG_MODES
 
 ADVANTAGES = ("grpo", "rloo")
-OLD_LOGPROBS = ("recompute", "rollout")
+OLD_LOGPROBS = ("recompute", "rollout", "update")
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")  # see losses.kl_penalty
 
 
@@ -27,7 +27,8 @@ class AlgoConfig:
     epochs: int = 1  # passes over a step's rollouts
     mini_batches: int = 1  # optimizer steps per pass
     # "recompute": the trainer's own forward before the update (exact ratios); "rollout": the engine's sampled
-    # log-probs (one forward less; off by the engine's numerical difference, large in bf16).
+    # log-probs (one forward less; off by the engine's numerical difference, large in bf16); "update": the
+    # update's own forward, detached (one forward less, exact: on-policy steps only, one epoch, one mini-batch).
     old_logprobs: str = "recompute"
 
     def __post_init__(self) -> None:
@@ -47,6 +48,8 @@ class AlgoConfig:
         for key, (ok, want) in checks.items():
             if not ok:
                 raise ValueError(f"{key} must be {want}, got {getattr(self, key.split('.')[1])!r}")
+        if self.old_logprobs == "update" and (self.epochs, self.mini_batches) != (1, 1):
+            raise ValueError("algo.old_logprobs=update needs an on-policy step: algo.epochs=1, algo.mini_batches=1")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             raise ValueError(f"algo.dual_clip_c must be > 1 or null, got {self.dual_clip_c}")
         if self.kl_kind.removesuffix("+") not in KL_KINDS:

@@ -52,12 +52,14 @@ class RetrieverConfig:
     retries: int = 5  # the front's own resubmissions after Ray gave up on a call
     retry_wait_s: float = 1.0  # between the front's resubmissions (a restart takes seconds: imports, load)
     call_timeout_s: float = 120.0  # a shard call still running after this is taken for a hung actor
+    # on top of it for a call to an actor that is starting (imports, shard load: slow on a busy machine)
+    start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.shard_actors < 1 or self.num_cpus <= 0 or self.embed_batch_size < 1 or self.retries < 0:
             raise ValueError("retriever: shard_actors >= 1, num_cpus > 0, embed_batch_size >= 1, retries >= 0")
-        if self.call_timeout_s <= 0:
-            raise ValueError("retriever: call_timeout_s > 0")
+        if self.call_timeout_s <= 0 or self.start_timeout_s < 0:
+            raise ValueError("retriever: call_timeout_s > 0 and start_timeout_s >= 0")
 
 
 class ShardActor:
@@ -135,22 +137,26 @@ class DistributedRetriever(BaseRetriever):
         self._tie_order = {pid: i for i, pid in enumerate(manifest.all_page_ids)}
         groups = shard_groups(manifest.num_shards, actors.shard_actors)
         self.shard_actors = [remote.remote(index_dir, g, fingerprint) for g in groups]
-        self.shard_stats()  # wait until every actor has loaded its shards (their load errors surface here)
+        # wait until every actor has loaded its shards (their load errors surface here)
+        self._call_all(lambda a: a.stats.remote(), starting=True)
 
-    def _call_all(self, submit) -> list:
-        """``submit(actor)`` on every shard actor in parallel; a call whose actor died or hung is resubmitted."""
+    def _call_all(self, submit, starting: bool = False) -> list:
+        """``submit(actor)`` on every shard actor in parallel; a call whose actor died or hung is resubmitted.
+        A call to an actor that is starting (``starting``, or restarted by an earlier attempt) may take
+        ``start_timeout_s`` longer before it counts as hung."""
         refs = [submit(a) for a in self.shard_actors]
         out = []
         for actor, ref in zip(self.shard_actors, refs):
             for attempt in range(self.cfg.retries + 1):
+                timeout = self.cfg.call_timeout_s + (self.cfg.start_timeout_s if starting or attempt else 0.0)
                 try:
-                    out.append(ray.get(ref, timeout=self.cfg.call_timeout_s))
+                    out.append(ray.get(ref, timeout=timeout))
                     break
                 except (RayActorError, GetTimeoutError) as err:  # died (or restarting), or hung
                     if attempt == self.cfg.retries:
                         raise
                     if isinstance(err, GetTimeoutError):
-                        log.warning("shard actor call hung for %.0fs; restarting the actor", self.cfg.call_timeout_s)
+                        log.warning("shard actor call hung for %.0fs; restarting the actor", timeout)
                         ray.kill(actor, no_restart=False)
                     log.warning(
                         "shard actor call failed (%s); resubmitting (%d/%d)",

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from vrag_rl.data.records import sha256_file, temp_path
@@ -124,7 +125,8 @@ def search(shard: Shard, queries: Tensor, cfg: IndexConfig, k: int) -> list[tupl
             out.append((cand, np.zeros(0, np.float32)))
             continue
         vectors, lengths = gather_pages(shard.vectors, shard.offsets, cand)
-        exact = maxsim(vectors, plan_chunks(lengths, cfg.chunk_tokens), len(cand), queries[j : j + 1])[:, 0]
+        chunks = plan_chunks(lengths, cfg.chunk_tokens)
+        exact = maxsim(vectors, chunks, len(cand), queries[j : j + 1], getattr(torch, cfg.compute_dtype))[:, 0]
         idx, vals = top_k_ties(exact, shard.positions[cand], k)
         out.append((cand[idx], vals))
     return out

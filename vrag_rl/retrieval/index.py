@@ -12,7 +12,8 @@ On disk (``INDEX/``)::
 
 Vectors are stored as float16 by default: half the memory and disk of float32, and ColQwen2's
 L2-normalised vectors lose ~1e-3 relative precision (scores move by ~1e-3, rankings of distinct pages
-practically never). Scoring always runs in float32 (``IndexConfig.dtype="float32"`` stores exact copies).
+practically never). Scoring runs in float32 (``IndexConfig.dtype="float32"`` stores exact copies), or in
+bfloat16 on request (``compute_dtype``, a search-time setting: see ``maxsim.py``).
 A shard stores its pages sorted by token count, so MaxSim is a reshape + max over long equal-length runs.
 
 Every shard has its own FAISS index, so an actor can load any subset of shards and answer for it alone;
@@ -32,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from vrag_rl.data.records import load_pages, page_checksum, writer_lock
@@ -243,7 +245,7 @@ class MultiVectorIndex:
     ) -> list[list[tuple[str, float]]]:
         """Per query, the top-k (page_id, score) of the loaded shards, by score then index order.
 
-        ``overrides``: search-time IndexConfig fields (nprobe, ef_search, k_tokens, n_rerank).
+        ``overrides``: search-time IndexConfig fields (nprobe, ef_search, k_tokens, n_rerank, compute_dtype).
         """
         mode = IndexMode.parse(mode, "mode")
         if top_k < 1:
@@ -252,13 +254,14 @@ class MultiVectorIndex:
         if mode == IndexMode.APPROX and cfg.approx == ApproxKind.NONE:
             raise ValueError("this index was built with approx='none': only exact search is available")
         queries = pad_queries(list(query_embeddings), self.dim, self._device)
+        compute = getattr(torch, cfg.compute_dtype)
         per_query: list[list[tuple[int, float]]] = [[] for _ in range(len(queries))]
         block = max(1, _MAX_QUERY_COLUMNS // queries.shape[1])
         for shard in self.shards:
             for q0 in range(0, len(queries), block):
                 qs = queries[q0 : q0 + block]
                 if mode == IndexMode.EXACT:
-                    scores = maxsim(shard.vectors, shard.chunks, shard.n_pages, qs)
+                    scores = maxsim(shard.vectors, shard.chunks, shard.n_pages, qs, compute)
                     found = [top_k_ties(scores[:, j], shard.positions, top_k) for j in range(len(qs))]
                 else:
                     found = approx.search(shard, qs, cfg, top_k)

@@ -10,6 +10,10 @@ query token adds exactly 0, as in colpali-engine). The per-page max is a reshape
 equal-length pages (shards store their pages sorted by length, so runs are long); no Python loop over
 pages, no scatter. Float16 storage is widened chunk by chunk into a reused float32 buffer, because
 CPU half-precision GEMM is a slow path while the widening copy is cheap.
+
+``compute`` bfloat16 runs the products in bf16 (each chunk copied into a bf16 buffer, the similarities kept
+in bf16, their per-page maxima summed in float32): several times fp32's speed where the CPU has AMX or
+avx512_bf16 (and on GPUs), a slow path elsewhere; ``bench/retrieval.py`` measures both side by side.
 """
 
 from __future__ import annotations
@@ -75,24 +79,27 @@ def pad_queries(queries: list[Tensor], dim: int, device: torch.device | str = "c
     return torch.nn.utils.rnn.pad_sequence([q.float() for q in queries], batch_first=True).to(device)
 
 
-def maxsim(vectors: Tensor, chunks: list[Chunk], n_pages: int, queries: Tensor) -> Tensor:
-    """Scores (n_pages, B) of every page against zero-padded ``queries`` (B, Lq, d), float32."""
+def maxsim(
+    vectors: Tensor, chunks: list[Chunk], n_pages: int, queries: Tensor, compute: torch.dtype = torch.float32
+) -> Tensor:
+    """Scores (n_pages, B) of every page against zero-padded ``queries`` (B, Lq, d), float32; the matrix
+    products in ``compute`` (float32 or bfloat16)."""
     b, lq, d = queries.shape
-    qt = queries.reshape(b * lq, d).T.contiguous()
+    qt = queries.reshape(b * lq, d).T.to(compute).contiguous()
     out = torch.empty(n_pages, b, dtype=torch.float32, device=vectors.device)
-    widen = vectors.dtype != torch.float32
+    convert = vectors.dtype != compute
     biggest = max((c.stop - c.start for c in chunks), default=0)
-    buf = torch.empty(biggest, d, dtype=torch.float32, device=vectors.device) if widen else None
-    sims_buf = torch.empty(biggest * b * lq, dtype=torch.float32, device=vectors.device)
+    buf = torch.empty(biggest, d, dtype=compute, device=vectors.device) if convert else None
+    sims_buf = torch.empty(biggest * b * lq, dtype=compute, device=vectors.device)
     for c in chunks:
         n_rows = c.stop - c.start
         x = vectors[c.start : c.stop]
-        if widen:
+        if convert:
             x = buf[:n_rows].copy_(x)
         sims = torch.mm(x, qt, out=sims_buf[: n_rows * b * lq].view(n_rows, b * lq))
         for offset, page, n, length in c.pieces:
             block = sims[offset : offset + n * length].view(n, length, b, lq)
-            out[page : page + n] = block.amax(dim=1).sum(dim=-1)
+            out[page : page + n] = block.amax(dim=1).sum(dim=-1, dtype=torch.float32)
     return out
 
 

@@ -59,7 +59,7 @@ def rank(
 @dataclass(frozen=True)
 class IndexConfig:
     shard_size: int = 4096  # pages per shard
-    dtype: str = "float16"  # storage of token vectors: float16 or float32 (scoring is always float32)
+    dtype: str = "float16"  # storage of token vectors: float16 or float32 (scoring: compute_dtype)
     approx: str = ApproxKind.IVF  # FAISS index per shard for approximate mode: "ivf", "hnsw" or "none"
     nlist: int = 0  # IVF lists per shard; 0 = about sqrt(n_tokens), a power of two
     ivf_codec: str = "Flat"  # FAISS codec of IVF lists: Flat (exact float32), SQ8 (4x smaller), PQ16, ...
@@ -71,12 +71,15 @@ class IndexConfig:
     # a small k is used up by the best page alone (k=64 found 22% of the exact top 10 at 700 tokens per page)
     n_rerank: int = 128  # candidate pages per query and shard scored exactly
     chunk_tokens: int = 8192  # token rows per matrix product: its similarity block stays in cache
+    compute_dtype: str = "float32"  # exact MaxSim's products: float32, or bfloat16 (CPUs with AMX / avx512_bf16)
 
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         object.__setattr__(self, "approx", ApproxKind.parse(self.approx, "approx"))
         if min(self.nprobe, self.ef_search, self.k_tokens, self.n_rerank, self.chunk_tokens) < 1:
             raise ValueError("nprobe, ef_search, k_tokens, n_rerank and chunk_tokens must be >= 1")

@@ -44,11 +44,13 @@ class Trainer(Protocol):
         self,
         trajectories: list[Trajectory],
         advantages: list[float],
-        old: list[torch.Tensor],
+        old: list[torch.Tensor] | None,
         ref: list[torch.Tensor] | None,
         algo: AlgoConfig,
         temperature: float,
-    ) -> dict[str, float]: ...
+    ) -> dict[str, float]:
+        """``old``: None takes the update's own forward (an on-policy step, ``algo.old_logprobs=update``)."""
+        ...
 
     def sft_update(self, trajectories: list[Trajectory]) -> dict[str, float]: ...
 
@@ -150,7 +152,7 @@ class TrainerRank:
         trajectories: list[Trajectory],
         plan: list[MicroBatch],
         advantages: list[float],
-        old: list[torch.Tensor],
+        old: list[torch.Tensor] | None,
         ref: list[torch.Tensor] | None,
         algo: AlgoConfig,
         num_tokens: int,
@@ -226,7 +228,7 @@ class TrainerGroup:
         self,
         trajectories: list[Trajectory],
         advantages: list[float],
-        old: list[torch.Tensor],
+        old: list[torch.Tensor] | None,
         ref: list[torch.Tensor] | None,
         algo: AlgoConfig,
         temperature: float,
@@ -239,7 +241,7 @@ class TrainerGroup:
                 s.trajectories,
                 s.plan,
                 s.take(advantages),
-                s.take(old),
+                s.take(old) if old else None,
                 s.take(ref) if ref else None,
                 algo,
                 tokens,
@@ -314,7 +316,7 @@ class LocalTrainer:
         self,
         trajectories: list[Trajectory],
         advantages: list[float],
-        old: list[torch.Tensor],
+        old: list[torch.Tensor] | None,
         ref: list[torch.Tensor] | None,
         algo: AlgoConfig,
         temperature: float,
@@ -324,7 +326,7 @@ class LocalTrainer:
             s.trajectories,
             s.plan,
             s.take(advantages),
-            s.take(old),
+            s.take(old) if old else None,
             algo,
             response_tokens(trajectories),
             temperature,

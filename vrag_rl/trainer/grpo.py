@@ -105,9 +105,10 @@ def grpo_step(
     t0 = time.perf_counter()
     trajectories = [r.trajectory for r in batch]
     temperature = cfg.sampling.logprob_temperature
+    old = None  # "update": the update's own forward stands for the weights that sampled
     if algo.old_logprobs == "recompute":
         old = trainer.logprobs(trajectories, temperature)
-    else:
+    elif algo.old_logprobs == "rollout":
         old = [torch.tensor([lp for lp, m in zip(t.sampled_logprobs, t.response_mask) if m]) for t in trajectories]
     ref = trainer.logprobs(trajectories, temperature, reference=True) if algo.kl_coef > 0 else None
     times["time/logprobs_s"] = time.perf_counter() - t0
@@ -121,7 +122,7 @@ def grpo_step(
             metrics = trainer.grpo_update(
                 [trajectories[i] for i in idx],
                 [advantages[i] for i in idx],
-                [old[i] for i in idx],
+                [old[i] for i in idx] if old else None,
                 [ref[i] for i in idx] if ref else None,
                 algo,
                 temperature,

@@ -213,14 +213,15 @@ class PolicyTrainer:
         trajectories: list[Trajectory],
         plan: list[MicroBatch],
         advantages: list[float],
-        old_logprobs: list[torch.Tensor],
+        old_logprobs: list[torch.Tensor] | None,
         algo: AlgoConfig,
         num_tokens: int,
         temperature: float,
         ref_logprobs: list[torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """One optimizer step on a mini-batch: PPO-clip GRPO loss, k-estimator KL to the reference, optional
-        entropy bonus. ``num_tokens``: response tokens of the whole mini-batch over all ranks."""
+        entropy bonus. ``num_tokens``: response tokens of the whole mini-batch over all ranks. ``old_logprobs``
+        None: this forward's own, detached (an on-policy step: the weights that sampled are these)."""
         if algo.loss_agg != "token-mean":
             raise NotImplementedError("the distributed trainer aggregates by token-mean only")
         device = self.cfg.device
@@ -237,7 +238,7 @@ class PolicyTrainer:
             adv = torch.tensor([advantages[i] for i in indices], device=device)
             pg, m = policy_loss(
                 logp,
-                padded(old_logprobs, indices, mask),
+                logp.detach() if old_logprobs is None else padded(old_logprobs, indices, mask),
                 adv,
                 mask,
                 algo.clip_low,
