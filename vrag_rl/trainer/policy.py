@@ -34,7 +34,7 @@ from vrag_rl.algo.losses import kl_penalty, policy_loss
 from vrag_rl.trainer.backend import Backend, all_ranks
 from vrag_rl.trainer.batch import MicroBatch, collate, forward_logprobs
 from vrag_rl.trainer.fsdp import FsdpBackend
-from vrag_rl.trainer.settings import OptimConfig, TrainerConfig, lr_factor
+from vrag_rl.trainer.settings import TrainerConfig, lr_factor
 
 
 def check_attention(attn: str, device: str) -> None:
@@ -59,13 +59,10 @@ def _load(model_dir: str, device: str, attn: str):
     )
 
 
-def _adamw(params, o: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-
 def _backend(model, reference, cfg: TrainerConfig, sharded: bool) -> Backend:
-    def make_optimizer(params):
-        return _adamw(params, cfg.optim)
+    def make_optimizer(params) -> torch.optim.AdamW:  # the same optimizer on both backends
+        o = cfg.optim
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
     if sharded and cfg.backend == "deepspeed":
         if cfg.device == "cpu":
