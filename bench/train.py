@@ -3,27 +3,31 @@
     python bench/train.py                      # 4 prompts x 4 samples, 64 new tokens, 5 timed steps per side
     python bench/train.py --policy x16 --no-sync-sizes    # the same at 16M parameters
     python bench/train.py --steps 2 --no-sync-sizes
+    python bench/train.py --dtype bfloat16 --no-sync-sizes    # bf16 compute on both sides (AMX / avx512_bf16 CPUs)
 
 Both sides train the same random-weight Qwen2.5-VL policy (``--policy``: the tiny kit's, or a 16M-parameter
 variant built the same way) on the same batch: the first ``--prompts`` questions
 of the bundled corpus, each one user turn holding its gold page (resized into the tiny image budget) and the
 question, rendered by the policy's chat template; ``--samples`` generations per prompt at temperature 1, at most
 ``--max-new-tokens`` each; GRPO with group-std advantages, PPO clip 0.2 (no dual clip), token-mean loss, no KL
-and no reference model, one epoch of one optimizer step, AdamW at lr 1e-5 (constant), grad clip 1, float32,
-no gradient checkpointing. The reward is the number of distinct words of a completion / 50: it varies on a
-random model, so advantages are non-zero and every step updates. This measures throughput, not learning.
+and no reference model, one epoch of one optimizer step, AdamW at lr 1e-5 (constant), grad clip 1, no gradient
+checkpointing, compute in ``--dtype`` with float32 weights (bfloat16: vLLM generates in bf16 and our trainer's
+forward runs under bf16 autocast; TRL runs with ``bf16=True``, accelerate's bf16 autocast). The reward is the
+number of distinct words of a completion / 50: it varies on a random model, so advantages are non-zero and every
+step updates. This measures throughput, not learning.
 
 * ours: the vLLM CPU engine generates (per-request seeds), ``LocalTrainer`` (one in-process ``PolicyTrainer``)
   updates, taking the old log-probs from the update's own forward (``algo.old_logprobs=update``; ``--old-logprobs
-  recompute`` runs the separate pass instead), then its weights go into the engine in-process
+  recompute`` runs the separate pass instead) and running its vision tower once per distinct image of a
+  micro-batch (a group's samples share their prompt's page), then its weights go into the engine in-process
   (``full_parameters`` -> ``update_weights``; no Ray actors or buckets, unlike the main job's rollout pool).
 * TRL: ``GRPOTrainer`` with transformers ``generate`` (``use_vllm=False``); with one iteration it also takes the
-  old log-probs from the update's own forward.
+  old log-probs from the update's own forward; its vision tower runs once per sample.
 
 The update's achieved FLOP/s is an estimate: 6 FLOPs per weight per token it touches (forward and backward:
-each language-model layer weight per sequence token, each vision weight per image patch, the output head per
-response token only, as our forward computes it), attention's score products left out; it is set against the
-machine's fp32 matrix-multiply peak measured in the same run (both sides train in fp32).
+each language-model layer weight per sequence token, each vision weight per patch of each distinct image, the
+output head per response token only, as our forward computes it), attention's score products left out; it is set
+against the machine's matrix-multiply peak in ``--dtype``, measured in the same run.
 
 Each side runs in its own subprocess, one after the other, with one untimed warm-up step and ``--steps`` timed
 steps; a step is timed whole (TRL: from one ``on_step_end`` to the next). Reported per side: seconds per step,
@@ -106,14 +110,14 @@ def run_ours(args) -> dict:
     encoder = ChatEncoder(AutoProcessor.from_pretrained(policy))
     # ~300 prompt tokens (a page of at most 256 merged patches, the question, the template) + the completion
     vllm = VLLMConfig(
-        dtype="float32",
+        dtype=args.dtype,
         max_model_len=1024 + args.max_new_tokens,
         max_images=1,
         kv_cache_memory_bytes=512 << 20,
         enforce_eager=True,
     )
     engine = VLLMEngine(policy, vllm)
-    trainer_cfg = TrainerConfig(optim=OptimConfig(lr=LR, warmup_steps=0))
+    trainer_cfg = TrainerConfig(param_dtype=args.dtype, optim=OptimConfig(lr=LR, warmup_steps=0))
     trainer = LocalTrainer(trainer_cfg, policy, args.steps + 1, with_reference=False)
     algo = AlgoConfig(
         prompts_per_step=args.prompts,
@@ -174,12 +178,15 @@ def run_ours(args) -> dict:
 
 def update_flops(model, trajectories) -> float:
     """6 FLOPs per weight per token it touches (see the module docstring)."""
+    from vrag_rl.trainer.batch import distinct_images
+
     language = model.model.language_model
     layers = sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()
     vision = sum(p.numel() for p in model.model.visual.parameters())
     head = model.lm_head.weight.numel()
     tokens = sum(len(t) for t in trajectories)
-    patches = sum(int(g[0] * g[1] * g[2]) for t in trajectories for g in t.image_grid_thw)
+    # The vision tower runs once per distinct image of a micro-batch (here the batch fits in one).
+    patches = sum(p.shape[0] for p in distinct_images([p for t in trajectories for p in t.pixel_values])[0])
     responses = sum(sum(t.response_mask) for t in trajectories)
     return 6.0 * (layers * tokens + vision * patches + head * responses)
 
@@ -240,7 +247,7 @@ def run_trl(args) -> dict:
         learning_rate=LR,
         lr_scheduler_type="constant",
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=args.dtype == "bfloat16",
         use_cpu=True,
         use_vllm=False,
         max_steps=args.steps + 1,
@@ -310,6 +317,8 @@ def run_side(side: str, args) -> dict:
             args.policy,
             "--old-logprobs",
             args.old_logprobs,
+            "--dtype",
+            args.dtype,
         ]
         t0 = time.perf_counter()
         with log.open("w") as f:
@@ -334,6 +343,7 @@ def main() -> None:
     )
     p.add_argument("--policy", choices=tuple(SYNC_SIZES), default="tiny", help="x16: 16M parameters")
     p.add_argument("--old-logprobs", choices=("update", "recompute"), default="update")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype, both sides")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train-results.json"))
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -343,7 +353,7 @@ def main() -> None:
         args.result.write_text(json.dumps((run_ours if args.side == "ours" else run_trl)(args)))
         return
     t0 = time.perf_counter()
-    peak = matmul_peak(torch.float32)
+    peak = matmul_peak(getattr(torch, args.dtype))
     ours, trl = run_side("ours", args), run_side("trl", args)
     settings = {k: v for k, v in vars(args).items() if k not in ("side", "result")} | {"out": str(args.out)}
     report = {
@@ -352,7 +362,7 @@ def main() -> None:
         "ours": ours,
         "trl": trl,
         "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
-        "fp32_peak_gflops": peak,
+        "peak_gflops": peak,  # in args.dtype
         "update_of_peak": ours["update_gflops"] / peak,
         "same_prompts": ours["prompt_sha1"] == trl["prompt_sha1"],
     }
@@ -376,7 +386,8 @@ def main() -> None:
     print(f"ours / TRL (tokens/s): {report['ratio_tokens_per_s']:.2f}x")
     print(
         f"{args.policy} policy, {ours['parameters'] / 1e6:.1f}M parameters: our update at about "
-        f"{ours['update_gflops']:.1f} GFLOP/s = {100 * report['update_of_peak']:.0f}% of the fp32 peak, {peak:.0f}"
+        f"{ours['update_gflops']:.1f} GFLOP/s = {100 * report['update_of_peak']:.0f}% of the {args.dtype} "
+        f"peak, {peak:.0f}"
     )
     if not report["same_prompts"]:
         print("WARNING: the two sides' prompt ids differ; the workloads are not the same")

@@ -12,6 +12,9 @@ build it). Checks:
 - ``logprobs_vs_fp32``: the sharded bf16 trainer's log-probs of those trajectories against a plain fp32 forward of
   the same weights, within bf16's precision.
 - ``maxsim``: exact MaxSim scores on the device against the CPU for 2,000 random pages, and the same top 10.
+- ``faiss_gpu``: with FAISS's GPU build installed, an IVF shard index moved to the GPU by the retriever's loader
+  finds the same token neighbours as on the CPU, and approximate search returns the same top 10 (reported absent
+  without faiss or its GPU build).
 - ``flash_attention``: with flash-attn installed, its log-probs against SDPA's (otherwise reported as absent).
 """
 
@@ -131,6 +134,48 @@ def check_maxsim(device: str) -> dict:
     return {"pages": len(lengths), "max_abs_diff": float((on_device - cpu).abs().max())}
 
 
+def check_faiss_gpu(device: str) -> dict:
+    """IVF candidates from FAISS's GPU build against its CPU build: the same neighbours, the same reranked pages."""
+    from vrag_rl.retrieval import approx
+    from vrag_rl.retrieval.types import IndexConfig, Shard
+
+    try:
+        faiss = approx.import_faiss()
+    except ImportError:
+        return {"skipped": "faiss is not installed"}
+    if device == "cuda" and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1):
+        return {"skipped": "this FAISS has no GPU support"}
+    import tempfile
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(40, 120, (2000,), generator=gen).numpy()
+    vectors = torch.nn.functional.normalize(torch.randn(int(lengths.sum()), 128, generator=gen), dim=-1)
+    queries = pad_queries(
+        [torch.nn.functional.normalize(torch.randn(20, 128, generator=gen), dim=-1) for _ in range(16)], 128
+    )
+    cfg = IndexConfig(ivf_codec="Flat", nlist=256, nprobe=16, k_tokens=256, n_rerank=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shard.faiss"
+        approx.build_and_save(vectors.numpy(), cfg, path)
+        cpu_index, gpu_index = approx.load(path, "cpu"), approx.load(path, device)  # on the CPU: a dry run
+    assert device == "cpu" or not isinstance(gpu_index, type(cpu_index)), type(gpu_index)
+    rows = queries.reshape(-1, 128).numpy()
+    cpu_sims, cpu_ids = cpu_index.search(rows, cfg.k_tokens, params=approx._params(cpu_index, cfg))
+    gpu_sims, gpu_ids = gpu_index.search(rows, cfg.k_tokens, params=approx._params(gpu_index, cfg))
+    np.testing.assert_allclose(gpu_sims, cpu_sims, atol=1e-4)
+    overlap = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(cpu_ids, gpu_ids)])
+    assert overlap > 0.999, overlap  # only ties at the k-th similarity may differ
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    positions = np.arange(len(lengths))
+    chunks = plan_chunks(lengths, cfg.chunk_tokens)
+    pages = []
+    for index, where in ((cpu_index, "cpu"), (gpu_index, device)):
+        shard = Shard(0, vectors.to(where), positions, offsets, chunks, index)
+        pages.append([ids.tolist() for ids, _ in approx.search(shard, queries.to(where), cfg, 10)])
+    assert pages[0] == pages[1], pages
+    return {"index": type(gpu_index).__name__, "neighbour_overlap": float(overlap), "queries": len(pages[0])}
+
+
 def check_flash_attention(device: str, batch: list[Trajectory]) -> dict:
     import importlib.util
 
@@ -159,6 +204,7 @@ def main() -> int:
         "fsdp2_bf16": lambda: check_fsdp2_bf16(device, batch),
         "logprobs_vs_fp32": lambda: check_logprobs_vs_fp32(device, batch),
         "maxsim": lambda: check_maxsim(device),
+        "faiss_gpu": lambda: check_faiss_gpu(device),
         "flash_attention": lambda: check_flash_attention(device, batch),
     }
     failed = 0

@@ -7,7 +7,7 @@ from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import load_qa
 from vrag_rl.models.forward import token_logprobs
-from vrag_rl.trainer.batch import collate, forward_logprobs, token_budget_batches
+from vrag_rl.trainer.batch import collate, distinct_images, forward_logprobs, token_budget_batches
 
 
 def test_token_budget_batches():
@@ -27,7 +27,8 @@ def test_padded_batch_equals_single_forwards(tiny_processor, tiny_policy, bundle
         for r, v in zip(records, ["no_search", "expert", "no_crop"])
     ]  # 0, 2 and 1 images, different lengths
     batch = collate(trajectories, encoder.image_token_id, pad_token_id=0)
-    assert batch["pixel_values"].shape[0] == sum(p.shape[0] for t in trajectories for p in t.pixel_values)
+    distinct = distinct_images([p for t in trajectories for p in t.pixel_values])[0]
+    assert batch["pixel_values"].shape[0] == sum(p.shape[0] for p in distinct)
     with torch.no_grad():
         logp, entropy = forward_logprobs(tiny_policy, batch, with_entropy=True)
         for row, t in enumerate(trajectories):
@@ -39,6 +40,43 @@ def test_padded_batch_equals_single_forwards(tiny_processor, tiny_policy, bundle
             # Prompts, images, tool outputs and padding are outside the loss: 0, not computed.
             assert not logp[row, : len(t)][~response].any() and not entropy[row, : len(t)][~response].any()
             assert not logp[row, len(t) :].any() and not entropy[row, len(t) :].any()
+
+
+def test_recurring_images_run_the_vision_tower_once_with_the_same_logprobs_and_gradients(
+    tiny_dirs, tiny_processor, bundled_corpus
+):
+    """A group's samples share their pages: collate keeps each distinct image once (equal pixels, not only the
+    same tensor), and the forward gives the log-probs and vision-tower gradients of one tower run per image."""
+    from transformers import AutoModelForImageTextToText
+
+    encoder = ChatEncoder(tiny_processor)
+    record = next(r for r in load_qa(bundled_corpus) if r.answer_box is not None)
+    page = load_page(bundled_corpus, record.answer_box[0])
+    expert = scripted_trajectory(record, page, encoder, "expert", budget=TINY_BUDGET).trajectory  # page + crop
+    no_crop = scripted_trajectory(record, page, encoder, "no_crop", budget=TINY_BUDGET).trajectory  # the page
+    trajectories = [expert, no_crop, expert]
+    images = [p for t in trajectories for p in t.pixel_values]
+    assert no_crop.pixel_values[0] is not expert.pixel_values[0]
+    assert distinct_images(images)[1] == [0, 1, 0, 0, 1]
+    assert distinct_images([images[0], images[0] + 1e-6])[1] == [0, 1]
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dirs["policy"], dtype=torch.float32)
+    shared = collate(trajectories, encoder.image_token_id, pad_token_id=0)
+    assert shared["image_source"].tolist() == [0, 1, 0, 0, 1]
+    assert shared["pixel_values"].shape[0] == images[0].shape[0] + images[1].shape[0]
+    each = {k: v for k, v in shared.items() if k != "image_source"} | {"pixel_values": torch.cat(images)}
+    results = []
+    for batch in (shared, each):
+        model.zero_grad()
+        logp = forward_logprobs(model, batch)
+        logp.sum().backward()
+        grads = [p.grad.clone() for p in model.model.visual.parameters()]
+        results.append((logp.detach(), grads))
+    (logp_shared, grads_shared), (logp_each, grads_each) = results
+    assert torch.allclose(logp_shared, logp_each, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in grads_each)
+    for a, b in zip(grads_shared, grads_each):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_minibatches_keep_groups_whole_and_follow_the_rng():

@@ -101,6 +101,26 @@ def test_an_on_policy_update_without_old_logprobs_equals_one_with_them(tiny_dirs
         AlgoConfig(prompts_per_step=2, mini_batches=2, old_logprobs="update")
 
 
+def test_a_plain_trainer_with_bf16_param_dtype_computes_in_bf16_and_keeps_fp32_weights(tiny_dirs, trajectories):
+    """Without a process group ``param_dtype`` goes through autocast: log-probs near fp32's but really rounded,
+    float32 weights and optimizer, and SFT still learns."""
+    plan = full_plan(trajectories)
+    fp32 = one_rank(tiny_dirs["policy"]).logprobs(trajectories, plan, 1.0)
+    cfg = TrainerConfig(param_dtype="bfloat16", micro_batch_tokens=2048, optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    trainer = PolicyTrainer.for_model(str(tiny_dirs["policy"]), cfg, total_steps=10, with_reference=False)
+    bf16 = trainer.logprobs(trajectories, plan, 1.0)
+    diffs = torch.cat([(a - b).abs() for a, b in zip(bf16, fp32)])
+    assert all(t.dtype == torch.float32 for t in bf16)
+    assert 1e-4 < diffs.mean() < 0.05 and diffs.max() < 0.5, (float(diffs.mean()), float(diffs.max()))
+    experts = trajectories[::4]
+    tokens = sum(sum(t.response_mask) for t in experts)
+    first = trainer.sft_update(experts, full_plan(experts), tokens)["nll"]
+    for _ in range(3):
+        last = trainer.sft_update(experts, full_plan(experts), tokens)["nll"]
+    assert last < first * 0.9
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
 def test_reloaded_trainer_continues_exactly(tiny_dirs, trajectories, tmp_path):
     """Saved after one SFT step, a trainer's second step equals that of a fresh trainer loaded from the
     checkpoint: weights, optimizer and schedule, and with attention dropout on, the RNG state too."""

@@ -3,12 +3,14 @@
 The sequence: an SFT step, the schedule advanced, two GRPO steps with a KL term to the reference and an entropy
 bonus (the second on a batch where one rank gets only image-less micro-batches). Under ZeRO-3 and ZeRO-2, every
 log-prob, metric and weight equals FSDP2's within float32 reduction-order noise; a run saved after the first
-GRPO step and resumed in fresh ranks continues bit for bit; a NaN on one rank skips the update on both.
+GRPO step and resumed in fresh ranks continues bit for bit; a NaN on one rank skips the update on both. In bf16
+compute ZeRO-3 and FSDP2 agree to bf16 precision.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -147,3 +149,24 @@ def test_zero3_resume_continues_bit_for_bit_and_a_nan_skips_on_every_rank(
         assert group.grpo_update(trajectories, ADVANTAGES, old, None, ALGO, 1.0)["skipped_updates"] == 0.0
     finally:
         group.shutdown()
+
+
+def test_zero3_in_bf16_trains_like_fsdp2_in_bf16(fsdp_run, tiny_dirs, trajectories, tmp_path):
+    """bf16 compute on both (DeepSpeed's bf16 mode, FSDP2's mixed precision; fp32 master weights on both): the
+    same steps stay finite and agree to bf16's precision, and they are not the fp32 run's numbers."""
+    runs = {}
+    for backend in ("fsdp2", "deepspeed"):
+        group = group_of(tiny_dirs, backend=backend, param_dtype="bfloat16")
+        try:
+            runs[backend] = run_steps(group, trajectories), exported(group, tmp_path / backend)
+        finally:
+            group.shutdown()
+    (ds_steps, ds_weights), (fsdp_steps, fsdp_weights) = runs["deepspeed"], runs["fsdp2"]
+    for got, want in zip(ds_steps[1:], fsdp_steps[1:]):
+        assert all(math.isfinite(v) for v in got["update"].values()), got["update"]
+        diffs = torch.cat([(a - b).abs() for a, b in zip(got["old"], want["old"])])
+        assert diffs.mean() < 0.01 and diffs.max() < 0.05, (float(diffs.mean()), float(diffs.max()))
+    fp32 = torch.cat([(a - b).abs() for a, b in zip(ds_steps[1]["old"], fsdp_run[0][1]["old"])])
+    assert fp32.mean() > 1e-4  # rounded: this is bf16 compute
+    for name, w in fsdp_weights.items():  # three steps of at most lr 1e-3 each, Adam's sign flips included
+        torch.testing.assert_close(ds_weights[name], w, atol=6e-3, rtol=0, msg=name)

@@ -1,4 +1,4 @@
-"""Training-side forward over whole multi-turn sequences: mRoPE positions and per-token log-probs.
+"""Training-side forward over whole multi-turn sequences: mRoPE positions, per-token log-probs, shared images.
 
 Qwen2.5-VL places image tokens on a (temporal, height, width) grid and text after them; a multi-turn
 sequence with images in several turns needs the model's own ``get_rope_index`` over the *whole* sequence
@@ -8,7 +8,8 @@ plain text position (used for masking) and the three mRoPE rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -73,3 +74,45 @@ def token_logprobs(
     targets = inputs["input_ids"][:, 1:]
     logp = target_logprobs(policy_log_softmax(out.logits[:, :-1], temperature, banned), targets, banned)
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+
+
+@contextlib.contextmanager
+def shared_images(model, source: torch.Tensor | None, grids: torch.Tensor | None) -> Iterator[None]:
+    """Within it, the model's forward runs its vision tower over distinct images only.
+
+    ``pixel_values`` then hold each distinct image once while ``grids`` keep one row per image occurrence, and
+    ``source[i]`` is the distinct image of occurrence i (``trainer.batch.collate`` makes these: a GRPO group's
+    samples share their prompt's pages). The tower gets the distinct images' grids, and its merged features are
+    repeated into occurrence order before they replace the image tokens: the same features, and, through the
+    repetition, the same gradient sums as a tower run once per occurrence.
+    """
+    if source is None:
+        yield
+        return
+    distinct = len(source.unique())
+    first = torch.full((distinct,), len(source), dtype=torch.long, device=source.device)
+    first = first.scatter_reduce(0, source, torch.arange(len(source), device=source.device), "amin")
+    visual = model.model.visual
+    merged = grids[first].prod(-1) // visual.spatial_merge_size**2  # feature rows per distinct image
+    starts = merged.cumsum(0) - merged
+    rows = torch.cat([torch.arange(int(starts[j]), int(starts[j] + merged[j])) for j in source.tolist()])
+    rows = rows.to(source.device)
+
+    def distinct_grids(_module, args, kwargs):
+        if len(args) > 1:  # (hidden_states, grid_thw, ...)
+            return (args[0], grids[first], *args[2:]), kwargs
+        return args, {**kwargs, "grid_thw": grids[first]}
+
+    def repeated(_module, _args, _kwargs, output):
+        output.pooler_output = output.pooler_output[rows]
+        return output
+
+    handles = [
+        visual.register_forward_pre_hook(distinct_grids, with_kwargs=True),
+        visual.register_forward_hook(repeated, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

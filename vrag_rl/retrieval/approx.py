@@ -7,12 +7,14 @@ fetches its ``k_tokens`` nearest token vectors; a page's approximate score is th
 best fetched similarity (ColBERT's candidate stage, missing tokens count 0). The ``n_rerank`` best candidates
 per query are then scored exactly, so returned scores are exact MaxSim scores; only a page never proposed can
 be missed.
+With the token vectors on CUDA, IVF candidates come from FAISS's GPU build (``faiss-gpu``, the gpu install set).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +83,23 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
     return sha256_file(path)
 
 
-def load(path: Path):
-    return import_faiss().read_index(str(path))
+_GPU_RESOURCES: dict[int, object] = {}  # one FAISS GPU resource (streams, scratch memory) per device and process
+
+
+def load(path: Path, device: str = "cpu"):
+    """Read a shard's FAISS index; on a CUDA device an IVF index moves to FAISS's GPU build when it has one."""
+    faiss = import_faiss()
+    index = faiss.read_index(str(path))
+    if not device.startswith("cuda") or isinstance(index, faiss.IndexHNSW):
+        return index  # FAISS has no GPU HNSW: it searches on the CPU beside GPU vectors
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        warnings.warn(
+            "token vectors are on CUDA but this FAISS has no GPU support: IVF candidates use the CPU", stacklevel=2
+        )
+        return index
+    gpu = torch.device(device).index or 0
+    resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(resources, gpu, index)
 
 
 def _params(index, cfg: IndexConfig):
@@ -120,13 +137,17 @@ def search(shard: Shard, queries: Tensor, cfg: IndexConfig, k: int) -> list[tupl
         cand = uniq[bounds[j] : bounds[j + 1]] % n_pages
         scores = approx_scores[bounds[j] : bounds[j + 1]]
         best = np.lexsort((shard.positions[cand], -scores))[: max(cfg.n_rerank, k)]
-        cand = np.sort(cand[best])  # storage order: equal-length pages stay side by side
-        if len(cand) == 0:
-            out.append((cand, np.zeros(0, np.float32)))
-            continue
-        vectors, lengths = gather_pages(shard.vectors, shard.offsets, cand)
-        chunks = plan_chunks(lengths, cfg.chunk_tokens)
-        exact = maxsim(vectors, chunks, len(cand), queries[j : j + 1], getattr(torch, cfg.compute_dtype))[:, 0]
-        idx, vals = top_k_ties(exact, shard.positions[cand], k)
-        out.append((cand[idx], vals))
+        out.append(rerank(shard, cand[best], queries[j : j + 1], k, cfg.chunk_tokens))
     return out
+
+
+def rerank(shard: Shard, cand: np.ndarray, query: Tensor, k: int, chunk_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 MaxSim of one query (1, Lq, d) over candidate pages (storage indices): the top k, as storage
+    indices and scores."""
+    if len(cand) == 0:
+        return cand, np.zeros(0, np.float32)
+    cand = np.sort(cand)  # storage order: equal-length pages stay side by side
+    vectors, lengths = gather_pages(shard.vectors, shard.offsets, cand)
+    exact = maxsim(vectors, plan_chunks(lengths, chunk_tokens), len(cand), query)[:, 0]
+    idx, vals = top_k_ties(exact, shard.positions[cand], k)
+    return cand[idx], vals

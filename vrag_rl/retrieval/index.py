@@ -12,8 +12,10 @@ On disk (``INDEX/``)::
 
 Vectors are stored as float16 by default: half the memory and disk of float32, and ColQwen2's
 L2-normalised vectors lose ~1e-3 relative precision (scores move by ~1e-3, rankings of distinct pages
-practically never). Scoring runs in float32 (``IndexConfig.dtype="float32"`` stores exact copies), or in
-bfloat16 on request (``compute_dtype``, a search-time setting: see ``maxsim.py``).
+practically never). Scoring runs in float32 (``IndexConfig.dtype="float32"`` stores exact copies). On request
+(``compute_dtype=bfloat16``, a search-time setting) exact search scans every page with bf16 products (see
+``maxsim.py``) and re-scores its ``rescore`` best per query and shard in float32: the scores returned are
+float32 MaxSim, and the top k is float32's unless one of its pages falls outside the scan's ``rescore`` best.
 A shard stores its pages sorted by token count, so MaxSim is a reshape + max over long equal-length runs.
 
 Every shard has its own FAISS index, so an actor can load any subset of shards and answer for it alone;
@@ -245,7 +247,8 @@ class MultiVectorIndex:
     ) -> list[list[tuple[str, float]]]:
         """Per query, the top-k (page_id, score) of the loaded shards, by score then index order.
 
-        ``overrides``: search-time IndexConfig fields (nprobe, ef_search, k_tokens, n_rerank, compute_dtype).
+        ``overrides``: search-time IndexConfig fields (nprobe, ef_search, k_tokens, n_rerank, compute_dtype,
+        rescore).
         """
         mode = IndexMode.parse(mode, "mode")
         if top_k < 1:
@@ -254,15 +257,13 @@ class MultiVectorIndex:
         if mode == IndexMode.APPROX and cfg.approx == ApproxKind.NONE:
             raise ValueError("this index was built with approx='none': only exact search is available")
         queries = pad_queries(list(query_embeddings), self.dim, self._device)
-        compute = getattr(torch, cfg.compute_dtype)
         per_query: list[list[tuple[int, float]]] = [[] for _ in range(len(queries))]
         block = max(1, _MAX_QUERY_COLUMNS // queries.shape[1])
         for shard in self.shards:
             for q0 in range(0, len(queries), block):
                 qs = queries[q0 : q0 + block]
                 if mode == IndexMode.EXACT:
-                    scores = maxsim(shard.vectors, shard.chunks, shard.n_pages, qs, compute)
-                    found = [top_k_ties(scores[:, j], shard.positions, top_k) for j in range(len(qs))]
+                    found = exact_search(shard, qs, cfg, top_k)
                 else:
                     found = approx.search(shard, qs, cfg, top_k)
                 for j, (idx, vals) in enumerate(found):
@@ -271,6 +272,17 @@ class MultiVectorIndex:
             [(self.all_page_ids[p], s) for p, s in sorted(hits, key=lambda h: (-h[1], h[0]))[:top_k]]
             for hits in per_query
         ]
+
+
+def exact_search(shard: Shard, queries: Tensor, cfg: IndexConfig, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query of the zero-padded batch (B, Lq, d): storage indices and scores of its top k pages of the shard."""
+    compute = getattr(torch, cfg.compute_dtype)
+    scores = maxsim(shard.vectors, shard.chunks, shard.n_pages, queries, compute)
+    if compute == torch.float32:
+        return [top_k_ties(scores[:, j], shard.positions, k) for j in range(len(queries))]
+    # The bf16 scan proposes its best pages; float32 scores and orders them.
+    best = [top_k_ties(scores[:, j], shard.positions, max(cfg.rescore, k))[0] for j in range(len(queries))]
+    return [approx.rerank(shard, b, queries[j : j + 1], k, cfg.chunk_tokens) for j, b in enumerate(best)]
 
 
 def embed_pages(records, embedder) -> Iterator[tuple[str, str, Tensor]]:
@@ -310,13 +322,24 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument("--approx", choices=list(ApproxKind), default=IndexConfig.approx)
             s.add_argument("--nlist", type=int, default=0, help="IVF lists per shard (0 = auto)")
             s.add_argument("--ivf-codec", default="Flat", help="FAISS codec of the IVF lists: Flat, SQ8, PQ16, ...")
+            s.add_argument(
+                "--compute-dtype",
+                choices=["float32", "bfloat16"],
+                default=IndexConfig.compute_dtype,
+                help="exact search's scan (kept with the index); bfloat16 where the CPU has AMX / avx512_bf16",
+            )
         else:
             s.add_argument("--index", required=True, help="existing index directory")
     a = p.parse_args(argv)
     embedder = PageEmbedder(EmbedderConfig(a.model, a.device, a.dtype, a.batch_size, a.pool_factor))
     if a.cmd == "build":
         cfg = IndexConfig(
-            shard_size=a.shard_size, dtype=a.store_dtype, approx=a.approx, nlist=a.nlist, ivf_codec=a.ivf_codec
+            shard_size=a.shard_size,
+            dtype=a.store_dtype,
+            approx=a.approx,
+            nlist=a.nlist,
+            ivf_codec=a.ivf_codec,
+            compute_dtype=a.compute_dtype,
         )
         index = MultiVectorIndex.build(a.out, a.corpus, embedder, cfg)
         print(f"indexed {len(index.page_ids)} pages in {index.num_shards} shards: {a.out}")

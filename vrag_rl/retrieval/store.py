@@ -163,7 +163,7 @@ def load_shard(index_dir: Path, manifest: dict, shard_id: int, verify: bool, dev
         or lengths.sum() != len(vectors)
     ):
         raise StaleIndexError("checksum", f"shard {shard_id}: array shapes disagree with the manifest")
-    faiss_index = approx.load(index_dir / entry["faiss"]) if entry["faiss"] else None
+    faiss_index = approx.load(index_dir / entry["faiss"], device) if entry["faiss"] else None
     return Shard(
         id=shard_id,
         vectors=torch.from_numpy(vectors).to(device),

@@ -70,8 +70,9 @@ class IndexConfig:
     k_tokens: int = 512  # FAISS neighbours per query token: a page has many near-identical tokens, so
     # a small k is used up by the best page alone (k=64 found 22% of the exact top 10 at 700 tokens per page)
     n_rerank: int = 128  # candidate pages per query and shard scored exactly
+    rescore: int = 32  # after a bf16 scan (compute_dtype): its best pages per query and shard re-scored in float32
     chunk_tokens: int = 8192  # token rows per matrix product: its similarity block stays in cache
-    compute_dtype: str = "float32"  # exact MaxSim's products: float32, or bfloat16 (CPUs with AMX / avx512_bf16)
+    compute_dtype: str = "float32"  # exact mode's scan: float32, or bfloat16 (AMX / avx512_bf16 CPUs, GPUs)
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -81,8 +82,8 @@ class IndexConfig:
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         object.__setattr__(self, "approx", ApproxKind.parse(self.approx, "approx"))
-        if min(self.nprobe, self.ef_search, self.k_tokens, self.n_rerank, self.chunk_tokens) < 1:
-            raise ValueError("nprobe, ef_search, k_tokens, n_rerank and chunk_tokens must be >= 1")
+        if min(self.nprobe, self.ef_search, self.k_tokens, self.n_rerank, self.rescore, self.chunk_tokens) < 1:
+            raise ValueError("nprobe, ef_search, k_tokens, n_rerank, rescore and chunk_tokens must be >= 1")
 
 
 @dataclass

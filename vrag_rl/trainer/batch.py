@@ -1,7 +1,8 @@
 """Trajectories to training tensors: right-padded micro-batches that rebuild exactly what the sampler saw.
 
-A micro-batch holds whole trajectories, padded on the right, with their images' pixel values and patch grids
-concatenated in sequence order (the order the model's ``get_rope_index`` and image scatter consume them in).
+A micro-batch holds whole trajectories, padded on the right, with their images' patch grids in sequence order (the
+order the model's ``get_rope_index`` and image scatter consume them in) and each distinct image's pixel values
+once: the vision tower runs once per distinct image (``models.forward.shared_images``).
 Positions are the model's 3-D mRoPE index over each whole sequence; padding is masked out of attention and
 of the loss. Micro-batches are cut by a token budget (padded length x rows), keeping the given order, so a
 step's memory is bounded however long the trajectories grow.
@@ -21,7 +22,7 @@ import torch
 
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.algo.losses import entropy_from_logits
-from vrag_rl.models.forward import mrope_position_ids, policy_log_softmax, target_logprobs
+from vrag_rl.models.forward import mrope_position_ids, policy_log_softmax, shared_images, target_logprobs
 
 MicroBatch = tuple[list[int], float]  # indices into a rank's trajectories, loss weight (0: collective filler)
 
@@ -49,7 +50,8 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
 
 def collate(trajectories: list[Trajectory], image_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, mm_token_type_ids, response_mask, sampled_logprobs
-    (0 where unknown) and, with images, pixel_values and image_grid_thw."""
+    (0 where unknown) and, with images, pixel_values (each distinct image once), image_grid_thw (one row per
+    image in sequence order) and, where an image recurs, image_source (its distinct copy, per image)."""
     if not trajectories:
         raise ValueError("no trajectories to collate")
     width = max(len(t) for t in trajectories)
@@ -75,9 +77,30 @@ def collate(trajectories: list[Trajectory], image_token_id: int, pad_token_id: i
         "sampled_logprobs": sampled,
     }
     if pixel_values:
-        batch["pixel_values"] = torch.cat(pixel_values)
+        distinct, source = distinct_images(pixel_values)
+        batch["pixel_values"] = torch.cat(distinct)
         batch["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        if len(distinct) < len(pixel_values):
+            batch["image_source"] = torch.tensor(source, dtype=torch.long)
     return batch
+
+
+def distinct_images(pixel_values: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Each distinct image's pixel values once, and per image the index of its distinct copy (equal values:
+    a group's samples share their prompt's pages, and a page found twice is the same pixels)."""
+    distinct: list[torch.Tensor] = []
+    source: list[int] = []
+    by_key: dict[tuple, list[int]] = {}
+    for p in pixel_values:
+        key = (tuple(p.shape), float(p[0].sum()), float(p[-1].sum()))  # cheap; torch.equal decides
+        same = [j for j in by_key.get(key, []) if distinct[j] is p or torch.equal(distinct[j], p)]
+        if same:
+            source.append(same[0])
+            continue
+        by_key.setdefault(key, []).append(len(distinct))
+        source.append(len(distinct))
+        distinct.append(p)
+    return distinct, source
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -105,7 +128,8 @@ def forward_logprobs(
     response = batch["response_mask"]
     targets = response.any(0).nonzero().squeeze(1)  # columns holding a response token in some row
     targets = targets[targets > 0]  # position 0 has no prefix
-    logits = model(**inputs, position_ids=position_ids, use_cache=False, logits_to_keep=targets - 1).logits
+    with shared_images(model, batch.get("image_source"), inputs.get("image_grid_thw")):
+        logits = model(**inputs, position_ids=position_ids, use_cache=False, logits_to_keep=targets - 1).logits
     logp_all = policy_log_softmax(logits, temperature, banned)
     columns = targets.expand(response.shape[0], -1)
     logp = torch.zeros(response.shape, dtype=logp_all.dtype, device=response.device)

@@ -3,7 +3,7 @@
 Inside a process group the model is sharded by the configured backend: FSDP2 (``trainer/fsdp.py``) or DeepSpeed
 ZeRO stage 2 or 3 (``trainer/zero.py``), behind one interface (``trainer/backend.py``); the updates are the same
 math on both. Without a process group it is an ordinary single-process model, which is what unit tests and the
-warm start use.
+warm start use; a ``param_dtype`` below float32 then runs the forward under autocast (weights stay float32).
 
 A sharded forward is a collective, so every rank runs the same number of micro-batches (``batch.plan_ranks``)
 and the same modules in the same order: a micro-batch without images gets a 4-patch dummy image outside the
@@ -34,7 +34,7 @@ from vrag_rl.algo.losses import kl_penalty, policy_loss
 from vrag_rl.trainer.backend import Backend, all_ranks
 from vrag_rl.trainer.batch import MicroBatch, collate, forward_logprobs
 from vrag_rl.trainer.fsdp import FsdpBackend
-from vrag_rl.trainer.settings import TrainerConfig, lr_factor
+from vrag_rl.trainer.settings import DTYPES, TrainerConfig, lr_factor
 
 
 def check_attention(attn: str, device: str) -> None:
@@ -133,7 +133,10 @@ class PolicyTrainer:
 
     # ---- forward -------------------------------------------------------------------------------------------
     def _forward(self, model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
-        return forward_logprobs(model, batch, temperature, with_entropy, self.banned)
+        # A sharded backend casts to param_dtype itself; a plain model reaches it through autocast.
+        dtype = DTYPES[self.cfg.param_dtype]
+        with torch.autocast(self.cfg.device, dtype, enabled=not self.sharded and dtype != torch.float32):
+            return forward_logprobs(model, batch, temperature, with_entropy, self.banned)
 
     def _batch(self, trajectories: list[Trajectory]) -> dict[str, torch.Tensor]:
         batch = collate(trajectories, self.image_token_id, self.pad_token_id)

@@ -37,7 +37,7 @@ class TrainerConfig:
     backend: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO): how ranks shard the policy
     zero_stage: int = 3  # DeepSpeed ZeRO stage, 2 (gradients and optimizer state) or 3 (weights too)
     spread: bool = False  # one rank per node where Ray can (multi-node CPU runs); else Ray packs them
-    param_dtype: str = "float32"  # compute dtype under FSDP2 (bfloat16 on GPUs); master weights stay fp32
+    param_dtype: str = "float32"  # compute dtype (bfloat16 on GPUs and bf16 CPUs); master weights stay fp32
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (the GPU recipes: CUDA and flash-attn)
     gradient_checkpointing: bool = False
     offload: bool = False  # optimizer state and (FSDP2, ZeRO-3) parameters in host memory between uses

@@ -28,7 +28,7 @@ from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
 from vrag_rl.trainer.sft import ExpertData, run_sft
 
 STAMP = "warm_config.json"
-PROCEDURE = 3  # part of the stamp: bump when the training procedure changes, so old caches are rebuilt
+PROCEDURE = 4  # part of the stamp: bump when the training procedure changes, so old caches are rebuilt
 
 
 @dataclass(frozen=True)
