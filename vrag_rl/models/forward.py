@@ -76,6 +76,26 @@ def token_logprobs(
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
 
 
+class _Repeated(torch.autograd.Function):
+    """Row spans of ``features`` copied into occurrence order. The backward adds each occurrence's gradient into
+    its span one occurrence after another: indexing's own backward accumulates repeated rows in parallel, in an
+    order that changes from run to run, and an update would then not repeat bit for bit."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+        ctx.spans, ctx.rows = spans, features.shape[0]
+        return torch.cat([features[start : start + n] for start, n in spans])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        offset = 0
+        for start, n in ctx.spans:
+            out[start : start + n] += grad[offset : offset + n]
+            offset += n
+        return out, None
+
+
 @contextlib.contextmanager
 def shared_images(model, source: torch.Tensor | None, grids: torch.Tensor | None) -> Iterator[None]:
     """Within it, the model's forward runs its vision tower over distinct images only.
@@ -89,26 +109,25 @@ def shared_images(model, source: torch.Tensor | None, grids: torch.Tensor | None
     if source is None:
         yield
         return
-    distinct = len(source.unique())
-    first = torch.full((distinct,), len(source), dtype=torch.long, device=source.device)
-    first = first.scatter_reduce(0, source, torch.arange(len(source), device=source.device), "amin")
+    occurrences = source.tolist()
+    first = [occurrences.index(j) for j in range(max(occurrences) + 1)]  # collate numbers them in first-seen order
     visual = model.model.visual
-    merged = grids[first].prod(-1) // visual.spatial_merge_size**2  # feature rows per distinct image
-    starts = merged.cumsum(0) - merged
-    rows = torch.cat([torch.arange(int(starts[j]), int(starts[j] + merged[j])) for j in source.tolist()])
-    rows = rows.to(source.device)
+    distinct_grids = grids[first]
+    merged = (distinct_grids.prod(-1) // visual.spatial_merge_size**2).tolist()  # feature rows per distinct image
+    starts = [sum(merged[:j]) for j in range(len(merged))]
+    spans = [(starts[j], merged[j]) for j in occurrences]
 
-    def distinct_grids(_module, args, kwargs):
+    def with_distinct_grids(_module, args, kwargs):
         if len(args) > 1:  # (hidden_states, grid_thw, ...)
-            return (args[0], grids[first], *args[2:]), kwargs
-        return args, {**kwargs, "grid_thw": grids[first]}
+            return (args[0], distinct_grids, *args[2:]), kwargs
+        return args, {**kwargs, "grid_thw": distinct_grids}
 
     def repeated(_module, _args, _kwargs, output):
-        output.pooler_output = output.pooler_output[rows]
+        output.pooler_output = _Repeated.apply(output.pooler_output, spans)
         return output
 
     handles = [
-        visual.register_forward_pre_hook(distinct_grids, with_kwargs=True),
+        visual.register_forward_pre_hook(with_distinct_grids, with_kwargs=True),
         visual.register_forward_hook(repeated, with_kwargs=True),
     ]
     try:
