@@ -118,11 +118,17 @@ def check_logprobs_vs_fp32(device: str, batch: list[Trajectory]) -> dict:
     return {"mean_abs_diff": float(diffs.mean()), "max_abs_diff": float(diffs.max()), "tokens": int(diffs.numel())}
 
 
-def check_maxsim(device: str) -> dict:
-    gen = torch.Generator().manual_seed(0)
+def random_pages(seed: int) -> tuple[np.ndarray, torch.Tensor, list[torch.Tensor]]:
+    """Token counts and unit token vectors (d=128) of 2,000 random pages, and 16 queries of 20 tokens."""
+    gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(40, 120, (2000,), generator=gen).numpy()
     vectors = torch.nn.functional.normalize(torch.randn(int(lengths.sum()), 128, generator=gen), dim=-1)
     queries = [torch.nn.functional.normalize(torch.randn(20, 128, generator=gen), dim=-1) for _ in range(16)]
+    return lengths, vectors, queries
+
+
+def check_maxsim(device: str) -> dict:
+    lengths, vectors, queries = random_pages(0)
     chunks = plan_chunks(lengths, 65_536)
     cpu = maxsim(vectors, chunks, len(lengths), pad_queries(queries, 128))
     on_device = maxsim(vectors.to(device), chunks, len(lengths), pad_queries(queries, 128, device)).cpu()
@@ -147,12 +153,8 @@ def check_faiss_gpu(device: str) -> dict:
         return {"skipped": "this FAISS has no GPU support"}
     import tempfile
 
-    gen = torch.Generator().manual_seed(1)
-    lengths = torch.randint(40, 120, (2000,), generator=gen).numpy()
-    vectors = torch.nn.functional.normalize(torch.randn(int(lengths.sum()), 128, generator=gen), dim=-1)
-    queries = pad_queries(
-        [torch.nn.functional.normalize(torch.randn(20, 128, generator=gen), dim=-1) for _ in range(16)], 128
-    )
+    lengths, vectors, queries = random_pages(1)
+    queries = pad_queries(queries, 128)
     cfg = IndexConfig(ivf_codec="Flat", nlist=256, nprobe=16, k_tokens=256, n_rerank=64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "shard.faiss"
