@@ -18,12 +18,12 @@ def test_expert_searches_crops_the_printed_answer_and_answers(records, bundled_c
     encoder = ChatEncoder(tiny_processor)
     categories = sorted({r.category for r in records})
     assert len(categories) >= 3
-    for record in [r for c in categories for r in records if r.category == c][:: 2]:
+    for record in [r for c in categories for r in records if r.category == c][::2]:
         page = load_page(bundled_corpus, record.answer_box[0])
         s = scripted_trajectory(record, page, encoder, "expert", budget=BUDGET)
         assert [a.kind for a in s.actions] == ["search", "bbox", "answer"]
         assert s.retrieved_pages == record.gold_pages[:1] and s.answer == record.answer
-        (page_id, (cx0, cy0, cx1, cy1)), = s.crops
+        ((page_id, (cx0, cy0, cx1, cy1)),) = s.crops
         _, x0, y0, x1, y1 = record.answer_box
         assert page_id == record.answer_box[0] and cx0 <= x0 and cy0 <= y0 and cx1 >= x1 and cy1 >= y1
         # the crop is a zoom: the shown crop is larger than its raw region, and it holds ink (the answer)

@@ -16,7 +16,8 @@ def test_duplicate_question_ids_fail_to_load_and_are_named(bundled_corpus, tmp_p
     write_qa(twice, tmp_path / "qa.parquet")
     with pytest.raises(ValueError, match="2 question ids appear more than once") as err:
         load_qa(tmp_path)
-    assert f"{records[1].qid!r} (rows [1, 5])" in str(err.value) and f"{records[3].qid!r} (rows [3, 6])" in str(err.value)
+    message = str(err.value)
+    assert f"{records[1].qid!r} (rows [1, 5])" in message and f"{records[3].qid!r} (rows [3, 6])" in message
 
 
 def hold_lock(directory, ready):
@@ -49,7 +50,8 @@ def test_a_second_writer_stops_with_the_holder_named(tmp_path, bundled_corpus, e
     shutil.copytree(bundled_corpus, corpus)
     holder = hold_lock(corpus, tmp_path / "ready")
     try:
-        with pytest.raises(WriterBusy, match=f"corpus {corpus} is being written by another process \\(pid {holder.pid}\\)"):
+        busy = f"corpus {corpus} is being written by another process \\(pid {holder.pid}\\)"
+        with pytest.raises(WriterBusy, match=busy):
             ingest([tmp_path / "nothing"], corpus, progress=False)
         with pytest.raises(WriterBusy):
             MultiVectorIndex.build(corpus, corpus, embedder, progress=False)  # the same folder as an index

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from vrag_rl.data.records import load_pages, load_qa
+from vrag_rl.data.report_words import entity_names
 from vrag_rl.data.synthetic import (
     KINDS,
     SyntheticConfig,
     encode_jpeg,
-    entity_names,
     generate,
     main,
     write_corpus,
@@ -64,7 +64,7 @@ def test_same_seed_gives_identical_records_and_pixels(corpus, tmp_path):
 def test_different_seed_gives_different_corpus(corpus):
     other = list(generate(dataclasses.replace(CFG, seed=8)))
     assert [q.answer for p in other for q in p.questions] != [q.answer for q in load_qa(corpus)]
-    assert set(entity_names(CFG)).isdisjoint(entity_names(dataclasses.replace(CFG, seed=8)))
+    assert set(entity_names(7, 4)).isdisjoint(entity_names(8, 4))
     first = np.asarray(other[0].image)
     assert not np.array_equal(first, _decode(corpus / "pages" / "doc0000_1.jpg"))
 
@@ -145,7 +145,7 @@ def test_page_margins_are_blank(pages):
 
 
 def test_entity_names_are_unique_and_distinct_from_other_names():
-    names = entity_names(SyntheticConfig(num_docs=3000, pages_per_doc=1))
+    names = entity_names(0, 3000)
     cores = [n.split()[0] for n in names]
     assert len(set(cores)) == len(cores) == 3000
     qa = [q for p in generate(dataclasses.replace(CFG, num_docs=12)) for q in p.questions]
@@ -175,7 +175,11 @@ def test_qa_parquet_schema(corpus):
     assert schema.field("gold_pages").type == pa.list_(pa.string())
     box = schema.field("answer_box").type
     assert pa.types.is_struct(box) and [box.field(i).name for i in range(box.num_fields)] == [
-        "page_id", "x0", "y0", "x1", "y1"
+        "page_id",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
     ]
 
 
@@ -194,9 +198,20 @@ def test_resume_completes_an_interrupted_run_and_refuses_another_config(corpus, 
 @pytest.mark.parametrize(
     "change",
     [
-        {"num_docs": 0}, {"num_docs": -3}, {"num_docs": True}, {"num_docs": 2.0}, {"pages_per_doc": 0},
-        {"pages_per_doc": 13}, {"page_size": (100, 100)}, {"page_size": (800,)}, {"page_size": "800x1100"},
-        {"page_size": (800, 300)}, {"jpeg_quality": 0}, {"jpeg_quality": 96}, {"seed": -1}, {"seed": "0"},
+        {"num_docs": 0},
+        {"num_docs": -3},
+        {"num_docs": True},
+        {"num_docs": 2.0},
+        {"pages_per_doc": 0},
+        {"pages_per_doc": 13},
+        {"page_size": (100, 100)},
+        {"page_size": (800,)},
+        {"page_size": "800x1100"},
+        {"page_size": (800, 300)},
+        {"jpeg_quality": 0},
+        {"jpeg_quality": 96},
+        {"seed": -1},
+        {"seed": "0"},
     ],
 )
 def test_bad_config_raises(change):
@@ -209,8 +224,23 @@ def test_config_round_trips_through_json():
 
 
 def test_cli_writes_corpus(tmp_path, capsys):
-    main(["--out", str(tmp_path / "c"), "--docs", "2", "--pages-per-doc", "2", "--width", "400", "--height", "560",
-          "--seed", "7", "--no-progress"])
+    main(
+        [
+            "--out",
+            str(tmp_path / "c"),
+            "--docs",
+            "2",
+            "--pages-per-doc",
+            "2",
+            "--width",
+            "400",
+            "--height",
+            "560",
+            "--seed",
+            "7",
+            "--no-progress",
+        ]
+    )
     assert "wrote 4 pages" in capsys.readouterr().out
     expected = [q for p in generate(dataclasses.replace(CFG, num_docs=2, pages_per_doc=2)) for q in p.questions]
     assert load_qa(tmp_path / "c") == expected
@@ -219,7 +249,21 @@ def test_cli_writes_corpus(tmp_path, capsys):
 
 
 def test_module_runs_as_a_script(tmp_path):
-    cmd = [sys.executable, "-m", "vrag_rl.data.synthetic", "--out", str(tmp_path), "--docs", "1",
-           "--pages-per-doc", "1", "--width", "400", "--height", "560", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrag_rl.data.synthetic",
+        "--out",
+        str(tmp_path),
+        "--docs",
+        "1",
+        "--pages-per-doc",
+        "1",
+        "--width",
+        "400",
+        "--height",
+        "560",
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     assert [p.page_id for p in load_pages(tmp_path)] == ["doc0000_1"]

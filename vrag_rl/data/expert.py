@@ -47,12 +47,19 @@ def _script(record: QARecord, variant: str, view: View, wrong_answer: str) -> li
     rx0, ry0, rx1, ry1 = view.region
     sx, sy = view.shown_size[0] / (rx1 - rx0), view.shown_size[1] / (ry1 - ry0)
     margin = 6  # shown pixels of context around the printed answer
-    box = [max(0, round(x0 * sx) - margin), max(0, round(y0 * sy) - margin),
-           min(view.shown_size[0], round(x1 * sx) + margin), min(view.shown_size[1], round(y1 * sy) + margin)]
+    box = [
+        max(0, round(x0 * sx) - margin),
+        max(0, round(y0 * sy) - margin),
+        min(view.shown_size[0], round(x1 * sx) + margin),
+        min(view.shown_size[1], round(y1 * sy) + margin),
+    ]
     # The question itself is the query: its content words tell the entity's pages apart (the entity alone
     # is printed on every page of its report), and copying it is the easiest search a small policy can learn.
     search = f"<think>I need the page that answers this question.</think>\n<search>{record.question}</search>"
-    crop = f"<think>The answer is printed in a small region of this page; zoom in.</think>\n<bbox>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</bbox>"
+    crop = (
+        "<think>The answer is printed in a small region of this page; zoom in.</think>\n"
+        f"<bbox>[{box[0]}, {box[1]}, {box[2]}, {box[3]}]</bbox>"
+    )
     answer = record.answer if variant != "wrong_answer" else wrong_answer
     final = f"<think>The page shows the answer.</think>\n<answer>{answer}</answer>"
     if variant == "expert" or variant == "wrong_answer":

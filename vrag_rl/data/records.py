@@ -145,8 +145,9 @@ def writer_lock(directory: Path, what: str):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise WriterBusy(f"{what} {directory} is being written by another process ({holder}); "
-                             "run one writer at a time") from None
+            raise WriterBusy(
+                f"{what} {directory} is being written by another process ({holder}); run one writer at a time"
+            ) from None
         f.truncate(0)
         f.write(f"pid {os.getpid()}\n")
         f.flush()

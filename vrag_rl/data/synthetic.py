@@ -26,6 +26,19 @@ from tqdm import tqdm
 
 from vrag_rl.data.records import PageRecord, QARecord, atomic_write_bytes, page_id, sha256_hex, write_pages, write_qa
 from vrag_rl.data.render import Box, PageCanvas, Word
+from vrag_rl.data.report_words import (
+    BARS,
+    CLOSING_HEADINGS,
+    FILLERS,
+    LINES,
+    QUARTERLY_TABLES,
+    TABLES,
+    TEXT_FACTS,
+    TEXT_TITLES,
+    Names,
+    entity_names,
+    fact_value,
+)
 
 GENERATOR_VERSION = 1  # bump when the same config would render different pages or records
 KINDS = ("text", "table", "bar_chart", "line_chart")
@@ -74,140 +87,6 @@ class SyntheticPage:
     jpeg: bytes  # the page file's content
 
 
-# ---- names -------------------------------------------------------------------------------------------------
-
-_ONSETS = tuple("bdfgklmnprstvz") + ("br", "dr", "kr", "st", "tr", "gl", "th")
-_VOWELS = ("a", "e", "i", "o", "u", "a", "o", "ei")
-_CODAS = ("", "", "", "n", "r", "s", "x", "l")
-_COMPANY_SUFFIXES = ("Labs", "Dynamics", "Systems", "Industries", "Foods", "Motors", "Robotics", "Textiles", "Energy")
-_CUSTOMER_SUFFIXES = ("Freight", "Grocers", "Airlines", "Hospitals", "Rail", "Telecom")
-_CITY_ENDINGS = ("ara", "holm", "port", "ford", "vale", "grad", "mouth", "stead")
-
-
-def _word(rng: random.Random, syllables: int) -> str:
-    w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
-    return w.capitalize()
-
-
-def entity_names(cfg: SyntheticConfig) -> list[str]:
-    """One company name per document; the first word (the distinctive one) is unique in the corpus."""
-    rng = random.Random(f"vrag-synthetic:{cfg.seed}:entities")
-    cores: set[str] = set()
-    names = []
-    while len(names) < cfg.num_docs:
-        core = _word(rng, rng.choice((2, 2, 3)))
-        if core not in cores:
-            cores.add(core)
-            names.append(f"{core} {rng.choice(_COMPANY_SUFFIXES)}")
-    return names
-
-
-class _Names:
-    """Other made-up names of a document, never reusing a company's distinctive word."""
-
-    def __init__(self, rng: random.Random, reserved: set[str]) -> None:
-        self.rng, self.reserved = rng, reserved
-
-    def _fresh(self, syllables: int) -> str:
-        while (w := _word(self.rng, syllables)) in self.reserved:
-            pass
-        return w
-
-    def city(self) -> str:
-        return self._fresh(self.rng.choice((1, 2))) + self.rng.choice(_CITY_ENDINGS)
-
-    def person(self) -> str:
-        return f"{self._fresh(2)} {self._fresh(self.rng.choice((2, 3)))}"
-
-    def product(self) -> str:
-        return f"{self._fresh(2)} {self.rng.choice('XKRTMV')}{self.rng.randint(2, 9)}"
-
-    def company(self) -> str:
-        return f"{self._fresh(2)} {self.rng.choice(_CUSTOMER_SUFFIXES)}"
-
-    def ticker(self) -> str:
-        return "".join(self.rng.choice("ABCDEFGHKLMNPRSTVXZ") for _ in range(self.rng.choice((3, 4))))
-
-
-# ---- content pools ------------------------------------------------------------------------------------------
-
-# (heading, statement, question, value maker); {e} is the company, {v} the answer.
-_TEXT_FACTS = (
-    ("Locations", "{e} has its headquarters in {v}.", "In which city is {e} headquartered?", "city"),
-    ("History", "{e} was founded in {v}.", "In which year was {e} founded?", "year"),
-    ("Leadership", "The chief executive of {e} is {v}.", "Who is the chief executive of {e}?", "person"),
-    ("People", "{e} employs {v} people across all of its sites.", "How many people does {e} employ?", "employees"),
-    ("Products", "The best-known product of {e} is the {v}.", "What is the best-known product of {e}?", "product"),
-    ("Research", "{e} runs its main research centre in {v}.",
-     "In which city does {e} run its main research centre?", "city"),
-    ("Ownership", "{e} was founded by {v}.", "Who founded {e}?", "person"),
-    ("Shares", "Shares of {e} trade under the ticker {v}.", "Under which ticker do shares of {e} trade?", "ticker"),
-    ("Intellectual Property", "{e} holds {v} active patents.", "How many active patents does {e} hold?", "patents"),
-    ("Operations", "{e} operates {v} factories.", "How many factories does {e} operate?", "factories"),
-    ("Customers", "The largest customer of {e} is {v}.", "Who is the largest customer of {e}?", "company"),
-    ("Markets", "{e} holds {v} percent of its home market.",
-     "What percentage of its home market does {e} hold?", "percent"),
-)
-_TEXT_TITLES = ("Company Overview", "Operations and Ownership", "Markets and People", "Further Facts")
-
-# (title, unit, row labels, value range, question); table columns are the four years up to the report year
-# except for quarterly tables. Format keys: e, row, row_l (lower case), col, year.
-_TABLES = (
-    ("Revenue by Segment", "million credits", ("Hardware", "Software", "Services", "Licensing"), (40, 900),
-     "According to its revenue table, what was the {row_l} revenue of {e} in {col}, in million credits?"),
-    ("Headcount by Department", "employees at year end", ("Engineering", "Sales", "Support", "Research", "Operations"),
-     (12, 640), "According to its headcount table, how many {row_l} employees did {e} have at the end of {col}?"),
-    ("Energy Use by Site and Quarter", "megawatt-hours", ("Main plant", "Warehouse", "Offices", "Test centre"),
-     (100, 990), "According to its energy table, how many megawatt-hours did {e} use at its {row_l} in {col} {year}?"),
-)
-_QUARTERLY_TABLES = {"Energy Use by Site and Quarter"}
-_BARS = (
-    ("Units Sold by Region", "thousand units", ("North", "South", "East", "West", "Central"), (20, 950),
-     "According to its bar chart, how many thousand units did {e} sell in the {cat} region in {year}?"),
-    ("Sales by Channel", "million credits", ("Online", "Retail", "Wholesale", "Partner"), (15, 600),
-     "According to its bar chart, what were the {cat_l} sales of {e} in {year}, in million credits?"),
-    ("Customer Satisfaction by Product", "score out of 100", None, (41, 99),  # None: the document's product names
-     "According to its bar chart, what satisfaction score did the {cat} product of {e} receive in {year}?"),
-)
-_LINES = (
-    ("Monthly Active Users", "thousands", (150, 990),
-     "According to its line chart, how many thousand monthly active users did {e} have in {x}?"),
-    ("Average Selling Price", "credits", (40, 400),
-     "According to its line chart, what was the average selling price of {e} products in {x}, in credits?"),
-    ("Carbon Emissions", "kilotonnes", (30, 700),
-     "According to its line chart, how many kilotonnes of carbon did {e} emit in {x}?"),
-)
-_FILLERS = (
-    "{e} describes the last year as a period of steady progress.",
-    "Management expects demand to remain stable in the coming quarters.",
-    "The company continues to invest in training and in its supplier network.",
-    "Customers cite reliability and service as the main reasons to choose {e}.",
-    "Several new partnerships were signed during the reporting period.",
-    "The board reviewed the long-term strategy and confirmed its priorities.",
-    "Quality audits at all sites were completed without major findings.",
-    "{e} publishes this report every year for shareholders and staff.",
-    "Work on the next generation of products is on schedule.",
-    "The company remains committed to lowering its environmental footprint.",
-    "Investment in automation continued at a measured pace.",
-    "{e} expanded its service teams to shorten response times.",
-    "Cash flow from operations covered all planned investments.",
-    "The product portfolio was simplified to focus on the strongest lines.",
-    "Staff turnover declined compared with the previous period.",
-    "{e} intends to enter two additional markets over the next years.",
-)
-_CLOSING_HEADINGS = ("Outlook", "Notes", "Further Information")
-
-
-def _fact_value(kind: str, rng: random.Random, names: _Names) -> str:
-    makers = {
-        "city": names.city, "person": names.person, "product": names.product, "company": names.company,
-        "ticker": names.ticker, "year": lambda: str(rng.randint(1952, 2011)),
-        "employees": lambda: str(rng.randint(140, 9800)), "patents": lambda: str(rng.randint(12, 980)),
-        "factories": lambda: str(rng.randint(2, 48)), "percent": lambda: str(rng.randint(3, 64)),
-    }
-    return makers[kind]()
-
-
 def _words(text: str) -> list[Word]:
     return [[(w, None)] for w in text.split()]
 
@@ -220,36 +99,6 @@ def _statement_words(template: str, entity: str, value: str, key: str) -> list[W
     if after and not after[0].isspace():
         value_word.append((rest.pop(0), None))
     return _words(before) + [value_word] + _words(" ".join(rest))
-
-
-def report_text(seed: int, num_docs: int) -> list[str]:
-    """The English of these reports without rendering them: titles, statements, fillers and questions of
-    ``num_docs`` fictional companies (names drawn apart from any corpus's), for training a tokenizer that
-    knows the reports' words and splits made-up names into syllables, as a real one would."""
-    rng = random.Random(f"vrag-synthetic:{seed}:tokenizer-text")
-    names = _Names(rng, set())
-    lines = []
-    for _ in range(num_docs):
-        e = f"{_word(rng, rng.choice((2, 2, 3)))} {rng.choice(_COMPANY_SUFFIXES)}"
-        year = rng.randint(2018, 2024)
-        lines += [f"{e}: {title}" for title in _TEXT_TITLES]
-        for heading, statement, question, maker in _TEXT_FACTS:
-            value = _fact_value(maker, rng, names)
-            lines += [heading, statement.format(e=e, v=value), question.format(e=e), value]
-        lines += [f.format(e=e) for f in _FILLERS] + list(_CLOSING_HEADINGS)
-        for title, unit, rows, _, question in _TABLES:
-            row = rng.choice(rows)
-            lines += [f"{e}: {title}", f"Table 1. {title} of {e}", f"All values in {unit}.", " ".join(rows),
-                      question.format(e=e, row=row, row_l=row.lower(), col=rng.choice(("Q2", str(year))), year=year)]
-        for title, unit, cats, _, question in _BARS:
-            cat = rng.choice(cats or (names.product().split()[0],))
-            lines += [f"{e}: {title}, {year}", f"Figure 2. {title} of {e} in {year}", f"Values in {unit}",
-                      question.format(e=e, cat=cat, cat_l=cat.lower(), year=year)]
-        for title, unit, _, question in _LINES:
-            lines += [f"{e}: {title}", f"Figure 3. {title} of {e}, {year - 6}-{year}", f"Yearly values in {unit}",
-                      question.format(e=e, x=rng.randint(year - 6, year))]
-        lines.append(f"{e} · Annual Report {year} · Page {rng.randint(1, 12)}")
-    return lines
 
 
 # ---- pages --------------------------------------------------------------------------------------------------
@@ -266,10 +115,10 @@ class _DocWriter:
     def __init__(self, cfg: SyntheticConfig, doc_index: int, entity: str, reserved: set[str]) -> None:
         self.cfg, self.entity = cfg, entity
         self.rng = random.Random(f"vrag-synthetic:{cfg.seed}:doc:{doc_index}")
-        self.names = _Names(self.rng, reserved)
+        self.names = Names(self.rng, reserved)
         self.doc = f"doc{doc_index:04d}"
         self.year = self.rng.randint(2018, 2024)
-        self.facts = self.rng.sample(range(len(_TEXT_FACTS)), len(_TEXT_FACTS))
+        self.facts = self.rng.sample(range(len(TEXT_FACTS)), len(TEXT_FACTS))
         self.products: list[str] = []  # product lines of the satisfaction chart: distinct bar labels
         while len(self.products) < 4:
             if (name := self.names.product().split()[0]) not in self.products:
@@ -283,7 +132,7 @@ class _DocWriter:
 
     def _closing(self, c: PageCanvas) -> None:
         """Fill the rest of the page with fact-free sections, as far as they fit."""
-        for heading in _CLOSING_HEADINGS:
+        for heading in CLOSING_HEADINGS:
             if len(self.fillers) < 2:
                 return
             words = _words(" ".join(self._filler() for _ in range(2)))
@@ -299,7 +148,7 @@ class _DocWriter:
         canvas = PageCanvas(*self.cfg.page_size)
         pid = page_id(self.doc, number)
         draw = {"text": self._text, "table": self._table, "bar_chart": self._bar, "line_chart": self._line}[kind]
-        self.fillers = self.rng.sample(_FILLERS, len(_FILLERS))
+        self.fillers = self.rng.sample(FILLERS, len(FILLERS))
         qa = draw(canvas, nth, number)  # [(question, answer, box)]
         self._closing(canvas)
         canvas.footer(f"{self.entity} · Annual Report {self.year} · Page {number}")
@@ -314,13 +163,13 @@ class _DocWriter:
         return SyntheticPage(record, canvas.image, questions, jpeg)
 
     def _text(self, c: PageCanvas, nth: int, number: int) -> list[tuple[str, str, Box]]:
-        c.title(f"{self.entity}: {_TEXT_TITLES[nth]}")
+        c.title(f"{self.entity}: {TEXT_TITLES[nth]}")
         c.paragraph(_words(f"Annual Report {self.year}"), f=c.small_font)
         c.gap()
         qa = []
         for fact in self.facts[nth * FACTS_PER_TEXT_PAGE : (nth + 1) * FACTS_PER_TEXT_PAGE]:
-            heading, statement, question, maker = _TEXT_FACTS[fact]
-            value = _fact_value(maker, self.rng, self.names)
+            heading, statement, question, maker = TEXT_FACTS[fact]
+            value = fact_value(maker, self.rng, self.names)
             words = _statement_words(statement, self.entity, value, "answer")
             fillers = [self._filler() for _ in range(self.rng.randint(1, 2))]
             at = self.rng.randint(0, len(fillers))
@@ -339,8 +188,8 @@ class _DocWriter:
         c.gap()
 
     def _table(self, c: PageCanvas, nth: int, number: int) -> list[tuple[str, str, Box]]:
-        title, unit, rows, (lo, hi), question = _TABLES[nth]
-        quarterly = title in _QUARTERLY_TABLES
+        title, unit, rows, (lo, hi), question = TABLES[nth]
+        quarterly = title in QUARTERLY_TABLES
         cols = ["Q1", "Q2", "Q3", "Q4"] if quarterly else [str(self.year - 3 + k) for k in range(4)]
         cells = [[str(self.rng.randint(lo, hi)) for _ in cols] for _ in rows]
         c.title(f"{self.entity}: {title}" + (f", {self.year}" if quarterly else ""))
@@ -358,7 +207,7 @@ class _DocWriter:
         return round((c.footer_top - c.y) * 0.7)
 
     def _bar(self, c: PageCanvas, nth: int, number: int) -> list[tuple[str, str, Box]]:
-        title, unit, cats, (lo, hi), question = _BARS[nth]
+        title, unit, cats, (lo, hi), question = BARS[nth]
         cats = list(cats or self.products)
         values = [self.rng.randint(lo, hi) for _ in cats]
         c.title(f"{self.entity}: {title}, {self.year}")
@@ -371,7 +220,7 @@ class _DocWriter:
         return [(question.format(**fmt, cat=cats[i], cat_l=cats[i].lower()), str(values[i]), boxes[i]) for i in picks]
 
     def _line(self, c: PageCanvas, nth: int, number: int) -> list[tuple[str, str, Box]]:
-        title, unit, (lo, hi), question = _LINES[nth]
+        title, unit, (lo, hi), question = LINES[nth]
         xs = [str(self.year - 6 + k) for k in range(7)]
         values = [self.rng.randint(lo, hi)]
         for _ in xs[1:]:  # a bounded random walk looks like a real series
@@ -388,7 +237,7 @@ class _DocWriter:
 
 def generate(cfg: SyntheticConfig) -> Iterator[SyntheticPage]:
     """Pages in document order, rendered one at a time."""
-    entities = entity_names(cfg)
+    entities = entity_names(cfg.seed, cfg.num_docs)
     reserved = {e.split()[0] for e in entities}
     for d, entity in enumerate(entities):
         writer = _DocWriter(cfg, d, entity, reserved)

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vrag_rl.agent.images import ImageBudget
-from vrag_rl.data.synthetic import report_text
+from vrag_rl.data.report_words import report_text
 from vrag_rl.models.tiny_dense import DenseFamily, TinyDenseConfig, build_dense_model
 
 # The tiny policy's processor takes images of 4..512 merged patches; its pages are shown small.
