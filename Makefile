@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed-$(strip $(TARGET))
 
 ASSETS  := .cache/assets
 
-.PHONY: env demo serve test assets
+.PHONY: env demo serve test test-fast assets
 env: $(STAMP)
 
 # torch goes in first and is then held by a constraint: a plain resolve would pull a multi-GB CUDA build
@@ -56,3 +56,10 @@ test: env assets
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The edit loop's tier: the unit tests only, no Ray, vLLM, server, Slurm or browser start and no warm-start training
+# (tests/conftest.py marks those `slow` from the fixtures they use, and fails a fast test that starts one anyway);
+# under 5 minutes on 2 cores. It needs `make assets` for tesseract, poppler and gnuplot.pdf (the OCR and PDF ingest
+# tests); `make test` is the whole suite, and what CI runs.
+test-fast: env assets
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow" tests

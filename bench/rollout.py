@@ -27,13 +27,13 @@ import vrag_rl  # noqa: E402,F401  (torchvision shim first)
 from bench.machine import machine  # noqa: E402
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir  # noqa: E402
 from vrag_rl.data.records import load_qa  # noqa: E402
+from vrag_rl.job.warm import build_warm_policy  # noqa: E402
 from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models  # noqa: E402
-from vrag_rl.retrieval.cache import open_retriever  # noqa: E402
+from vrag_rl.retrieval.corpus_index import open_retriever  # noqa: E402
 from vrag_rl.rollout.agent_loop import AgentConfig, make_groups  # noqa: E402
 from vrag_rl.rollout.engine import SamplingConfig  # noqa: E402
 from vrag_rl.rollout.vllm_engine import VLLMConfig  # noqa: E402
 from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker  # noqa: E402
-from vrag_rl.trainer.warm import build_warm_policy  # noqa: E402
 
 
 def run_engine(name: str, policy: str, retriever, tasks, warmup, sampling: SamplingConfig, args) -> dict:

@@ -31,8 +31,8 @@ import vrag_rl  # noqa: E402,F401  (torchvision shim first)
 from bench.machine import machine  # noqa: E402
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir  # noqa: E402
 from vrag_rl.data.records import load_qa  # noqa: E402
+from vrag_rl.job.warm import build_warm_policy  # noqa: E402
 from vrag_rl.models.tiny import TinyConfig, build_tiny_models  # noqa: E402
-from vrag_rl.trainer.warm import build_warm_policy  # noqa: E402
 from vrag_rl.vllm_server import ServerProcess, free_port  # noqa: E402
 
 LEVELS = (1, 4, 16)

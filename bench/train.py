@@ -101,10 +101,11 @@ def run_ours(args) -> dict:
     from vrag_rl.agent.trajectory import Trajectory
     from vrag_rl.algo.advantages import grpo_advantages
     from vrag_rl.algo.config import AlgoConfig
+    from vrag_rl.learner.config import OptimConfig, TrainerConfig
+    from vrag_rl.learner.payloads import Batch, Objective
+    from vrag_rl.learner.trainer import LocalTrainer
     from vrag_rl.rollout.engine import GenerationRequest, SamplingConfig
     from vrag_rl.rollout.vllm_engine import VLLMConfig, VLLMEngine
-    from vrag_rl.trainer.actor import LocalTrainer
-    from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
 
     policy, items = workload(args)
     encoder = ChatEncoder(AutoProcessor.from_pretrained(policy))
@@ -118,7 +119,6 @@ def run_ours(args) -> dict:
     )
     engine = VLLMEngine(policy, vllm)
     trainer_cfg = TrainerConfig(param_dtype=args.dtype, optim=OptimConfig(lr=LR, warmup_steps=0))
-    trainer = LocalTrainer(trainer_cfg, policy, args.steps + 1, with_reference=False)
     algo = AlgoConfig(
         prompts_per_step=args.prompts,
         group_size=args.samples,
@@ -128,6 +128,7 @@ def run_ours(args) -> dict:
         kl_coef=0.0,
         old_logprobs=args.old_logprobs,
     )
+    trainer = LocalTrainer(trainer_cfg, policy, Objective(algo, TEMPERATURE), args.steps + 1)
     sampling = SamplingConfig(temperature=TEMPERATURE, max_tokens=args.max_new_tokens)
     n = args.prompts * args.samples
     steps = []
@@ -149,9 +150,9 @@ def run_ours(args) -> dict:
         rewards = torch.tensor([reward(encoder.tokenizer.decode(g.token_ids, skip_special_tokens=True)) for g in gens])
         advantages = grpo_advantages(rewards, [i // args.samples for i in range(n)]).tolist()
         marks.append(time.perf_counter())
-        old = trainer.logprobs(trajectories, TEMPERATURE) if algo.old_logprobs == "recompute" else None
+        old = trainer.logprobs(trajectories) if algo.old_logprobs == "recompute" else None
         marks.append(time.perf_counter())
-        trainer.grpo_update(trajectories, advantages, old, None, algo, TEMPERATURE)
+        trainer.grpo_update(Batch(trajectories, advantages, old))
         trainer.end_step()
         marks.append(time.perf_counter())
         nbytes = engine.update_weights(trainer.policy.full_parameters())
@@ -178,7 +179,7 @@ def run_ours(args) -> dict:
 
 def update_flops(model, trajectories) -> float:
     """6 FLOPs per weight per token it touches (see the module docstring)."""
-    from vrag_rl.trainer.batch import distinct_images
+    from vrag_rl.learner.batch import distinct_images
 
     language = model.model.language_model
     layers = sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()
@@ -193,11 +194,12 @@ def update_flops(model, trajectories) -> float:
 
 def sync_speed(name: str, vllm, trainer_cfg) -> dict:
     """Median of 3 ``update_weights`` from a fresh ``LocalTrainer`` into a fresh engine of the same model."""
+    from vrag_rl.learner.payloads import Objective
+    from vrag_rl.learner.trainer import LocalTrainer
     from vrag_rl.rollout.vllm_engine import VLLMEngine
-    from vrag_rl.trainer.actor import LocalTrainer
 
     model_dir = policy_dir(name)
-    engine, trainer = VLLMEngine(model_dir, vllm), LocalTrainer(trainer_cfg, model_dir, 1, with_reference=False)
+    engine, trainer = VLLMEngine(model_dir, vllm), LocalTrainer(trainer_cfg, model_dir, Objective(), 1)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()

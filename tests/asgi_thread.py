@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import uvicorn
 
 
@@ -28,3 +29,23 @@ def serve_app(app) -> Iterator[str]:
         srv.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextlib.contextmanager
+def request_in_flight(url: str, path: str) -> Iterator[None]:
+    """A POST to ``path`` whose body never arrives, holding one of the server's in-flight places while the block runs
+    (the server is seen busy first, and free again after: ``/health`` answers 503, then 200)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode())
+        _wait_for_health(url, 503, "the held request never took its place")
+        yield
+    _wait_for_health(url, 200, "the held request's place was not given back")
+
+
+def _wait_for_health(url: str, status: int, why: str) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(url + "/health", timeout=30).status_code != status:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)

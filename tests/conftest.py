@@ -7,7 +7,11 @@ equal colpali-engine's scorer run on freshly computed embeddings (float16 storag
 enough to swap the many near-ties of a random model). Shards of 8 pages: the 24 bundled pages make 3 shards.
 """
 
+import contextlib
+import multiprocessing.process
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,7 +111,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def warm_policy(tiny_dirs, bundled_corpus) -> Path:
     """The tiny policy after its supervised warm start: it searches, crops and answers (cached on disk)."""
-    from vrag_rl.trainer.warm import build_warm_policy
+    from vrag_rl.job.warm import build_warm_policy
 
     return build_warm_policy(tiny_dirs["policy"], bundled_corpus, CACHE / "warm")
 
@@ -125,3 +129,86 @@ def vllm_server(warm_policy, tmp_path_factory):
         yield server.base_url()
     finally:
         server.stop()
+
+
+# Test tiers (``make test-fast`` runs ``-m "not slow"``, ``make test`` everything). A test is slow when it uses,
+# directly or through other fixtures, one of these fixtures; tests that start such things in their own bodies are
+# marked ``slow`` in their modules.
+SLOW_FIXTURES = (
+    "ray_session",  # a local Ray cluster
+    "warm_policy",  # trains the tiny policy's warm start (~2 minutes) when .cache/warm is missing
+    "vllm_server",  # a vLLM OpenAI-compatible server process
+    "vllm_engine",  # a vLLM engine in a Ray actor (rollout/test_engines.py)
+    "pool",  # rollout workers with vLLM engines on Ray (rollout/test_pool.py)
+    "agent_server",  # a `python -m vrag_rl.serve` process with its vLLM engine (serving/conftest.py)
+    "browser",  # headless Chromium through Playwright (serving/conftest.py)
+    "slurm",  # munge, slurmctld and slurmd on one node (launch/test_slurm.py)
+    "cluster",  # Slurm on two nodes made of network namespaces (launch/test_two_nodes.py)
+    "straight",  # the main job in a subprocess (test_main.py)
+    "endpoint_run",  # `python -m vrag_rl.eval`, which starts Ray, against the vLLM server (evaluation/test_eval.py)
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+# The guard of the fast tier: while a test that is not marked slow sets up or runs, starting Ray, vLLM, the main
+# job, a server, Slurm or a browser fails it (a session fixture that a slow test set up earlier is not a start).
+SLOW_COMMAND = re.compile(
+    r"gcs_server|raylet|\bvllm\b|\bvrag_rl\.(main|serve|eval|retrieval\.api)\b|sbatch|slurm|munged|chromium"
+)
+_fast_test: list[str] = []  # the node id of the fast test being set up or run, if one is
+
+
+def _refuse(what: str) -> None:
+    if _fast_test:
+        raise RuntimeError(f"{_fast_test[0]} is marked fast but starts {what}: mark it slow (tests/conftest.py)")
+
+
+_execute_child = subprocess.Popen._execute_child
+_process_start = multiprocessing.process.BaseProcess.start
+
+
+def _guarded_execute_child(self, args, *a, **kw):  # every subprocess.Popen (run, check_output, ...) comes here
+    argv = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+    if found := SLOW_COMMAND.search(argv):
+        _refuse(f"a process of {found.group(0)!r} ({argv[:200]})")
+    return _execute_child(self, args, *a, **kw)
+
+
+def _guarded_process_start(self):
+    module = getattr(getattr(self, "_target", None), "__module__", None) or ""
+    if module.split(".")[0] in ("vllm", "ray"):  # vLLM's engine core process (``LLM``, ``AsyncLLM``)
+        _refuse(f"a process running {module}")
+    _process_start(self)
+
+
+subprocess.Popen._execute_child = _guarded_execute_child
+multiprocessing.process.BaseProcess.start = _guarded_process_start
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _fast_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _fast_guard(item):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _fast_guard(item):
+    fast = item.get_closest_marker("slow") is None
+    if fast:
+        _fast_test.append(item.nodeid)
+    try:
+        yield
+    finally:
+        if fast:
+            _fast_test.clear()

@@ -12,7 +12,7 @@ import runpy
 import signal
 import sys
 
-import vrag_rl.trainer.checkpoint as checkpoint
+import vrag_rl.job.checkpoint as checkpoint
 
 
 def kill_at(point: str, step: int) -> None:

@@ -2,14 +2,18 @@
 
 Layers, lowest first (a unit imports only units of lower layers, and modules of its own unit):
 
-    0  compat, choice, settings, chat_api, vllm_server  foundations
+    0  compat, choice, flat_settings, chat_api,          foundations
+       progress, http_guard
     1  agent, algo                                      the protocol, the RL math
     2  data                                             corpora, records, converters, expert trajectories
     3  reward, retrieval
     4  models                                           the tiny kit, the training-side forward
-    5  rollout                                          engines, the agent loop, workers
+    5  rollout, learner                                 engines, the agent loop, workers; the policy trained on
+                                                        ranks (neither knows the other: weights move through
+                                                        the job's controller)
     6  evaluation, serving                              per-question scores and the report; the agent served
-    7  trainer                                          trainer ranks, SFT, the GRPO controller
+    7  job                                              the GRPO controller, SFT data and loop, checkpoints,
+                                                        tracking, the warm start
     8  cli                                              the options (and tiny defaults) the entry points share
     9  main, watch, eval, serve                         entry points: never imported by the library
    10  vrag_rl (the package root)                       installs the compat hook before anything runs
@@ -29,9 +33,11 @@ LAYERS = {
     "vrag_rl": 10,
     "vrag_rl.compat": 0,
     "vrag_rl.choice": 0,
-    "vrag_rl.settings": 0,
+    "vrag_rl.flat_settings": 0,
     "vrag_rl.chat_api": 0,
     "vrag_rl.vllm_server": 0,
+    "vrag_rl.http_guard": 0,
+    "vrag_rl.progress": 0,
     "vrag_rl.agent": 1,
     "vrag_rl.algo": 1,
     "vrag_rl.data": 2,
@@ -39,9 +45,10 @@ LAYERS = {
     "vrag_rl.retrieval": 3,
     "vrag_rl.models": 4,
     "vrag_rl.rollout": 5,
+    "vrag_rl.learner": 5,
     "vrag_rl.evaluation": 6,
     "vrag_rl.serving": 6,
-    "vrag_rl.trainer": 7,
+    "vrag_rl.job": 7,
     "vrag_rl.cli": 8,
     "vrag_rl.main": 9,
     "vrag_rl.watch": 9,
@@ -159,14 +166,25 @@ def planted(tmp_path: Path, edits: dict[str, str]) -> Path:
 
 
 def test_a_planted_upward_import_is_caught_with_file_and_line(tmp_path):
-    root = planted(tmp_path, {"agent/prompt.py": "from vrag_rl.trainer.grpo import run  # planted"})
+    root = planted(tmp_path, {"agent/prompt.py": "from vrag_rl.job.grpo import run  # planted"})
     line = len((root / "agent/prompt.py").read_text().splitlines())
     problems = layer_violations(root)
     assert len(problems) == 1
     assert problems[0].startswith(f"{root / 'agent/prompt.py'}:{line}: vrag_rl.agent.prompt (layer 1) imports")
     # An entry point imported by the library is an upward import too, even from inside a function.
-    root = planted(tmp_path / "2", {"trainer/sft.py": "def f():\n    from vrag_rl import watch"})
+    root = planted(tmp_path / "2", {"job/sft.py": "def f():\n    from vrag_rl import watch"})
     assert [p for p in layer_violations(root) if "imports vrag_rl.watch" in p]
+
+
+def test_the_learner_knows_neither_the_rollout_layer_nor_the_job(tmp_path):
+    """Weights leave the learner as buckets the controller streams into the engines; nothing else may join them."""
+    for n, line in enumerate(
+        ["from vrag_rl.rollout.worker import WeightSync", "from vrag_rl.job.guard import SkipGuard"]
+    ):
+        root = planted(tmp_path / str(n), {"learner/trainer.py": line + "  # planted"})
+        assert [p for p in layer_violations(root) if "vrag_rl.learner.trainer (layer 5) imports" in p]
+    root = planted(tmp_path / "back", {"rollout/worker.py": "from vrag_rl.learner.payloads import Batch  # planted"})
+    assert [p for p in layer_violations(root) if "vrag_rl.rollout.worker (layer 5) imports" in p]
 
 
 def test_a_planted_cycle_is_caught(tmp_path):

@@ -16,6 +16,8 @@ import pytest
 
 from tests.test_main import metrics, run_main
 
+pytestmark = pytest.mark.slow  # runs the main job in subprocesses, 6 steps under two seeds
+
 SMALL = [
     "+recipe=tiny_cpu",
     "sft.steps=0",

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # runs the main job (Ray, vLLM, FSDP) in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
     "+recipe=tiny_cpu",
@@ -215,7 +217,7 @@ def test_the_export_serves_the_agent_behind_vllm_serve(straight, tmp_path, tiny_
 def test_the_whole_job_runs_under_deepspeed_and_its_export_runs_on_vllm(tmp_path, warm_policy, tiny_dirs):
     """``trainer.backend=deepspeed`` (ZeRO-3, two gloo ranks) through the whole job: GRPO steps with weights
     streamed into the vLLM rollout engine, validation, checkpoints, export; the export runs the agent on
-    vLLM (``vrag_rl.watch``). Resume under DeepSpeed is checked bit for bit in ``trainer/test_zero.py``. Its
+    vLLM (``vrag_rl.watch``). Resume under DeepSpeed is checked bit for bit in ``learner/test_zero.py``. Its
     steps are on-policy (one mini-batch) and take their old log-probs from the update (``old_logprobs=update``):
     no log-prob pass runs (there is no KL term either), and every ratio is exactly 1."""
     args = [*job_args(warm_policy, tiny_dirs), "trainer.backend=deepspeed", "algo.mini_batches=1"]

@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from vrag_rl.job.config import TrainConfig
 from vrag_rl.main import RECIPES, register_recipes
-from vrag_rl.trainer.config import TrainConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))

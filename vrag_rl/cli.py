@@ -13,15 +13,15 @@ from pathlib import Path
 
 from vrag_rl.agent.images import ImageBudget
 from vrag_rl.data.paths import BUNDLED_CORPUS, cache_dir
+from vrag_rl.job.warm import build_warm_policy
 from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models
-from vrag_rl.retrieval.cache import ensure_dense_index
+from vrag_rl.retrieval.corpus_index import ensure_dense_index
 from vrag_rl.retrieval.dense import DenseConfig
 from vrag_rl.retrieval.types import SearchMode
 from vrag_rl.rollout.agent_loop import AgentConfig
 from vrag_rl.rollout.endpoint_engine import EndpointConfig
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 from vrag_rl.rollout.worker import RolloutConfig
-from vrag_rl.trainer.warm import build_warm_policy
 
 
 def add_corpus_args(p: argparse.ArgumentParser) -> None:

@@ -33,11 +33,11 @@ from vrag_rl.evaluation.metrics import Method
 from vrag_rl.evaluation.report import build_report, compare, markdown
 from vrag_rl.evaluation.run import RESULTS, SETTINGS, EvalRun, evaluate, read_results
 from vrag_rl.evaluation.teacher import KEEP_BY, write_sft_data
-from vrag_rl.retrieval.cache import ensure_index, open_retriever
+from vrag_rl.flat_settings import flatten
+from vrag_rl.retrieval.corpus_index import ensure_index, open_retriever
 from vrag_rl.reward.judge import JudgeClient, JudgeConfig
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.worker import RolloutPool, RolloutWorker
-from vrag_rl.settings import flatten
 
 log = logging.getLogger("vrag_rl.eval")
 

@@ -1,9 +1,9 @@
 """The main job: ``python -m vrag_rl.main +recipe=NAME`` (Hydra; any key can be overridden on the command line).
 
 Recipes live in ``recipes/NAME.yaml`` and only set values; the schema (keys, types, defaults, checks) is
-``vrag_rl.trainer.config.TrainConfig``, registered here as ``train_schema``. ``+recipe=tiny_cpu`` is the built-in
+``vrag_rl.job.config.TrainConfig``, registered here as ``train_schema``. ``+recipe=tiny_cpu`` is the built-in
 default ``make demo`` runs: tiny models, the bundled corpus, 2 CPU cores. What a run does, step by step:
-``vrag_rl/trainer/grpo.py``.
+``vrag_rl/job/grpo.py``.
 A bad key or value stops the job at start, with the key named.
 """
 
@@ -17,8 +17,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from vrag_rl.job.config import TrainConfig
 from vrag_rl.reward.judge import JudgeConfig
-from vrag_rl.trainer.config import TrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -47,8 +47,8 @@ register_recipes()
 def main(raw: DictConfig) -> None:
     import ray
 
-    from vrag_rl.trainer.cluster import NodeWatch
-    from vrag_rl.trainer.grpo import run
+    from vrag_rl.job.cluster import NodeWatch
+    from vrag_rl.job.grpo import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg: TrainConfig = OmegaConf.to_object(raw)  # runs the dataclasses' value checks

@@ -31,7 +31,7 @@ from vrag_rl.cli import (
 )
 from vrag_rl.data.records import load_pages
 from vrag_rl.retrieval.base import PageCatalog
-from vrag_rl.retrieval.cache import open_retriever
+from vrag_rl.retrieval.corpus_index import open_retriever
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.worker import RolloutWorker
 from vrag_rl.serving.app import create_app

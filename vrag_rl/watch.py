@@ -7,7 +7,7 @@ to see what a policy does.
 
 Defaults need nothing but this repository: the bundled synthetic corpus, the tiny ColQwen2 retriever
 (its index is built into the cache on first use) and the tiny policy after its supervised warm start
-(``vrag_rl.trainer.warm``), on the vLLM engine. Point ``--policy`` at any exported checkpoint to watch it
+(``vrag_rl.job.warm``), on the vLLM engine. Point ``--policy`` at any exported checkpoint to watch it
 instead, ``--engine hf`` to use transformers.
 """
 
@@ -28,7 +28,7 @@ from vrag_rl.cli import (
     rollout_config,
 )
 from vrag_rl.data.records import load_pages, load_qa, page_label
-from vrag_rl.retrieval.cache import open_retriever
+from vrag_rl.retrieval.corpus_index import open_retriever
 from vrag_rl.reward.actor import RewardScorer
 from vrag_rl.reward.score import RewardConfig
 from vrag_rl.rollout.agent_loop import make_groups

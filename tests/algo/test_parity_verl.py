@@ -139,7 +139,9 @@ def test_policy_loss_matches_verl_vanilla(seed, dtype, shape, agg):
     clip_low, clip_high, c = [(0.2, 0.2, 3.0), (0.2, 0.28, 3.0), (0.1, 0.3, 1.5), (0.3, 0.2, 10.0)][seed]
 
     ours_logp = logp.clone().requires_grad_(True)
-    loss, metrics = policy_loss(ours_logp, old, adv, mask, clip_low, clip_high, c, agg)
+    loss, metrics = policy_loss(
+        ours_logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip_c=c, agg=agg
+    )
     loss.backward()
     verl_logp = logp.clone().requires_grad_(True)
     expected, verl_metrics = core_algos.compute_policy_loss_vanilla(

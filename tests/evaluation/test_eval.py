@@ -247,13 +247,14 @@ def test_teacher_trajectories_round_trip_into_sft(bundled_corpus, bundled_index,
 
     from vrag_rl.agent.chat import ChatEncoder
     from vrag_rl.evaluation.teacher import load_recordings
+    from vrag_rl.job.sft import ExpertData, run_sft
+    from vrag_rl.learner.config import OptimConfig, TrainerConfig
+    from vrag_rl.learner.payloads import Objective
+    from vrag_rl.learner.trainer import LocalTrainer
     from vrag_rl.models.tiny import TINY_BUDGET
     from vrag_rl.retrieval.base import PageCatalog
     from vrag_rl.rollout.agent_loop import AgentConfig
     from vrag_rl.rollout.replay import Recording, replay
-    from vrag_rl.trainer.actor import LocalTrainer
-    from vrag_rl.trainer.settings import OptimConfig, TrainerConfig
-    from vrag_rl.trainer.sft import ExpertData, run_sft
 
     judge = ["--judge-url", f"{judge_server.url}/reply/True", "--judge-model", "j"]
     run = tmp_path / "teacher"
@@ -274,17 +275,18 @@ def test_teacher_trajectories_round_trip_into_sft(bundled_corpus, bundled_index,
         assert (
             len(replayed.trajectory) == row["process"]["tokens"] and replayed.num_invalid == row["process"]["invalid"]
         )
-    data = ExpertData([], bundled_corpus, encoder, expert=False, teacher=kept, agent=agent, progress=False)
+    data = ExpertData([], bundled_corpus, encoder, agent, expert=False, teacher=kept, progress=False)
     assert len(data.trajectories) == len(kept)
     trainer = LocalTrainer(
-        TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=0)), str(tiny_dirs["policy"]), 3, False
+        TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=0)), str(tiny_dirs["policy"]), Objective(), 3
     )
-    nll = [row["nll"] for row in run_sft(trainer, data, 3, len(kept), 0, seed=0)]  # the same batch each step
+    batches = data.batches(len(kept), 0, seed=0)  # the same batch each step
+    nll = [row["nll"] for row in run_sft(trainer, batches, 3)]
     assert all(v == v and v > 0 for v in nll) and nll[-1] < nll[0]
 
 
 def test_the_retriever_alone_on_the_single_vector_index(table_corpus, bundled_index, tiny_dirs, tmp_path, embedder):
-    from vrag_rl.retrieval.cache import ensure_dense_index
+    from vrag_rl.retrieval.corpus_index import ensure_dense_index
     from vrag_rl.retrieval.local import LocalRetriever
 
     clip = str(tiny_dirs["clip"])

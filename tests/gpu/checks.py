@@ -40,10 +40,11 @@ import vrag_rl  # noqa: E402,F401  (the torchvision hook)
 from vrag_rl.agent.chat import ChatEncoder  # noqa: E402
 from vrag_rl.agent.prompt import PromptConfig, build_reference_messages  # noqa: E402
 from vrag_rl.agent.trajectory import Trajectory  # noqa: E402
+from vrag_rl.learner.batch import forward_logprobs  # noqa: E402
+from vrag_rl.learner.config import OptimConfig, TrainerConfig  # noqa: E402
+from vrag_rl.learner.payloads import Batch, Objective, RankShare  # noqa: E402
+from vrag_rl.learner.policy import PolicyTrainer  # noqa: E402
 from vrag_rl.retrieval.maxsim import maxsim, pad_queries, plan_chunks  # noqa: E402
-from vrag_rl.trainer.batch import forward_logprobs  # noqa: E402
-from vrag_rl.trainer.policy import PolicyTrainer  # noqa: E402
-from vrag_rl.trainer.settings import OptimConfig, TrainerConfig  # noqa: E402
 
 POLICY = Path(os.environ.get("VRAG_RL_CACHE", ROOT / ".cache")) / "warm"
 PAGES = ROOT / "data" / "synthetic-small" / "pages"
@@ -86,17 +87,21 @@ def sharded_trainer(device: str, attn: str = "sdpa") -> PolicyTrainer:
         attn_implementation=attn,
         optim=OptimConfig(lr=1e-3, warmup_steps=0),
     )
-    return PolicyTrainer.for_model(str(POLICY), cfg, total_steps=10, with_reference=False)
+    return PolicyTrainer.for_model(str(POLICY), cfg, Objective(), total_steps=10)
+
+
+def whole(batch: list[Trajectory]) -> RankShare:
+    """The batch as one rank's share: one micro-batch of all of it."""
+    everything = list(range(len(batch)))
+    return RankShare(Batch(batch), [(everything, 1.0)], everything, Batch(batch).response_tokens)
 
 
 def check_fsdp2_bf16(device: str, batch: list[Trajectory]) -> dict:
     trainer = sharded_trainer(device)
     assert trainer.sharded and trainer.world_size == 1
-    plan = [(list(range(len(batch))), 1.0)]
-    tokens = sum(sum(t.response_mask) for t in batch)
-    first = trainer.sft_update(batch, plan, tokens)
+    first = trainer.sft_update(whole(batch))
     trainer.end_step()
-    second = trainer.sft_update(batch, plan, tokens)
+    second = trainer.sft_update(whole(batch))
     assert all(np.isfinite(v) for v in (*first.values(), *second.values())), (first, second)
     assert second["nll"] < first["nll"], (first["nll"], second["nll"])
     return {"nll": [first["nll"], second["nll"]], "grad_norm": first["grad_norm"]}
@@ -106,8 +111,7 @@ def check_logprobs_vs_fp32(device: str, batch: list[Trajectory]) -> dict:
     from transformers import AutoModelForImageTextToText
 
     trainer = sharded_trainer(device)
-    plan = [(list(range(len(batch))), 1.0)]
-    bf16 = trainer.logprobs(batch, plan, 1.0)
+    bf16 = trainer.logprobs(whole(batch))
     fp32_model = AutoModelForImageTextToText.from_pretrained(POLICY, dtype=torch.float32).to(device).eval()
     data = {k: v.to(device) for k, v in trainer._batch(batch).items()}
     with torch.no_grad():

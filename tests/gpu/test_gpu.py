@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # runs tests/gpu/checks.py: vLLM and training in subprocesses
+
 CHECKS = Path(__file__).with_name("checks.py")
 
 

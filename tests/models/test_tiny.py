@@ -125,6 +125,7 @@ print("PROMPT", json.dumps(list(out[0].prompt_token_ids)))
 """
 
 
+@pytest.mark.slow  # vLLM in a subprocess
 def test_vllm_loads_policy_and_matches_hf_greedy(tiny_dirs, tiny_processor, tiny_policy):
     """vLLM's CPU engine loads the kit's policy directory and reproduces HF greedy decoding with an image.
 

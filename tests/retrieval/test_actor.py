@@ -21,6 +21,7 @@ from vrag_rl.retrieval.actor import (
     start_retriever_actor,
 )
 from vrag_rl.retrieval.local import LocalRetriever
+from vrag_rl.retrieval.types import SearchSettings
 
 QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "bar chart", "who founded it", "net profit", "map"]
 DELAY = 0.5  # each shard search sleeps this long: time to kill an actor while a batch is in flight
@@ -129,8 +130,8 @@ def test_results_equal_single_process(distributed, oracle, bundled_corpus, monke
     images = [Image.open(p.file).convert("RGB") for p in load_pages(bundled_corpus)[5:7]]
     assert distributed.search_by_image(images, 3) == oracle.search_by_image(images, 3)
     # Approximate mode: every shard has its own FAISS index, so the split over actors changes nothing either.
-    monkeypatch.setattr(distributed, "index_mode", "approx")
-    monkeypatch.setattr(oracle, "index_mode", "approx")
+    monkeypatch.setattr(distributed, "settings", SearchSettings(index_mode="approx"))
+    monkeypatch.setattr(oracle, "settings", SearchSettings(index_mode="approx"))
     assert distributed.search(QUERIES, top_k=5) == oracle.search(QUERIES, top_k=5)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from asgi_thread import serve_app
+from asgi_thread import request_in_flight, serve_app
 from PIL import Image
 
 from vrag_rl.data.records import load_pages, write_pages
@@ -259,6 +259,27 @@ def test_body_limits(client):
     assert r.status_code == 422
 
 
+def test_past_the_in_flight_limit_a_request_gets_503_with_retry_after(retriever):
+    with serve_app(create_app(retriever, Limits(max_in_flight=1))) as url, request_in_flight(url, "/search"):
+        r = httpx.post(url + "/search", json={"queries": ["q"]}, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json() == {"detail": "busy: 1 requests in flight; retry shortly"}
+
+
+def test_unknown_routes_and_unplanned_failures_answer_in_the_same_shape(client, retriever, monkeypatch):
+    assert client.get("/nope").json() == {"detail": "Not Found: GET /nope"}
+    assert client.put("/search").json() == {"detail": "Method Not Allowed: PUT /search"}
+
+    def fail(*args):
+        raise RuntimeError("/srv/secret/path: an internal failure")
+
+    monkeypatch.setattr(retriever, "search", fail)
+    r = client.post("/search", json={"queries": ["q"]})
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error; the server's log has the details"}
+    monkeypatch.undo()
+    assert client.post("/search", json={"queries": ["q"]}).status_code == 200  # on the same connection, kept open
+
+
 def test_text_mode_without_text_index_is_400(client, retriever, monkeypatch):
     monkeypatch.setattr(retriever, "text_index", None)
     r = client.post("/search", json={"queries": ["q"], "mode": "text"})
@@ -316,6 +337,7 @@ def cli_server(corpus: Path, index: Path, model: Path):
         proc.wait(30)
 
 
+@pytest.mark.slow  # a `python -m vrag_rl.retrieval.api` server process
 def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
     """``python -m vrag_rl.retrieval.api`` as documented, on a free port; same answers as the LocalRetriever."""
     with cli_server(corpus, api_index, tiny_dirs["retriever"]) as (base, _):
@@ -326,6 +348,7 @@ def test_cli_serves_on_loopback(corpus, api_index, tiny_dirs, retriever):
         assert r.status_code == 200  # text modes from CORPUS/ocr.parquet, found without a flag
 
 
+@pytest.mark.slow  # a `python -m vrag_rl.retrieval.api` process
 def test_cli_refuses_a_stale_index(bundled_corpus, api_index, tiny_dirs):
     """The api index holds two pages the bundled corpus lacks: the server must not start on it."""
     cmd = [
@@ -352,6 +375,7 @@ def _png_b64(size: tuple[int, int]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+@pytest.mark.slow  # a server process and 16 40-megapixel queries
 def test_a_burst_of_maximal_image_queries_keeps_memory_bounded(corpus, api_index, tiny_dirs):
     """16 concurrent requests, each a 40-megapixel image (120 MB decoded), at a real server process on
     127.0.0.1: every answer is 200 or a JSON 503, the server's memory grows by far less than 16 decodes would

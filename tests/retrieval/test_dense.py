@@ -192,7 +192,7 @@ def test_dense_search_by_text_and_image_ranks_every_page_by_cosine(dense_retriev
 def test_hybrid_fuses_the_rankings_of_every_index(dense_retriever, bundled_corpus):
     """Reciprocal rank fusion (``fusion.py``, tested on its own) of the ColQwen2, BM25 and single-vector rankings."""
     assert dense_retriever.modes() == ["visual", "text", "dense", "hybrid"]
-    depth = dense_retriever.fusion_depth
+    depth = dense_retriever.settings.fusion_depth
     rankings = [dense_retriever.search(QUERIES, top_k=depth, mode=m) for m in ("visual", "text", "dense")]
     for q, hits in enumerate(dense_retriever.search(QUERIES, top_k=5, mode="hybrid")):
         want = reciprocal_rank_fusion([[h.page_id for h in r[q]] for r in rankings], k=60, top_k=5)
@@ -250,7 +250,7 @@ def test_the_distributed_retriever_carries_the_single_vector_index(
 def test_the_cache_builds_the_corpus_index_once_and_again_when_the_corpus_changes(
     bundled_corpus, tiny_dirs, tmp_path, monkeypatch
 ):
-    from vrag_rl.retrieval.cache import ensure_dense_index
+    from vrag_rl.retrieval.corpus_index import ensure_dense_index
 
     monkeypatch.setenv("VRAG_RL_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus"
@@ -269,6 +269,7 @@ def test_the_cache_builds_the_corpus_index_once_and_again_when_the_corpus_change
     assert SingleVectorIndex.load(other.index_dir).fingerprint == DenseEmbedder(other).fingerprint
 
 
+@pytest.mark.slow  # `python -m vrag_rl.retrieval.api` processes
 def test_the_search_api_command_serves_the_single_vector_index(
     dense_retriever, bundled_corpus, bundled_index, tiny_dirs, dense_dir, tmp_path
 ):

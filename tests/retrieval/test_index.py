@@ -16,7 +16,7 @@ from vrag_rl.retrieval.embed import PageEmbedder, model_fingerprint
 from vrag_rl.retrieval.index import MultiVectorIndex, StaleIndexError
 from vrag_rl.retrieval.maxsim import maxsim, pad_queries, plan_chunks
 from vrag_rl.retrieval.synthetic_vectors import SyntheticCorpus, SyntheticSpec
-from vrag_rl.retrieval.types import IndexConfig, rank
+from vrag_rl.retrieval.types import FaissKind, IndexConfig, rank
 
 TOL = 1e-4
 
@@ -381,6 +381,17 @@ def test_search_validation(tmp_path):
         index.search(good, 3, "approx")
     with pytest.raises(FileExistsError):
         create(tmp_path / "i", random_pages(10, seed=8))
+
+
+def test_each_index_takes_only_its_own_faiss_kinds():
+    from vrag_rl.retrieval.dense_index import DenseIndexConfig
+
+    assert IndexConfig(approx="none").approx is FaissKind.NONE
+    assert DenseIndexConfig(kind="exact").kind is FaissKind.EXACT
+    with pytest.raises(ValueError, match=r"approx must be one of \['ivf', 'hnsw', 'none'\], got 'exact'"):
+        IndexConfig(approx="exact")
+    with pytest.raises(ValueError, match=r"kind must be one of \['exact', 'ivf', 'hnsw'\], got 'none'"):
+        DenseIndexConfig(kind="none")
 
 
 def test_cli_build_and_add(bundled_corpus, tiny_dirs, tmp_path, capsys):

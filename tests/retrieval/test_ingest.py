@@ -216,7 +216,7 @@ def test_images_become_rgb_jpeg_pages(tmp_path):
     _save(Image.fromarray(deep), src / "ramp16.png", "PNG")
     _save(_picture(99, size=(1000, 500)), src / "poster.png", "PNG")
     _save(_picture(5), src / ".hidden.png", "PNG")  # hidden entries of a walked directory are not inputs
-    out = src / "corpus"  # inside the source tree: never ingested into itself
+    out = tmp_path / "corpus"
 
     result = ingest([src], out, IngestConfig(max_side=400, checkpoint_seconds=0), progress=False)
     assert result.problems == []
@@ -237,8 +237,54 @@ def test_images_become_rgb_jpeg_pages(tmp_path):
     assert ramp[0] < 15 and ramp[-1] > 240 and abs(ramp[32] - 130) < 15  # rescaled, not clipped to white
     assert (pages["poster_1"].width, pages["poster_1"].height) == (400, 200)
 
-    again = ingest([src], out, IngestConfig(max_side=400), progress=False)  # the corpus is not an input
+    again = ingest([src], out, IngestConfig(max_side=400), progress=False)
     assert (again.pages_written, again.pages_reused, again.problems) == (0, 10, [])
+
+
+def test_sources_overlapping_the_corpus_are_refused_and_no_file_is_touched(tmp_path, capsys):
+    """Scans kept in ``scans/pages``: ingesting them into ``scans`` would name the pages ``invoice_1.jpg`` beside
+    the originals and then delete the originals as orphans; ingesting a corpus into itself would add its own pages
+    again as new documents. Both are refused before anything is written, as is a corpus inside a source."""
+    scans = tmp_path / "scans"
+    _save(_picture(1), scans / "pages" / "invoice.jpg", "JPEG")
+    _save(_picture(2), scans / "pages" / "receipt.jpg", "JPEG")
+    before = {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()}
+    for sources, out, says in [
+        ([scans / "pages"], scans, "is inside the corpus"),
+        ([scans], scans, "is inside the corpus"),
+        ([tmp_path], scans, "is inside the source"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            ingest(sources, out, progress=False)
+        assert {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit) as exit_:
+        main([str(scans / "pages"), "--out", str(scans), "--no-progress"])
+    assert exit_.value.code == 2 and "is inside the corpus" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()} == before
+
+
+def test_only_page_files_a_manifest_listed_are_ever_deleted(tmp_path):
+    """A file of the user's in ``CORPUS/pages`` that no manifest ever listed survives every run, also one that
+    drops pages; a manifest row naming a file outside ``pages/`` deletes nothing there either."""
+    src = tmp_path / "src"
+    for k in range(3):
+        _save(_picture(k), src / f"p{k}.png", "PNG")
+    out = tmp_path / "c"
+    ingest([src], out, progress=False)
+    mine = out / "pages" / "mine.jpg"
+    _save(_picture(9), mine, "JPEG")
+    (src / "p2.png").unlink()
+    ingest([src], out, IngestConfig(max_pages=1), progress=False)  # p2 is no longer an input: its page stays
+    assert mine.is_file() and (out / "pages" / "p2_1.jpg").is_file()
+    outside = tmp_path / "precious.jpg"
+    outside.write_bytes(b"not a page")
+    table = pq.read_table(out / "pages.parquet")
+    files = table.column("file").to_pylist()
+    files[0] = "pages/../../precious.jpg"  # a hostile or damaged manifest
+    pq.write_table(table.set_column(table.schema.get_field_index("file"), "file", [files]), out / "pages.parquet")
+    (src / "p0.png").write_bytes((src / "p1.png").read_bytes())  # changed: its old row is dropped
+    ingest([src], out, progress=False)
+    assert outside.read_bytes() == b"not a page" and mine.is_file()
 
 
 def test_doc_names_are_sanitized_stems():

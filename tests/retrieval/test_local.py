@@ -19,7 +19,7 @@ from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.index import StaleIndexError
 from vrag_rl.retrieval.local import LocalRetriever
 from vrag_rl.retrieval.ocr import OCR_FILE
-from vrag_rl.retrieval.types import rank
+from vrag_rl.retrieval.types import IndexMode, SearchSettings, rank
 
 QUERIES = ["annual revenue table", "Lagas Dynamics research centre", "bar chart of sales", "who founded it"]
 
@@ -48,7 +48,7 @@ def corpus_copy(bundled_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def retriever(corpus_copy, visual_index, embedder) -> LocalRetriever:
-    return LocalRetriever(corpus_copy, visual_index, embedder, fusion_depth=10)
+    return LocalRetriever(corpus_copy, visual_index, embedder, settings=SearchSettings(fusion_depth=10))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_text_search_reads_ocr_parquet(retriever):
 
 def test_hybrid_is_rrf_of_visual_and_text(retriever):
     queries = ["word3 even", "odd chart"]
-    depth = retriever.fusion_depth
+    depth = retriever.settings.fusion_depth
     visual = retriever.search(queries, depth, "visual")
     text = retriever.search(queries, depth, "text")
     hybrid = retriever.search(queries, 6, "hybrid")
@@ -141,6 +141,17 @@ def test_search_argument_errors(retriever):
     with pytest.raises(TypeError):
         retriever.search("one string", 3)
     assert retriever.search([], 3) == []
+
+
+def test_search_settings_are_checked_when_made():
+    assert SearchSettings(index_mode="approx").index_mode is IndexMode.APPROX
+    for bad, what in (
+        (dict(index_mode="fuzzy"), "index_mode"),
+        (dict(fusion_depth=0), "fusion_depth"),
+        (dict(rrf_k=-1), "rrf_k"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            SearchSettings(**bad)
 
 
 def test_text_modes_need_a_text_index(bundled_corpus, visual_index, embedder, tmp_path):

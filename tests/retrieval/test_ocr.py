@@ -269,6 +269,7 @@ def test_auto_reads_the_layer_where_there_is_one_and_tesseract_where_not(manual,
     assert len(calls) == 5 and {r.source for r in load_ocr(corpus)} == {"ocr"}
 
 
+@pytest.mark.slow  # tesseract over five pages of the manual
 def test_text_search_over_the_layer_finds_pages_at_least_as_well_as_over_ocr(manual, tmp_path):
     """Queries are each page's rarest words by poppler (neither source's own text): recall@1 of BM25 per source."""
     pages = [p for p in load_pages(manual) if p.doc == "gnuplot"]
@@ -287,6 +288,7 @@ def test_text_search_over_the_layer_finds_pages_at_least_as_well_as_over_ocr(man
     assert recall["pdf"] == 1.0 and recall["pdf"] >= recall["ocr"], recall
 
 
+@pytest.mark.slow  # tesseract over five pages of the manual
 @pytest.mark.parametrize("how", ["changed", "gone"])
 def test_a_source_pdf_changed_or_gone_since_ingest_is_not_read(manual, tmp_path, how):
     corpus = copy_corpus(manual, tmp_path / "c")

@@ -128,13 +128,13 @@ def test_frames_are_shown_with_their_times(videos, tmp_path):
     """The demo's events, the evaluation's browsing page and the watch transcripts name a frame with its time."""
     from vrag_rl.data.records import page_label
     from vrag_rl.evaluation.browse import write_browser
-    from vrag_rl.serving.events import view_json
+    from vrag_rl.serving.events import View
 
     corpus = tmp_path / "corpus"
     ingest([videos / "talk.mp4"], corpus, IngestConfig(video=SAMPLING), progress=False)
     frame = {p.page_id: p for p in load_pages(corpus)}["talk_3"]
     assert page_label(frame.page_id, frame.timestamp) == "talk_3 (at 6.0 s)"
-    assert view_json("talk_3", None, {"talk_3": (320, 240, frame.timestamp)})["timestamp"] == 6.0
+    assert View.of("talk_3", None, {"talk_3": (320, 240, frame.timestamp)}).to_json()["timestamp"] == 6.0
     row = {
         "qid": "v:1",
         "data_source": "video",

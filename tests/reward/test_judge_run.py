@@ -12,7 +12,11 @@ import json
 import os
 import uuid
 
+import pytest
+
 from tests.test_main import run_main
+
+pytestmark = pytest.mark.slow  # runs the main job in subprocesses
 
 SHORT = [
     "+recipe=tiny_cpu",

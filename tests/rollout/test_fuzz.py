@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from PIL import Image
 
 from tests.rollout.conftest import TINY_BUDGET
@@ -112,6 +113,7 @@ def check(rollouts, cfg: AgentConfig, retriever) -> None:
                 assert 0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height
 
 
+@pytest.mark.slow  # 10,000 turns through the agent loop: minutes on 2 cores
 def test_ten_thousand_adversarial_turns_run_without_an_exception(encoder, retriever, bundled_corpus):
     sampling = SamplingConfig(temperature=1.0, max_tokens=256)
     outputs, rollouts = 0, []

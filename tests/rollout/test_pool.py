@@ -14,6 +14,7 @@ import torch
 
 from tests.rollout.conftest import TINY_BUDGET, recompute_logprobs
 from vrag_rl.data.records import load_qa
+from vrag_rl.learner.payloads import iter_buckets
 from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.vllm_engine import VLLMConfig
@@ -105,8 +106,8 @@ def test_streamed_update_then_greedy_equals_hf(pool, tasks, warm_policy, retriev
     hf = RolloutWorker(cfg, retriever=retriever)
     g = torch.Generator().manual_seed(0)
     new = {k: v.detach() + 0.003 * torch.randn(v.shape, generator=g) for k, v in hf.engine.model.named_parameters()}
-    hf.update_weights(new)
-    sync = pool.update_weights(new.items())
+    hf.update_weights([new])  # one bucket in process; several through the object store
+    sync = pool.update_weights(iter_buckets(new.items(), 64 << 10))
     assert sync.bytes == sum(v.numel() * 4 for v in new.values()) and sync.seconds > 0
     greedy = SamplingConfig(temperature=0.0, max_tokens=96)
     got, want = pool.rollout(tasks, greedy), hf.rollout(tasks, greedy)

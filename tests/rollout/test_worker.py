@@ -7,8 +7,9 @@ import torch
 
 from tests.rollout.conftest import TINY_BUDGET
 from vrag_rl.data.records import load_qa
+from vrag_rl.learner.payloads import iter_buckets
 from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
-from vrag_rl.rollout.engine import SamplingConfig, iter_buckets
+from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.vllm_engine import VLLMConfig, collapse_runs
 from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker, WeightStream, split_by_group
 
@@ -56,6 +57,7 @@ def hf_worker(tiny_dirs, retriever):
     return RolloutWorker(cfg, retriever=retriever)
 
 
+@pytest.mark.slow  # three sampled rollouts on the transformers engine: about a minute on 2 cores
 def test_hf_worker_is_reproducible_under_a_seed(hf_worker, bundled_corpus):
     qa = load_qa(bundled_corpus)[:2]
     sampling = SamplingConfig(temperature=1.0, max_tokens=24)

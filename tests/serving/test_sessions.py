@@ -14,6 +14,7 @@ from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
 from vrag_rl.rollout.endpoint_engine import EndpointConfig, EndpointEngine
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.hf_engine import HFEngine
+from vrag_rl.serving.events import ErrorEvent, Event, ImageSearchEvent, ResultEvent, TurnEvent
 from vrag_rl.serving.sessions import Busy, Question, SchedulerConfig, SessionScheduler
 
 SAMPLING = SamplingConfig(temperature=0.0, max_tokens=64)
@@ -30,20 +31,20 @@ class Collector:
     """Each session's events, in order; ``wait`` blocks until a session's last event (result or error)."""
 
     def __init__(self):
-        self.events: dict[str, list[dict]] = {}
+        self.events: dict[str, list[Event]] = {}
         self.ended: dict[str, threading.Event] = {}
 
     def emit_for(self, key: str):
         self.events[key], self.ended[key] = [], threading.Event()
 
-        def emit(event: dict) -> None:
+        def emit(event: Event) -> None:
             self.events[key].append(event)
-            if event["type"] in ("result", "error"):
+            if isinstance(event, (ResultEvent, ErrorEvent)):
                 self.ended[key].set()
 
         return emit
 
-    def wait(self, key: str, timeout: float = 120) -> dict:
+    def wait(self, key: str, timeout: float = 120) -> Event:
         assert self.ended[key].wait(timeout), f"session {key} did not end: {self.events[key]}"
         return self.events[key][-1]
 
@@ -68,11 +69,11 @@ def test_sessions_joining_mid_way_sample_what_the_loop_samples_alone(loop, bundl
     finally:
         scheduler.close()
     for i, (rollout, result) in enumerate(zip(alone, results)):
-        assert result["type"] == "result"
-        assert [t["text"] for t in result["turns"]] == rollout.texts
-        assert [e for e in got.events[str(i)] if e["type"] == "turn"] == result["turns"]  # streamed, then summed up
-        assert result["answer"] == rollout.answer
-    turns = sum(len(r["turns"]) for r in results)
+        assert isinstance(result, ResultEvent)
+        assert [t.text for t in result.turns] == rollout.texts
+        assert [e for e in got.events[str(i)] if isinstance(e, TurnEvent)] == result.turns  # streamed, then summed up
+        assert result.answer == rollout.answer
+    turns = sum(len(r.turns) for r in results)
     assert scheduler.stepped == turns and scheduler.steps < turns  # turns of several sessions shared steps
 
 
@@ -86,9 +87,9 @@ def test_over_capacity_submissions_are_refused_with_a_retry_estimate(loop, bundl
         with pytest.raises(Busy) as busy:
             scheduler.submit(Question(question), got.emit_for("c"))
         assert busy.value.retry_after_s >= 1
-        assert got.wait("a")["type"] == got.wait("b")["type"] == "result"
+        assert isinstance(got.wait("a"), ResultEvent) and isinstance(got.wait("b"), ResultEvent)
         scheduler.submit(Question(question), got.emit_for("d"))  # room again
-        assert got.wait("d")["type"] == "result"
+        assert isinstance(got.wait("d"), ResultEvent)
     finally:
         scheduler.close()
 
@@ -99,7 +100,7 @@ def test_a_session_past_its_time_limit_ends_with_504(loop, bundled_corpus):
     try:
         scheduler.submit(Question(load_qa(bundled_corpus)[0].question), got.emit_for("late"))
         end = got.wait("late")
-        assert end["type"] == "error" and end["status"] == 504 and "time limit" in end["message"]
+        assert isinstance(end, ErrorEvent) and end.status == 504 and "time limit" in end.message
         assert scheduler.alive and scheduler.load == (0, 0)
     finally:
         scheduler.close()
@@ -119,8 +120,8 @@ def test_a_cancelled_session_leaves_at_the_next_turn(loop, bundled_corpus):
         session = scheduler.submit(Question(load_qa(bundled_corpus)[0].question), cancel_on_first_turn)
         done = got.emit_for("after")
         scheduler.submit(Question(load_qa(bundled_corpus)[1].question), done)
-        assert got.wait("after")["type"] == "result"  # the scheduler went on
-        assert [e["type"] for e in got.events["gone"]] == ["turn"] and scheduler.load == (0, 0)
+        assert isinstance(got.wait("after"), ResultEvent)  # the scheduler went on
+        assert [type(e) for e in got.events["gone"]] == [TurnEvent] and scheduler.load == (0, 0)
     finally:
         scheduler.close()
 
@@ -136,9 +137,9 @@ def test_search_by_image_shows_its_pages_with_the_question(loop, bundled_corpus)
     finally:
         scheduler.close()
     first = got.events["img"][0]
-    assert first["type"] == "image_search" and first["views"][0]["page"] == "doc0001_2" and len(first["views"]) == 2
-    assert result["type"] == "result" and len(result["turns"]) == 1
-    assert [c["page"] for c in result["citations"]] == [v["page"] for v in first["views"]]
+    assert isinstance(first, ImageSearchEvent) and first.views[0].page == "doc0001_2" and len(first.views) == 2
+    assert isinstance(result, ResultEvent) and len(result.turns) == 1
+    assert [c.view for c in result.citations] == first.views
 
 
 def test_a_dead_policy_endpoint_ends_the_session_with_502(loop, encoder, tiny_dirs, closed_port_url):
@@ -149,7 +150,7 @@ def test_a_dead_policy_endpoint_ends_the_session_with_502(loop, encoder, tiny_di
     try:
         scheduler.submit(Question("Who founded Lagas Dynamics?"), got.emit_for("dead"))
         end = got.wait("dead")
-        assert end["type"] == "error" and end["status"] == 502 and "policy endpoint failed" in end["message"]
+        assert isinstance(end, ErrorEvent) and end.status == 502 and "policy endpoint failed" in end.message
         assert scheduler.alive and scheduler.last_error
     finally:
         scheduler.close()

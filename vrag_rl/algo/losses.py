@@ -99,6 +99,7 @@ def policy_loss(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip_c: float | None = 3.0,

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from vrag_rl.data.records import PageRecord, QARecord, atomic_write_bytes, page_id, sha256_hex, write_pages, write_qa
 from vrag_rl.data.render import Box, PageCanvas, Word
@@ -39,6 +38,7 @@ from vrag_rl.data.report_words import (
     entity_names,
     fact_value,
 )
+from vrag_rl.progress import progress_bar
 
 GENERATOR_VERSION = 1  # bump when the same config would render different pages or records
 KINDS = ("text", "table", "bar_chart", "line_chart")
@@ -269,7 +269,7 @@ def write_corpus(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = Tru
     atomic_write_bytes(meta_path, json.dumps({**meta, "complete": False}, indent=2).encode())
     pages, questions = [], []
     total = cfg.num_docs * cfg.pages_per_doc
-    for sp in tqdm(generate(cfg), total=total, unit="page", desc="synthetic pages", disable=not progress):
+    for sp in progress_bar(generate(cfg), total=total, unit="page", desc="synthetic pages", disable=not progress):
         path = out / sp.record.file
         if path.exists():  # complete (written atomically) and kept: the manifest describes the file on disk
             pages.append(replace(sp.record, checksum=sha256_hex(path.read_bytes())))

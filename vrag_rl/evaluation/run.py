@@ -17,15 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vrag_rl.data.records import QARecord
 from vrag_rl.evaluation.metrics import RANK_CUTS, Method, ranking_row, rollout_row
+from vrag_rl.flat_settings import differences
+from vrag_rl.progress import progress_bar
 from vrag_rl.reward.judge import JudgeClient, JudgeItem
 from vrag_rl.rollout.agent_loop import Task, make_groups
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.worker import RolloutBackend
-from vrag_rl.settings import differences
 
 RESULTS, SETTINGS = "results.jsonl", "settings.json"
 
@@ -121,7 +120,7 @@ def evaluate(run: EvalRun, records: list[QARecord], out: Path, settings: dict[st
     path = out / RESULTS
     done = read_results(path)
     todo = [r for r in records if r.qid not in done]
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"eval {run.method}", unit="q")
+    bar = progress_bar(total=len(records), initial=len(records) - len(todo), desc=f"eval {run.method}", unit="q")
     for chunk in chunks(todo, run.chunk_size):
         t0 = time.perf_counter()
         rows = score_chunk(run, chunk)

@@ -35,7 +35,7 @@ from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.dense import DenseConfig
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.index import MultiVectorIndex
-from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode, rank
+from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode, SearchSettings, rank
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,12 @@ class DistributedRetriever(BaseRetriever):
         index_dir: str | Path,
         embedder: EmbedderConfig | PageEmbedder,
         text_index: BM25Index | str | Path | None = None,
-        index_mode: str = IndexMode.EXACT,
-        fusion_depth: int = 50,
-        rrf_k: int = 60,
         dense: DenseConfig | None = None,
+        settings: SearchSettings = SearchSettings(),
         actors: RetrieverConfig = RetrieverConfig(),
         shard_actor: type[ShardActor] = ShardActor,
     ):
-        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k, dense)
+        super().__init__(corpus_dir, as_embedder(embedder), text_index, dense, settings)
         self.cfg = actors
         index_dir = str(Path(index_dir).resolve())  # actors may run with another working directory
         remote = ray.remote(shard_actor).options(
@@ -170,7 +168,7 @@ class DistributedRetriever(BaseRetriever):
 
     def _visual_topk(self, embeddings: list[Tensor], top_k: int) -> list[list[tuple[str, float]]]:
         emb_ref = ray.put(embeddings)  # one copy in the object store, read by every shard actor
-        per_actor = self._call_all(lambda a: a.search.remote(emb_ref, top_k, self.index_mode))
+        per_actor = self._call_all(lambda a: a.search.remote(emb_ref, top_k, self.settings.index_mode))
         # per_actor[a][q]: actor a's top-k for query q; a page lives in one shard, so no page comes twice.
         merged = [[h for hits in per_query for h in hits] for per_query in zip(*per_actor)]
         return [rank(hits, self._tie_order, top_k) for hits in merged]

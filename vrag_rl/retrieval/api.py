@@ -12,10 +12,13 @@ Endpoints:
 - ``GET /pages/{page_id}`` — the page JPEG, for clients on another machine.
 - ``GET /health`` — page count and available modes.
 
-Bad requests get JSON ``{"detail": ...}``: 422 for limits on batch size, query length and top_k; 400 for
-undecodable images, image formats outside ``Limits.image_formats``, malformed page ids and modes the server
-cannot serve; 413 for oversized bodies or images; 404 for unknown pages; 403 for a page whose file lies
-outside the corpus; 503 when the server is at capacity.
+Every error is JSON ``{"detail": message}`` (FastAPI's shape, kept for the reference API's clients; the message
+is a string): 422 for requests that do not validate and for limits on batch size, query length and top_k; 400
+for undecodable images, image formats outside ``Limits.image_formats``, malformed page ids and modes the server
+cannot serve; 413 for oversized bodies or images; 404 for unknown pages and routes, 405 for unknown methods;
+403 for a page whose file lies outside the corpus; 503 with ``Retry-After`` when the server is at capacity; 500
+for a failure nobody planned for, without its text. The body limit, the image bounds and the error replies are
+the agent API's too (``vrag_rl.http_guard``; it answers in OpenAI's shape).
 
 Memory stays bounded under a burst: at most ``max_in_flight`` requests are served at once (more get 503 at
 once, before their bodies are read); image sizes are read from the headers and a request's images together
@@ -30,40 +33,27 @@ CLI: ``python -m vrag_rl.retrieval.api --corpus C --index I --model DIR [--host 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import io
-import json
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse
-from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from vrag_rl.http_guard import DETAIL, BodyLimit, ImageDecoder, RequestLimits, install_errors, page_file
 from vrag_rl.retrieval.base import BaseRetriever
-from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode
+from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode, SearchSettings
 
 
 @dataclass(frozen=True)
-class Limits:
+class Limits(RequestLimits):
+    """The bounds of every HTTP server (bodies, requests in flight, images: ``http_guard.RequestLimits``) and the
+    search API's own."""
+
     max_batch: int = 32  # text + image queries per request
     max_query_chars: int = 1000
     max_top_k: int = 50
-    max_image_bytes: int = 10 << 20  # per decoded image file
-    max_image_pixels: int = 40_000_000  # decompression bombs: checked from the header, before decoding
-    max_request_pixels: int = 80_000_000  # all image queries of one request, from their headers
-    max_body_bytes: int = 64 << 20
-    max_in_flight: int = 8  # requests served at once
-    max_decodes: int = 2  # requests decoding images at once
-    decode_wait_s: float = 30.0
-    query_pixels: int = 4_000_000  # decoded image queries are shrunk to this many pixels
-    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's plugin names
 
 
 class SearchRequest(BaseModel):
@@ -74,49 +64,6 @@ class SearchRequest(BaseModel):
     top_k: int = 5
     mode: SearchMode = SearchMode.VISUAL
     image_mode: SearchMode = SearchMode.VISUAL
-
-
-async def refuse(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class BodyLimit:
-    """ASGI wrapper refusing bodies over ``max_bytes`` with 413, by header or while streaming (chunked), and
-    requests beyond ``max_in_flight`` at once with 503 (the event loop is one thread: a plain counter)."""
-
-    def __init__(self, app, max_bytes: int, max_in_flight: int):
-        self.app, self.max_bytes, self.max_in_flight = app, max_bytes, max_in_flight
-        self.in_flight = 0
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.in_flight >= self.max_in_flight:
-            return await refuse(send, 503, f"busy: {self.max_in_flight} requests in flight; retry shortly")
-        self.in_flight += 1
-        try:
-            await self._limited(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-    async def _limited(self, scope, receive, send):
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await refuse(send, 413, f"request body over {self.max_bytes} bytes")
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                # FastAPI re-raises HTTPExceptions met while reading the body, so this becomes a 413 reply.
-                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def _check_queries(queries: list[str], n_images: int, top_k: int, limits: Limits) -> None:
@@ -134,79 +81,18 @@ def _check_queries(queries: list[str], n_images: int, top_k: int, limits: Limits
             raise HTTPException(422, f"query {i} has {len(q)} characters; the limit is {limits.max_query_chars}")
 
 
-def open_image(data: str, i: int, limits: Limits) -> Image.Image:
-    """The image query's header, read (allowed formats only) and checked for size; nothing decoded yet."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    if len(data) > 4 * ((limits.max_image_bytes + 2) // 3):  # longer than any base64 of max_image_bytes
-        raise HTTPException(413, f"image query {i} is over {limits.max_image_bytes} bytes")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPException(400, f"image query {i} is not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw), formats=limits.image_formats)
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"image query {i} is a decompression bomb") from None
-    except (OSError, SyntaxError, ValueError):
-        raise HTTPException(400, f"image query {i} is not a decodable image of {limits.image_formats}") from None
-    w, h = image.size
-    if w * h > limits.max_image_pixels:
-        raise HTTPException(413, f"image query {i} is {w}x{h} pixels; the limit is {limits.max_image_pixels}")
-    return image
-
-
-def decode_image(image: Image.Image, i: int, limits: Limits) -> Image.Image:
-    """The opened image decoded, as RGB shrunk to ``query_pixels``."""
-    try:
-        image.load()
-        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no second full-size copy when RGB
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"image query {i} is a decompression bomb") from None
-    except (OSError, SyntaxError, ValueError):
-        raise HTTPException(400, f"image query {i} is not a decodable image") from None
-    if rgb.width * rgb.height > limits.query_pixels:
-        scale = (limits.query_pixels / (rgb.width * rgb.height)) ** 0.5
-        rgb = rgb.resize((max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale))), Image.Resampling.BILINEAR)
-    return rgb
-
-
-def _decode_all(data: list[str], limits: Limits, decoder: ThreadPoolExecutor) -> list[Image.Image]:
-    opened = [open_image(d, i, limits) for i, d in enumerate(data)]
-    pixels = sum(im.width * im.height for im in opened)
-    if pixels > limits.max_request_pixels:
-        raise HTTPException(413, f"the image queries hold {pixels} pixels; the limit is {limits.max_request_pixels}")
-    job = decoder.submit(lambda: [decode_image(im, i, limits) for i, im in enumerate(opened)])
-    try:
-        return job.result(timeout=limits.decode_wait_s)
-    except FuturesTimeout:
-        job.cancel()
-        raise HTTPException(503, f"busy decoding images on {limits.max_decodes} threads; retry shortly") from None
-
-
 def _hit_json(hits: list[Hit]) -> list[dict]:
     return [{"idx": i, "page_id": h.page_id, "score": h.score, "image_file": h.image_path} for i, h in enumerate(hits)]
-
-
-def page_file(pages, page_id: str) -> Path:
-    """The image file of a page id from a request (``pages``: anything with ``page_path``), or the HTTP error."""
-    if any(c in page_id for c in "/\\\x00") or page_id.startswith("."):
-        raise HTTPException(400, f"malformed page id {page_id!r}: page ids are {{doc}}_{{page}}, not paths")
-    try:
-        return pages.page_path(page_id)
-    except (KeyError, FileNotFoundError):
-        raise HTTPException(404, f"no page {page_id!r} in the corpus") from None
-    except ValueError:
-        raise HTTPException(403, f"page {page_id!r} resolves outside the corpus") from None
 
 
 def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
     """The ASGI app serving ``retriever`` (an in-process ``Retriever`` or a Ray ``DistributedRetriever``)."""
     app = FastAPI(title="vrag-rl page search", version="1")
+    install_errors(app, DETAIL)
     # One search at a time: the embedder is a torch model (not re-entrant), and queueing here keeps
     # memory flat under a burst; the handlers are sync, so FastAPI runs them on its thread pool.
     lock = threading.Lock()
-    decoder = ThreadPoolExecutor(max_workers=limits.max_decodes, thread_name_prefix="decode")
+    decoder = ImageDecoder(limits)
 
     def run(fn, *args):
         with lock:
@@ -232,7 +118,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
                 retriever.check_mode(req.image_mode, images=True)
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
-        images = _decode_all(req.image_queries, limits, decoder) if req.image_queries else []
+        images = decoder.decode(req.image_queries) if req.image_queries else []
         results = run(retriever.search, req.queries, req.top_k, req.mode) if req.queries else []
         image_results = run(retriever.search_by_image, images, req.top_k, req.image_mode) if images else []
         return {"results": [_hit_json(h) for h in results], "image_results": [_hit_json(h) for h in image_results]}
@@ -241,7 +127,7 @@ def create_app(retriever: BaseRetriever, limits: Limits = Limits()):
     def page(page_id: str):
         return FileResponse(page_file(retriever, page_id), media_type="image/jpeg")
 
-    return BodyLimit(app, limits.max_body_bytes, limits.max_in_flight)
+    return BodyLimit(app, limits.max_body_bytes, limits.max_in_flight, DETAIL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = EmbedderConfig(model_dir=a.model, device=a.device, dtype=a.dtype, pool_factor=a.pool_factor)
         dense = DenseConfig(a.dense_model, a.dense_index, a.device, a.dtype) if a.dense_model else None
-        retriever = LocalRetriever(
-            a.corpus, a.index, cfg, text_index=a.text_index, index_mode=a.index_mode, dense=dense
-        )
+        settings = SearchSettings(index_mode=a.index_mode)
+        retriever = LocalRetriever(a.corpus, a.index, cfg, text_index=a.text_index, dense=dense, settings=settings)
     except (StaleIndexError, FileNotFoundError, ValueError) as err:  # a wrong path, model or stale index
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vrag_rl.data.records import sha256_file, temp_path
 from vrag_rl.retrieval.maxsim import gather_pages, maxsim, plan_chunks, top_k_ties
-from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
+from vrag_rl.retrieval.types import FaissKind, IndexConfig, Shard
 
 _ADD_ROWS = 1 << 18  # vectors widened to float32 and added to FAISS at a time
 
@@ -57,11 +57,11 @@ def auto_nlist(n_tokens: int) -> int:
 
 def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: bool = False) -> str:
     """Build the shard's FAISS index, write it to ``path`` and return the file's sha256."""
-    from tqdm.auto import tqdm
+    from vrag_rl.progress import progress_bar
 
     faiss = import_faiss()
     n, d = vectors.shape
-    if cfg.approx == ApproxKind.HNSW:
+    if cfg.approx == FaissKind.HNSW:
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.ef_construction
     else:
@@ -75,7 +75,7 @@ def build_and_save(vectors: np.ndarray, cfg: IndexConfig, path: Path, progress: 
         # A seeded sample of 64 points per list trains the coarse centroids (and the codec).
         rows = np.sort(np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False))
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
-    for start in tqdm(range(0, n, _ADD_ROWS), desc="faiss add", unit="chunk", disable=not progress):
+    for start in progress_bar(range(0, n, _ADD_ROWS), desc="faiss add", unit="chunk", disable=not progress):
         index.add(np.ascontiguousarray(vectors[start : start + _ADD_ROWS], dtype=np.float32))
     tmp = temp_path(path)
     faiss.write_index(index, str(tmp))

@@ -27,7 +27,7 @@ from vrag_rl.retrieval.dense_index import SingleVectorIndex
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.fusion import reciprocal_rank_fusion
 from vrag_rl.retrieval.ocr import OCR_FILE, load_ocr, stale_ocr
-from vrag_rl.retrieval.types import Hit, IndexMode, SearchMode
+from vrag_rl.retrieval.types import Hit, SearchMode, SearchSettings
 
 log = logging.getLogger(__name__)
 IMAGE_MODES = [SearchMode.VISUAL, SearchMode.DENSE, SearchMode.HYBRID]  # the indexes of page images
@@ -90,19 +90,22 @@ def load_text_index(corpus_dir: Path, text_index: BM25Index | str | Path | None)
 
 
 class BaseRetriever(ABC):
-    """Search logic shared by the in-process and the Ray retriever; subclasses supply the visual top-k."""
+    """Search logic shared by the in-process and the Ray retriever; subclasses supply the visual top-k.
+
+    ``text_index``: a BM25 index, or its saved file (default: built from the corpus's OCR layer, if any);
+    ``dense``: the single-vector index to search beside ColQwen2's (modes ``dense`` and ``hybrid``);
+    ``settings``: how every query is searched (index mode, hybrid fusion).
+    """
 
     def __init__(
         self,
         corpus_dir: str | Path,
         embedder: PageEmbedder,
         text_index: BM25Index | str | Path | None = None,
-        index_mode: str = IndexMode.EXACT,
-        fusion_depth: int = 50,
-        rrf_k: int = 60,
         dense: DenseConfig | None = None,
+        settings: SearchSettings = SearchSettings(),
     ):
-        self.index_mode = IndexMode.parse(index_mode, "index_mode")
+        self.settings = settings
         self.catalog = PageCatalog(corpus_dir)
         self.embedder = embedder
         self.text_index = load_text_index(self.catalog.root, text_index)
@@ -113,8 +116,6 @@ class BaseRetriever(ABC):
             self.dense_embedder = DenseEmbedder(dense)
             fingerprint = self.dense_embedder.fingerprint
             self.dense_index = SingleVectorIndex.load(dense.index_dir, fingerprint, self.catalog.root)
-        self.fusion_depth = fusion_depth  # how deep each ranking goes before fusion
-        self.rrf_k = rrf_k
 
     @property
     def page_ids(self) -> list[str]:
@@ -194,12 +195,12 @@ class BaseRetriever(ABC):
         rule (best rank reached, earlier ranking first: visual, text, dense) is deterministic on its own."""
         if mode != SearchMode.HYBRID:
             return [self.catalog.hits(r) for r in rankers[mode](top_k)]
-        depth = max(top_k, self.fusion_depth)  # deeper = steadier fusion
+        depth = max(top_k, self.settings.fusion_depth)  # deeper = steadier fusion
         rankings = [ranker(depth) for m, ranker in rankers.items() if m in self.modes()]
         fused = []
         for per_query in zip(*rankings):
             lists = [[pid for pid, _ in ranking] for ranking in per_query]
-            fused.append(self.catalog.hits(reciprocal_rank_fusion(lists, k=self.rrf_k, top_k=top_k)))
+            fused.append(self.catalog.hits(reciprocal_rank_fusion(lists, k=self.settings.rrf_k, top_k=top_k)))
         return fused
 
 

@@ -25,27 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
-from vrag_rl.choice import Choice
 from vrag_rl.data.records import atomic_write_bytes, load_pages, sha256_file, temp_path, writer_lock
 from vrag_rl.retrieval.approx import auto_nlist, import_faiss
 from vrag_rl.retrieval.dense import DenseConfig, DenseEmbedder
 from vrag_rl.retrieval.index import embed_pages
-from vrag_rl.retrieval.store import MANIFEST, StaleIndexError, corpus_drift, pages_checksum, read_manifest
+from vrag_rl.retrieval.store import MANIFEST, StaleIndexError, pages_checksum, read_manifest
+from vrag_rl.retrieval.types import SINGLE_VECTOR_KINDS, FaissKind
 
 FORMAT = "vrag-rl.single-vector-index"
 FORMAT_VERSION = 1
 FAISS_FILE = "pages.faiss"
 
 
-class DenseKind(Choice):
-    EXACT = "exact"
-    IVF = "ivf"
-    HNSW = "hnsw"
-
-
 @dataclass(frozen=True)
 class DenseIndexConfig:
-    kind: str = DenseKind.EXACT
+    kind: str = FaissKind.EXACT  # "exact", "ivf" or "hnsw"
     nlist: int = 0  # IVF lists; 0 = about sqrt(n_pages), a power of two
     hnsw_m: int = 32
     ef_construction: int = 80
@@ -53,7 +47,7 @@ class DenseIndexConfig:
     ef_search: int = 64
 
     def __post_init__(self):
-        object.__setattr__(self, "kind", DenseKind.parse(self.kind, "kind"))
+        object.__setattr__(self, "kind", FaissKind.parse_among(self.kind, "kind", SINGLE_VECTOR_KINDS))
         if min(self.nprobe, self.ef_search, self.hnsw_m, self.ef_construction) < 1 or self.nlist < 0:
             raise ValueError("nprobe, ef_search, hnsw_m, ef_construction must be >= 1 and nlist >= 0")
 
@@ -61,9 +55,9 @@ class DenseIndexConfig:
 def _faiss_index(vectors: np.ndarray, cfg: DenseIndexConfig):
     faiss = import_faiss()
     n, d = vectors.shape
-    if cfg.kind == DenseKind.EXACT:
+    if cfg.kind == FaissKind.EXACT:
         index = faiss.IndexFlatIP(d)
-    elif cfg.kind == DenseKind.HNSW:
+    elif cfg.kind == FaissKind.HNSW:
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.ef_construction
     else:
@@ -96,12 +90,14 @@ class SingleVectorIndex:
     @classmethod
     def build(cls, out_dir, corpus_dir, embedder: DenseEmbedder, cfg=DenseIndexConfig(), progress: bool = True):
         """Embed every page of the corpus manifest (in its order) and write the index."""
-        from tqdm.auto import tqdm
+        from vrag_rl.progress import progress_bar
 
         pages = load_pages(corpus_dir)
         if not pages:
             raise ValueError(f"corpus {corpus_dir} has no pages")
-        rows = list(tqdm(embed_pages(pages, embedder), total=len(pages), desc="embed pages", disable=not progress))
+        rows = list(
+            progress_bar(embed_pages(pages, embedder), total=len(pages), desc="embed pages", disable=not progress)
+        )
         vectors = np.stack([v for _, _, v in rows])
         return cls.create(out_dir, [(pid, cs) for pid, cs, _ in rows], vectors, embedder.fingerprint, cfg)
 
@@ -141,22 +137,20 @@ class SingleVectorIndex:
         """Open an index, checking its manifest, (``verify``) its FAISS file's sha256, the query embedder's
         fingerprint and (``corpus_dir``) that it holds exactly the corpus's current pages."""
         index_dir = Path(index_dir)
-        manifest = read_manifest(index_dir, FORMAT, FORMAT_VERSION)
-        if expected_fingerprint is not None and expected_fingerprint != manifest["fingerprint"]:
-            raise StaleIndexError(
-                "fingerprint",
-                f"single-vector index {index_dir} was built by another model (fingerprint "
-                f"{manifest['fingerprint'][:12]}…, the query embedder's is {expected_fingerprint[:12]}…): "
-                "use the model it was built with, or rebuild it",
-            )
+        manifest = read_manifest(
+            index_dir,
+            FORMAT,
+            FORMAT_VERSION,
+            expected_fingerprint=expected_fingerprint,
+            corpus_dir=corpus_dir,
+            name="single-vector index",
+        )
         path = index_dir / FAISS_FILE
         if not path.is_file() or (verify and sha256_file(path) != manifest["faiss_sha256"]):
             raise StaleIndexError("checksum", f"{path} is missing or does not match its sha256: rebuild the index")
         index = cls(index_dir, manifest, import_faiss().read_index(str(path)))
         if index.faiss_index.ntotal != len(index.page_ids) or index.faiss_index.d != manifest["dim"]:
             raise StaleIndexError("checksum", f"{path} disagrees with the manifest's page count or dimension")
-        if corpus_dir is not None and (drift := corpus_drift(manifest["pages"], corpus_dir)):
-            raise StaleIndexError("corpus", f"single-vector index {index_dir} is stale for {corpus_dir}: {drift}")
         return index
 
     def search(self, queries: np.ndarray, top_k: int, **overrides) -> list[list[tuple[str, float]]]:
@@ -168,9 +162,9 @@ class SingleVectorIndex:
         cfg = dataclasses.replace(self.cfg, **overrides)
         faiss = import_faiss()
         params = None
-        if cfg.kind == DenseKind.IVF:
+        if cfg.kind == FaissKind.IVF:
             params = faiss.SearchParametersIVF(nprobe=cfg.nprobe)
-        elif cfg.kind == DenseKind.HNSW:
+        elif cfg.kind == FaissKind.HNSW:
             params = faiss.SearchParametersHNSW(efSearch=cfg.ef_search)
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.manifest["dim"])
         scores, rows = self.faiss_index.search(queries, min(top_k, len(self.page_ids)), params=params)
@@ -188,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--corpus", required=True, help="corpus directory (pages.parquet + pages/)")
     s.add_argument("--model", required=True, help="CLIP or SigLIP checkpoint directory")
     s.add_argument("--out", required=True, help="index directory to create")
-    s.add_argument("--kind", choices=list(DenseKind), default=DenseKind.EXACT)
+    s.add_argument("--kind", choices=SINGLE_VECTOR_KINDS, default=FaissKind.EXACT)
     s.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = auto)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="auto", help="embedding dtype; auto = float32 on CPU, bfloat16 on GPU")

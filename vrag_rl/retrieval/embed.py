@@ -134,14 +134,14 @@ class PageEmbedder:
 
     def embed_images(self, images: Sequence[Image.Image], progress: bool = False) -> list[Tensor]:
         """Page (or query) images -> per image its token vectors, pooled when ``pool_factor`` > 1."""
-        from tqdm.auto import tqdm
+        from vrag_rl.progress import progress_bar
 
         images = list(images)
         # Similar sizes share a batch, so little compute goes to padding; results return in input order.
         order = sorted(range(len(images)), key=lambda i: images[i].width * images[i].height)
         out: list[Tensor | None] = [None] * len(images)
         bs = self.cfg.batch_size
-        for start in tqdm(range(0, len(order), bs), desc="embed pages", unit="batch", disable=not progress):
+        for start in progress_bar(range(0, len(order), bs), desc="embed pages", unit="batch", disable=not progress):
             idx = order[start : start + bs]
             vectors = self._forward(self.processor.process_images([images[i].convert("RGB") for i in idx]))
             if self._pooler is not None:

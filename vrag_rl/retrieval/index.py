@@ -46,17 +46,18 @@ from vrag_rl.retrieval.store import (
     FORMAT_VERSION,
     MANIFEST,
     StaleIndexError,
-    corpus_drift,
+    check_current,
     load_shard,
     read_manifest,
     write_manifest,
     write_shards,
 )
-from vrag_rl.retrieval.types import ApproxKind, IndexConfig, IndexMode, Shard
+from vrag_rl.retrieval.types import MULTI_VECTOR_KINDS, FaissKind, IndexConfig, IndexMode, Shard
 
 __all__ = ["MultiVectorIndex", "StaleIndexError"]
 
 _MAX_QUERY_COLUMNS = 512  # query tokens scored per matrix product: bounds the (chunk x columns) buffer
+_ADD_OR_REBUILD = "Add new pages with add_pages, or rebuild the index"
 
 
 class MultiVectorIndex:
@@ -209,23 +210,15 @@ class MultiVectorIndex:
         ``expected_fingerprint``: the query embedder's; ``corpus_dir``: the corpus it must be current for.
         """
         index_dir = Path(index_dir)
-        manifest = read_manifest(index_dir)
-        if expected_fingerprint is not None and expected_fingerprint != manifest["fingerprint"]:
-            raise StaleIndexError(
-                "fingerprint",
-                f"index {index_dir} was built by embedder fingerprint {manifest['fingerprint'][:12]}…, the query "
-                f"embedder's is {expected_fingerprint[:12]}… (another model, weights or pool_factor): "
-                "use the model the index was built with, or rebuild the index",
-            )
+        manifest = read_manifest(
+            index_dir, expected_fingerprint=expected_fingerprint, corpus_dir=corpus_dir, remedy=_ADD_OR_REBUILD
+        )
         n = len(manifest["shards"])
         ids = list(range(n)) if shards is None else list(shards)
         bad = [i for i in ids if not 0 <= i < n]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(f"shards {ids} invalid: the index has shards 0..{n - 1}")
-        index = cls(index_dir, manifest, [load_shard(index_dir, manifest, i, verify, device) for i in ids])
-        if corpus_dir is not None:
-            index.check_corpus(corpus_dir)
-        return index
+        return cls(index_dir, manifest, [load_shard(index_dir, manifest, i, verify, device) for i in ids])
 
     @property
     def _device(self) -> str:
@@ -233,13 +226,7 @@ class MultiVectorIndex:
 
     def check_corpus(self, corpus_dir) -> None:
         """Fail (reason "corpus") unless the index holds exactly the corpus's pages with the same images."""
-        drift = corpus_drift(self.manifest["pages"], corpus_dir)
-        if drift:
-            raise StaleIndexError(
-                "corpus",
-                f"index {self.dir} is stale for corpus {corpus_dir}: {drift}. "
-                "Add new pages with add_pages, or rebuild the index",
-            )
+        check_current(self.manifest, self.dir, corpus_dir, "index", _ADD_OR_REBUILD)
 
     # ---- search ------------------------------------------------------------------------------------
     def search(
@@ -254,7 +241,7 @@ class MultiVectorIndex:
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
         cfg = dataclasses.replace(self.cfg, **overrides)
-        if mode == IndexMode.APPROX and cfg.approx == ApproxKind.NONE:
+        if mode == IndexMode.APPROX and cfg.approx == FaissKind.NONE:
             raise ValueError("this index was built with approx='none': only exact search is available")
         queries = pad_queries(list(query_embeddings), self.dim, self._device)
         per_query: list[list[tuple[int, float]]] = [[] for _ in range(len(queries))]
@@ -319,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument("--out", required=True, help="index directory to create")
             s.add_argument("--shard-size", type=int, default=IndexConfig.shard_size, help="pages per shard")
             s.add_argument("--store-dtype", choices=["float16", "float32"], default=IndexConfig.dtype)
-            s.add_argument("--approx", choices=list(ApproxKind), default=IndexConfig.approx)
+            s.add_argument("--approx", choices=MULTI_VECTOR_KINDS, default=IndexConfig.approx)
             s.add_argument("--nlist", type=int, default=0, help="IVF lists per shard (0 = auto)")
             s.add_argument("--ivf-codec", default="Flat", help="FAISS codec of the IVF lists: Flat, SQ8, PQ16, ...")
             s.add_argument(

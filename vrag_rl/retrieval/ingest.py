@@ -25,8 +25,10 @@ settings. A rerun reuses a page when both are unchanged and the page file's sha2
 checksum; everything else is rendered again. Files are written to a temporary file and ``os.replace``d, and
 the manifest is rewritten every ``checkpoint_seconds`` and at the end, so a killed run loses only the pages
 after its last checkpoint; the next run deletes temporary files left by a kill. Documents of earlier runs
-that are not among the inputs stay in the corpus; page images no manifest row refers to (pages past a lowered
-``max_pages``, or of a source that changed) are deleted at the end of a run. One writer at a time per corpus
+that are not among the inputs stay in the corpus; page images that a manifest listed or the run wrote and no row
+refers to any more (pages past a lowered ``max_pages``, or of a source that changed) are deleted at the end of a
+run; no other file is ever deleted. A source inside the corpus (or the corpus itself, or a source holding it) is
+refused before anything is written. One writer at a time per corpus
 (ingest or OCR, ``records.writer_lock``): a second one stops at once with a message naming the first.
 
 Bad inputs (see ``REASONS``) are listed in the summary and in ``CORPUS/ingest_report.json`` and skipped; a
@@ -61,6 +63,7 @@ from vrag_rl.data.records import (
     writer_lock,
 )
 from vrag_rl.data.synthetic import encode_jpeg
+from vrag_rl.progress import progress_bar
 from vrag_rl.retrieval.sources import IMAGE_SUFFIXES, KINDS, OPENERS, BadInput, IngestConfig
 from vrag_rl.retrieval.video import VIDEO_SUFFIXES, FrameSampling
 
@@ -119,15 +122,27 @@ class IngestResult:
         return "\n".join(lines)
 
 
-def collect_inputs(sources: Sequence[str | Path], exclude: Path) -> tuple[list[Path], list[Problem]]:
-    """Files named by ``sources`` (directories walked, ``exclude`` and hidden entries skipped), sorted."""
+def check_sources(sources: Sequence[str | Path], out: Path) -> None:
+    """Refuse a source inside the corpus, the corpus itself, or a source that holds the corpus: ingest would take
+    its own pages for new documents (``scan``, ``scan_1``, ``scan_1_1``...), or its page files for orphans."""
+    corpus = out.resolve()
+    for s in sources:
+        source = Path(s).resolve()
+        if source == corpus or corpus in source.parents:
+            raise ValueError(f"source {s} is inside the corpus {out}: ingest from a folder outside --out")
+        if source in corpus.parents:
+            raise ValueError(f"the corpus {out} is inside the source {s}: give --out a folder outside the sources")
+
+
+def collect_inputs(sources: Sequence[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """Files named by ``sources`` (directories walked, hidden entries skipped), sorted."""
     found: set[Path] = set()
     problems = []
     for s in sources:
         path = Path(os.path.abspath(s))  # not resolve(): a symlink's own name is the document name
         if path.is_dir():
             for root, dirs, files in os.walk(path):
-                dirs[:] = [d for d in dirs if not d.startswith(".") and Path(root, d) != exclude]
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
                 found.update(Path(root, f) for f in files if not f.startswith("."))
         elif path.exists():
             found.add(path)
@@ -169,6 +184,7 @@ class _Corpus:
         for r in self.old.values():
             self.rows.setdefault(r.doc, {})[r.page] = r
         self.owners = {r.doc.casefold(): r.source for r in self.old.values()}
+        self.written: set[str] = set()  # page files this run wrote (corpus-relative)
         self.last_write = time.monotonic()
 
     def write(self, force: bool = True) -> None:
@@ -225,6 +241,7 @@ class _Corpus:
                         continue
                     data = encode_jpeg(image, self.cfg.jpeg_quality)
                     atomic_write_bytes(self.out / file, data)
+                    self.written.add(file)
                     pages[number] = PageRecord(pid, doc, number, *image.size, kind, file, source, sha256_hex(data))
                     if times is not None:
                         pages[number] = dataclasses.replace(pages[number], timestamp=round(times[number - 1], 3))
@@ -251,17 +268,22 @@ class _Corpus:
                 del self.rows[doc]
 
     def remove_orphans(self) -> None:
-        """Page images no row refers to, e.g. pages past a lowered --max-pages or of a changed source."""
-        kept = {(self.out / r.file).resolve() for pages in self.rows.values() for r in pages.values()}
-        for f in (self.out / "pages").glob("*.jpg"):
-            if f.resolve() not in kept:
-                f.unlink()
+        """Page images that the manifest listed at the start or this run wrote, and that no row refers to now
+        (pages past a lowered --max-pages, of a changed source). Any other file is not ours to delete."""
+        ours = {r.file for r in self.old.values()} | self.written
+        kept = {r.file for pages in self.rows.values() for r in pages.values()}
+        pages = (self.out / "pages").resolve()
+        for file in sorted(ours - kept):
+            path = (self.out / file).resolve()
+            if path.parent == pages:  # a manifest row naming a file elsewhere is no licence to delete it
+                path.unlink(missing_ok=True)
 
 
 def ingest(
     sources: Sequence[str | Path], out_dir: str | Path, cfg: IngestConfig = IngestConfig(), progress: bool = True
 ) -> IngestResult:
     out = Path(os.path.abspath(out_dir))
+    check_sources(sources, out)
     (out / "pages").mkdir(parents=True, exist_ok=True)
     with writer_lock(out, "corpus"):  # one writer per corpus (ingest or OCR): its temporary files are its own
         return _ingest(sources, out, cfg, progress)
@@ -271,8 +293,8 @@ def _ingest(sources: Sequence[str | Path], out: Path, cfg: IngestConfig, progres
     _remove_temp_files(out)
     result = IngestResult(str(out))
     corpus = _Corpus(out, cfg, result)
-    files, result.problems = collect_inputs(sources, exclude=out)
-    bar = tqdm(total=0, unit="page", desc="ingest", disable=not progress)
+    files, result.problems = collect_inputs(sources)
+    bar = progress_bar(total=0, unit="page", desc="ingest", disable=not progress)
     try:
         for path in files:
             try:
@@ -314,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as err:
         p.error(str(err))
-    result = ingest(args.sources, args.out, cfg, progress=not args.no_progress)
+    try:
+        result = ingest(args.sources, args.out, cfg, progress=not args.no_progress)
+    except ValueError as err:  # sources and corpus that overlap, an unreadable manifest: nothing was changed
+        p.error(str(err))
     print(result.summary())
     print(f"report: {Path(result.out_dir) / 'ingest_report.json'}")
     return 0 if result.ok else 1

@@ -15,14 +15,14 @@ from vrag_rl.retrieval.bm25 import BM25Index
 from vrag_rl.retrieval.dense import DenseConfig
 from vrag_rl.retrieval.embed import EmbedderConfig, PageEmbedder
 from vrag_rl.retrieval.index import MultiVectorIndex
-from vrag_rl.retrieval.types import IndexMode
+from vrag_rl.retrieval.types import SearchSettings
 
 
 class LocalRetriever(BaseRetriever):
     """Single-process retriever: the whole visual index in this process.
 
     ``embedder``: the ``EmbedderConfig`` of the model the index was built with, or that model already loaded;
-    ``dense``: the single-vector index to search beside it (modes ``dense`` and ``hybrid``).
+    ``text_index``, ``dense`` and ``settings`` as for ``BaseRetriever``.
     """
 
     def __init__(
@@ -31,16 +31,14 @@ class LocalRetriever(BaseRetriever):
         index_dir: str | Path,
         embedder: EmbedderConfig | PageEmbedder,
         text_index: BM25Index | str | Path | None = None,
-        index_mode: str = IndexMode.EXACT,
-        fusion_depth: int = 50,
-        rrf_k: int = 60,
         dense: DenseConfig | None = None,
+        settings: SearchSettings = SearchSettings(),
     ):
-        super().__init__(corpus_dir, as_embedder(embedder), text_index, index_mode, fusion_depth, rrf_k, dense)
+        super().__init__(corpus_dir, as_embedder(embedder), text_index, dense, settings)
         # A stale index (pages added, removed or changed since it was built) or another model's fails here.
         self.index = MultiVectorIndex.load(
             index_dir, expected_fingerprint=self.embedder.fingerprint, corpus_dir=self.catalog.root
         )
 
     def _visual_topk(self, embeddings: list[Tensor], top_k: int) -> list[list[tuple[str, float]]]:
-        return self.index.search(embeddings, top_k, self.index_mode)
+        return self.index.search(embeddings, top_k, self.settings.index_mode)

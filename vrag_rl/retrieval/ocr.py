@@ -47,6 +47,7 @@ from vrag_rl.data.records import (
     sha256_hex,
     writer_lock,
 )
+from vrag_rl.progress import progress_bar
 from vrag_rl.retrieval.ingest import STATE_KEY
 
 OCR_FILE = "ocr.parquet"
@@ -283,7 +284,7 @@ def _ocr_corpus(
     records = {p.page_id: old[p.page_id] for p in pages if _is_done(p, old.get(p.page_id), mode)}
     todo = [p for p in pages if p.page_id not in records]
     sources = _Sources(corpus_dir)
-    bar = tqdm(total=len(todo), desc=f"text ({mode})", unit="page", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"text ({mode})", unit="page", disable=not progress)
     pending: set[Future[OcrRecord]] = set()
     since_flush = 0
     pool = ThreadPoolExecutor(max_workers=workers)

@@ -1,4 +1,5 @@
-"""On-disk format of the multi-vector index: config, manifest, shard files, checksums (see index.py).
+"""On-disk format of the multi-vector index: config, manifest, shard files, checksums (see index.py); its
+manifest checks (format, page list, embedder fingerprint, corpus staleness) serve the single-vector index too.
 
 Every file is written through a temporary name of its own (``records.temp_path``) and renamed; the manifest
 is written last, so an index directory is complete exactly when its manifest exists, and ``add`` never
@@ -19,7 +20,7 @@ from torch import Tensor
 from vrag_rl.data.records import atomic_write_bytes, load_pages, page_checksum, sha256_file, temp_path
 from vrag_rl.retrieval import approx
 from vrag_rl.retrieval.maxsim import plan_chunks
-from vrag_rl.retrieval.types import ApproxKind, IndexConfig, Shard
+from vrag_rl.retrieval.types import FaissKind, IndexConfig, Shard
 
 FORMAT = "vrag-rl.multivector-index"
 FORMAT_VERSION = 1
@@ -88,16 +89,18 @@ def write_shards(out_dir: Path, manifest: dict, pages: Iterable[tuple[str, str, 
         }
         entry["sha256"]["vectors"] = save_npy(out_dir / entry["vectors"], vectors)
         entry["sha256"]["pages"] = save_npy(out_dir / entry["pages"], table)
-        if cfg.approx != ApproxKind.NONE:
+        if cfg.approx != FaissKind.NONE:
             entry["faiss"] = f"{stem}.faiss"
             entry["sha256"]["faiss"] = approx.build_and_save(vectors, cfg, out_dir / entry["faiss"], progress)
         manifest["shards"].append(entry)
         manifest["pages"] += [[pid, cs] for pid, cs, _ in batch]
         batch.clear()
 
-    from tqdm.auto import tqdm
+    from vrag_rl.progress import progress_bar
 
-    for pid, checksum, vectors in tqdm(pages, total=total, desc="index pages", unit="page", disable=not progress):
+    for pid, checksum, vectors in progress_bar(
+        pages, total=total, desc="index pages", unit="page", disable=not progress
+    ):
         if pid in known:
             raise ValueError(f"page {pid!r} is already indexed or given twice")
         known.add(pid)
@@ -118,8 +121,21 @@ def write_manifest(index_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(index_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def read_manifest(index_dir: Path, fmt: str = FORMAT, version: int = FORMAT_VERSION) -> dict:
-    """An index's manifest, checked: present, JSON, of format ``fmt`` at ``version``, its page list intact."""
+def read_manifest(
+    index_dir: Path,
+    fmt: str = FORMAT,
+    version: int = FORMAT_VERSION,
+    *,
+    expected_fingerprint: str | None = None,
+    corpus_dir=None,
+    name: str = "index",
+    remedy: str = "Rebuild the index",
+) -> dict:
+    """An index's manifest, checked: present, JSON, of format ``fmt`` at ``version``, its page list intact,
+    built by the query embedder's model (``expected_fingerprint``) and current for ``corpus_dir``.
+
+    ``name`` is what errors call the index, ``remedy`` what they advise when the corpus has changed.
+    """
     path = index_dir / MANIFEST
     if not path.is_file():
         raise StaleIndexError("missing", f"no index at {index_dir} ({MANIFEST} not found); build one first")
@@ -136,7 +152,23 @@ def read_manifest(index_dir: Path, fmt: str = FORMAT, version: int = FORMAT_VERS
         )
     if pages_checksum(manifest["pages"]) != manifest["corpus_checksum"]:
         raise StaleIndexError("checksum", f"{path}: page list does not match its checksum (edited by hand?)")
+    if expected_fingerprint is not None and expected_fingerprint != manifest["fingerprint"]:
+        raise StaleIndexError(
+            "fingerprint",
+            f"{name} {index_dir} was built by another model (embedder fingerprint {manifest['fingerprint'][:12]}…, "
+            f"the query embedder's is {expected_fingerprint[:12]}…: another checkpoint, other weights or other "
+            "embedding settings such as pool_factor): use the model the index was built with, or rebuild the index",
+        )
+    if corpus_dir is not None:
+        check_current(manifest, index_dir, corpus_dir, name, remedy)
     return manifest
+
+
+def check_current(manifest: dict, index_dir: Path, corpus_dir, name: str, remedy: str) -> None:
+    """Fail (reason "corpus") unless the index holds exactly the corpus's pages with the same images."""
+    drift = corpus_drift(manifest["pages"], corpus_dir)
+    if drift:
+        raise StaleIndexError("corpus", f"{name} {index_dir} is stale for corpus {corpus_dir}: {drift}. {remedy}")
 
 
 def load_shard(index_dir: Path, manifest: dict, shard_id: int, verify: bool, device: str) -> Shard:

@@ -1,4 +1,5 @@
-"""Types shared by every retrieval backend: search modes, hits, the index's build config and a loaded shard."""
+"""Types shared by every retrieval backend: search modes and settings, hits, the index's build config and a
+loaded shard."""
 
 from __future__ import annotations
 
@@ -30,12 +31,45 @@ class IndexMode(Choice):
     APPROX = "approx"  # FAISS candidates, then exact MaxSim over them
 
 
-class ApproxKind(Choice):
-    """The FAISS index a shard keeps for approximate search."""
+class FaissKind(Choice):
+    """The FAISS index kept beside an index's vectors: a multi-vector shard's (for approximate search, or
+    none) or the single-vector index's (its one search structure, flat when exact)."""
 
+    EXACT = "exact"  # a flat inner-product index: every vector scored (single-vector index only)
     IVF = "ivf"
     HNSW = "hnsw"
-    NONE = "none"
+    NONE = "none"  # no FAISS index: exact MaxSim only (multi-vector index only)
+
+    @classmethod
+    def parse_among(cls, value: str, key: str, allowed: tuple[FaissKind, ...]) -> FaissKind:
+        """``Choice.parse`` limited to the kinds one index supports."""
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {[str(k) for k in allowed]}, got {value!r}")
+        return cls(value)
+
+
+MULTI_VECTOR_KINDS = (FaissKind.IVF, FaissKind.HNSW, FaissKind.NONE)  # per shard, for approximate search
+SINGLE_VECTOR_KINDS = (FaissKind.EXACT, FaissKind.IVF, FaissKind.HNSW)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a retriever searches, fixed when it is made: the same for every query it answers."""
+
+    index_mode: IndexMode = IndexMode.EXACT
+    """How the ColQwen2 index scores pages: ``exact`` MaxSim over every page, or ``approx`` (FAISS candidates,
+    then exact MaxSim over them: needs an index built with FAISS). A string is taken as its member."""
+    fusion_depth: int = 50
+    """Hybrid mode: how deep each index's ranking goes before fusion (at least the query's top_k); deeper
+    rankings give a steadier fusion."""
+    rrf_k: int = 60
+    """Hybrid mode: reciprocal rank fusion's k, added to every rank; larger k flattens the weight of the first
+    places."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "index_mode", IndexMode.parse(self.index_mode, "index_mode"))
+        if self.fusion_depth < 1 or self.rrf_k < 0:
+            raise ValueError(f"fusion_depth must be >= 1 and rrf_k >= 0, got {self.fusion_depth}, {self.rrf_k}")
 
 
 @dataclass(frozen=True)
@@ -60,7 +94,7 @@ def rank(
 class IndexConfig:
     shard_size: int = 4096  # pages per shard
     dtype: str = "float16"  # storage of token vectors: float16 or float32 (scoring: compute_dtype)
-    approx: str = ApproxKind.IVF  # FAISS index per shard for approximate mode: "ivf", "hnsw" or "none"
+    approx: str = FaissKind.IVF  # FAISS index per shard for approximate mode: "ivf", "hnsw" or "none"
     nlist: int = 0  # IVF lists per shard; 0 = about sqrt(n_tokens), a power of two
     ivf_codec: str = "Flat"  # FAISS codec of IVF lists: Flat (exact float32), SQ8 (4x smaller), PQ16, ...
     hnsw_m: int = 32
@@ -81,7 +115,7 @@ class IndexConfig:
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
-        object.__setattr__(self, "approx", ApproxKind.parse(self.approx, "approx"))
+        object.__setattr__(self, "approx", FaissKind.parse_among(self.approx, "approx", MULTI_VECTOR_KINDS))
         if min(self.nprobe, self.ef_search, self.k_tokens, self.n_rerank, self.rescore, self.chunk_tokens) < 1:
             raise ValueError("nprobe, ef_search, k_tokens, n_rerank, rescore and chunk_tokens must be >= 1")
 

@@ -13,7 +13,7 @@ Two implementations share this contract: ``VLLMEngine`` (the production path, al
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,23 +89,3 @@ def max_new_tokens(request: GenerationRequest, sampling: SamplingConfig) -> int:
     if limit < 1:
         raise ValueError(f"a request must allow at least one new token, got max_tokens={request.max_tokens}")
     return limit
-
-
-def iter_buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Group (name, tensor) pairs into dicts of about ``bucket_bytes`` each (a tensor is never split; one
-    larger than the bucket makes a bucket of its own), in order."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    bucket: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = {}, 0
-        bucket[name] = tensor
-        size += nbytes
-    if bucket:
-        yield bucket

@@ -4,9 +4,10 @@
 one engine each, spreads the tasks of a batch over them group by group (a GRPO group
 stays on one worker, so its samples see the same weights and batch) and returns rollouts in task order.
 
-Weight updates stream: the pool puts one bucket of tensors in the object store at a time and every worker
-feeds it into a single running ``update_weights`` call (``WeightStream``), so neither side ever holds a
-second full copy of the model.
+Weight updates stream: the trainer hands out its weights one bucket of named tensors at a time (a dict, or
+a Ray reference to one), the pool passes each bucket to every worker through the object store, and every
+worker feeds it into a single running ``update_weights`` call (``WeightStream``), so neither side ever holds
+a second full copy of the model.
 
 Both are a ``RolloutBackend``: what the GRPO step needs of rollouts (sample them, take new weights).
 
@@ -32,7 +33,7 @@ import torch
 
 from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Rollout, Task
 from vrag_rl.rollout.endpoint_engine import EndpointConfig
-from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig, iter_buckets
+from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class RolloutBackend(Protocol):
 
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]: ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightSync: ...
+    def update_weights(self, buckets: Iterable) -> WeightSync:
+        """Load new weights given as buckets of named tensors (dicts, or Ray references to them), in one pass."""
+        ...
 
 
 @dataclass
@@ -179,10 +182,9 @@ class RolloutWorker:
 
         return ray.util.get_node_ip_address()
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor]) -> WeightSync:
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+    def update_weights(self, buckets: Iterable[dict[str, torch.Tensor]]) -> WeightSync:
         t0 = time.perf_counter()
-        nbytes = self.engine.update_weights(items)
+        nbytes = self.engine.update_weights(item for bucket in buckets for item in bucket.items())
         return WeightSync(time.perf_counter() - t0, nbytes)
 
     def begin_weight_update(self) -> None:
@@ -190,10 +192,12 @@ class RolloutWorker:
             raise RuntimeError("a weight update is already under way")
         self._stream = WeightStream(self.engine)
 
-    def push_weights(self, bucket: dict[str, torch.Tensor]) -> None:
+    def push_weights(self, bucket: dict[str, torch.Tensor]) -> int:
+        """Queue one bucket for the running update; returns its bytes."""
         if self._stream is None:
             raise RuntimeError("begin_weight_update first")
         self._stream.push(bucket)
+        return sum(t.numel() * t.element_size() for t in bucket.values())
 
     def finish_weight_update(self) -> int:
         stream, self._stream = self._stream, None
@@ -284,18 +288,17 @@ class RolloutPool:
                     time.sleep(1.0)
         raise WorkersRestarted(f"rollout workers were restarted ({type(err).__name__}: {err})") from err
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightSync:
-        """Stream weights to every worker in buckets; returns seconds and bytes moved (per worker)."""
+    def update_weights(self, buckets: Iterable) -> WeightSync:
+        """Stream weight buckets (dicts of named tensors, or Ray references to them) to every worker, one at a
+        time; returns seconds and bytes moved (per worker)."""
         import ray
 
         t0 = time.perf_counter()
         ray.get([w.begin_weight_update.remote() for w in self.workers])
         sent = 0
-        host = ((name, t.detach().cpu()) for name, t in named_tensors)  # one bucket at a time in host memory
-        for bucket in iter_buckets(host, self.cfg.bucket_bytes):
-            ref = ray.put(bucket)
-            ray.get([w.push_weights.remote(ref) for w in self.workers])
-            sent += sum(t.numel() * t.element_size() for t in bucket.values())
+        for bucket in buckets:
+            ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
+            sent += ray.get([w.push_weights.remote(ref) for w in self.workers])[0]  # each took the same bytes
             del ref, bucket
         loaded = ray.get([w.finish_weight_update.remote() for w in self.workers])
         if any(n != sent for n in loaded):

@@ -12,9 +12,15 @@
 - ``GET /v1/corpus?offset=&limit=``: the corpus's pages, for the page that browses them.
 - ``GET /``: the web page (``serving/web``; no script, style or font from elsewhere).
 
-Errors are ``{"error": {"message", "type", "code"}}``: 400 for a malformed question or image, 413 for a body or
-image over the limits, 503 with ``Retry-After`` when every place is taken, 504 past the time limit, 502 when the
-policy endpoint fails. Requests are refused before their bodies are read once ``max_in_flight`` are open.
+Every error, whatever refuses it, is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (``type``
+``invalid_request_error`` below 500, ``server_error`` from 500; ``code`` the HTTP status; ``param`` the first
+offending field of a request that does not validate), so OpenAI's clients raise their exception of the status with
+our message: 400 for a malformed question or image, 404 for unknown pages and routes, 405 for unknown methods, 413
+for a body or image over the limits, 422 for a request that does not validate, 503 with ``Retry-After`` when every
+place is taken (``max_in_flight`` requests open: refused before their bodies are read; or every session place), 503
+while not ready, 504 past the time limit, 502 when the policy endpoint fails, 500 for a failure nobody planned for
+(without its text). The body limit, the image bounds and the error replies are the search API's too
+(``vrag_rl.http_guard``).
 """
 
 from __future__ import annotations
@@ -30,14 +36,13 @@ from functools import lru_cache
 from importlib.resources import files
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from vrag_rl.retrieval.api import BodyLimit, Limits, decode_image, open_image, page_file
+from vrag_rl.http_guard import OPENAI, BodyLimit, ImageDecoder, RequestLimits, install_errors, page_file
 from vrag_rl.retrieval.base import PageCatalog
-from vrag_rl.serving.events import PageSizes, view_json
+from vrag_rl.serving.events import ErrorEvent, Event, PageSizes, ResultEvent, View
 from vrag_rl.serving.sessions import Busy, Question, SessionScheduler
 
 WEB = files("vrag_rl.serving") / "web"
@@ -54,12 +59,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def error_json(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
-
-
-def question_of(messages: list[dict], limits: Limits) -> Question:
+def question_of(messages: list[dict], decoder: ImageDecoder) -> Question:
     """The last user message as a question: its text parts joined, and at most one inline image."""
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
@@ -78,7 +78,7 @@ def question_of(messages: list[dict], limits: Limits) -> Question:
         raise HTTPException(400, f"{len(urls)} images in the question; at most one (searched by image)")
     if urls and not urls[0].startswith("data:"):
         raise HTTPException(400, "images must be inline data: URLs (this server fetches nothing)")
-    image = decode_image(open_image(urls[0], 0, limits), 0, limits) if urls else None
+    image = decoder.decode(urls)[0] if urls else None
     return Question(text, image)
 
 
@@ -123,8 +123,8 @@ def chunk(cid: str, model: str, delta: dict, finish: str | None = None, vrag: di
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def completion(cid: str, model: str, result: dict) -> dict:
-    usage = result["usage"]
+def completion(cid: str, model: str, result: ResultEvent) -> dict:
+    prompt, generated = result.prompt_tokens, result.completion_tokens
     return {
         "id": cid,
         "object": "chat.completion",
@@ -133,12 +133,12 @@ def completion(cid: str, model: str, result: dict) -> dict:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result["answer"] or ""},
-                "finish_reason": "stop" if result["answer"] is not None else "length",
+                "message": {"role": "assistant", "content": result.answer or ""},
+                "finish_reason": "stop" if result.answer is not None else "length",
             }
         ],
-        "usage": usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
-        "vrag": result,
+        "usage": {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated},
+        "vrag": result.to_json(),
     }
 
 
@@ -149,7 +149,7 @@ def create_app(
     model_name: str,
     not_ready: Callable[[], str | None],
     close: Callable[[], None] = lambda: None,
-    limits: Limits = Limits(max_body_bytes=16 << 20, max_in_flight=128),
+    limits: RequestLimits = RequestLimits(max_body_bytes=16 << 20, max_in_flight=128),
 ):
     """``scheduler`` None: nothing can be answered (``not_ready`` says why, e.g. an empty corpus). ``close`` runs at
     shutdown, after the last response (uvicorn then re-raises the signal that stopped it)."""
@@ -160,14 +160,8 @@ def create_app(
         await asyncio.to_thread(close)
 
     app = FastAPI(title="vrag-rl agent", version="1", lifespan=lifespan)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, err: HTTPException):
-        return error_json(err.status_code, str(err.detail), err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, err: RequestValidationError):
-        return error_json(400, f"malformed request: {err.errors()[:3]}")
+    install_errors(app, OPENAI)
+    decoder = ImageDecoder(limits)
 
     @app.get("/health")
     def health():
@@ -177,7 +171,7 @@ def create_app(
     def ready():
         reason = not_ready()
         if reason is not None or scheduler is None:
-            return error_json(503, reason or "nothing to answer with")
+            return OPENAI.response(503, reason or "nothing to answer with")
         live, waiting = scheduler.load
         return {
             "status": "ready",
@@ -198,7 +192,7 @@ def create_app(
     @app.get("/v1/corpus")
     def corpus(offset: int = 0, limit: int = 60):
         ids = catalog.page_ids[max(0, offset) : max(0, offset) + max(1, min(limit, 500))]
-        pages = [view_json(p, None, sizes) for p in ids]
+        pages = [View.of(p, None, sizes).to_json() for p in ids]
         return {"total": len(catalog.page_ids), "offset": offset, "pages": pages}
 
     @app.get("/pages/{page_id}")
@@ -221,9 +215,9 @@ def create_app(
         reason = not_ready()
         if reason is not None or scheduler is None:
             raise HTTPException(503, reason or "not ready")
-        question = await asyncio.to_thread(question_of, req.messages, limits)
+        question = await asyncio.to_thread(question_of, req.messages, decoder)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
         try:
             session = scheduler.submit(question, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except Busy as busy:
@@ -231,41 +225,44 @@ def create_app(
         cid = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         if req.stream:
             return StreamingResponse(_stream(cid, model_name, session, events), media_type="text/event-stream")
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
-                if event["type"] == "error":
-                    return error_json(event["status"], event["message"])
-                if event["type"] == "result":
-                    return completion(cid, model_name, event)
-        finally:
-            session.cancel()
+        return await _answer(cid, model_name, session, events, request)
 
-    return BodyLimit(app, limits.max_body_bytes, limits.max_in_flight)
+    return BodyLimit(app, limits.max_body_bytes, limits.max_in_flight, OPENAI)
 
 
-async def _stream(cid: str, model: str, session, events: asyncio.Queue):
+async def _answer(cid: str, model: str, session, events: asyncio.Queue[Event], request: Request) -> Response | dict:
+    """The whole answer in one reply; a client that leaves cancels its session."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if isinstance(event, ErrorEvent):
+                return OPENAI.response(event.status, event.message)
+            if isinstance(event, ResultEvent):
+                return completion(cid, model, event)
+    finally:
+        session.cancel()
+
+
+async def _stream(cid: str, model: str, session, events: asyncio.Queue[Event]):
     try:
         yield chunk(cid, model, {"role": "assistant", "content": ""})
         while True:
             event = await events.get()
-            if event["type"] == "error":
-                kind = "invalid_request_error" if event["status"] < 500 else "server_error"
-                error = {"message": event["message"], "type": kind, "code": event["status"]}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+            if isinstance(event, ErrorEvent):
+                yield f"data: {json.dumps(OPENAI.body(event.status, event.message))}\n\n"
                 break
-            if event["type"] == "result":
-                if event["answer"]:
-                    yield chunk(cid, model, {"content": event["answer"]})
-                finish = "stop" if event["answer"] is not None else "length"
-                yield chunk(cid, model, {}, finish, event)
+            if isinstance(event, ResultEvent):
+                if event.answer:
+                    yield chunk(cid, model, {"content": event.answer})
+                finish = "stop" if event.answer is not None else "length"
+                yield chunk(cid, model, {}, finish, event.to_json())
                 break
-            yield chunk(cid, model, {}, None, event)
+            yield chunk(cid, model, {}, None, event.to_json())
         yield "data: [DONE]\n\n"
     finally:  # also when the client closes the stream early
         session.cancel()

@@ -27,7 +27,7 @@ from PIL import Image
 
 from vrag_rl.rollout.agent_loop import AgentLoop, AgentState, Task
 from vrag_rl.rollout.engine import SamplingConfig
-from vrag_rl.serving.events import PageSizes, error_event, image_search_event, result_event, turn_event
+from vrag_rl.serving.events import ErrorEvent, Event, PageSizes, image_search_event, result_event, turn_event
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Question:
     image: Image.Image | None = None  # searched by image; its pages are shown with the question
 
 
-Emit = Callable[[dict], None]  # called on the scheduler thread: must not block
+Emit = Callable[[Event], None]  # called on the scheduler thread: must not block
 
 
 @dataclass
@@ -146,7 +146,7 @@ class SessionScheduler:
             with self._cond:
                 self._closed, sessions = True, self._live + list(self._waiting)
             for s in sessions:
-                self._emit(s, error_event(500, self.last_error))
+                self._emit(s, ErrorEvent(500, self.last_error))
 
     def _admit(self) -> bool:
         """Waits while there is nothing to do; moves waiting sessions in. False once closed."""
@@ -156,7 +156,7 @@ class SessionScheduler:
                 self._cond.wait()
             if self._closed:
                 for s in self._live + list(self._waiting):
-                    self._emit(s, error_event(503, "the server is shutting down"))
+                    self._emit(s, ErrorEvent(503, "the server is shutting down"))
                 return False
             new = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.cfg.max_live - len(self._live)))]
         for s in new:
@@ -176,7 +176,7 @@ class SessionScheduler:
             s.state = self.loop.start(task)
         except Exception as err:  # one bad session (an unreadable page, a retriever error) ends alone
             log.exception("session %s could not start", s.id)
-            self._emit(s, error_event(500, f"the session could not start: {err}"))
+            self._emit(s, ErrorEvent(500, f"the session could not start: {err}"))
             return False
         if s.state.done:  # the prompt alone is longer than max_length
             self._finish(s)
@@ -190,7 +190,7 @@ class SessionScheduler:
                 self._remove(s)
             elif now > s.deadline:
                 why = f"the time limit of {self.cfg.time_limit_s:g} s passed after {s.state.rollout.num_turns} turns"
-                self._emit(s, error_event(504, why))
+                self._emit(s, ErrorEvent(504, why))
                 self._remove(s)
 
     def _step(self) -> None:
@@ -201,7 +201,7 @@ class SessionScheduler:
             log.exception("a batched turn of %d sessions failed", len(live))
             self.last_error = f"{type(err).__name__}: {err}"
             for s in live:
-                self._emit(s, error_event(500, f"the agent's turn failed: {self.last_error}"))
+                self._emit(s, ErrorEvent(500, f"the agent's turn failed: {self.last_error}"))
                 self._remove(s)
             return
         self.steps += 1
@@ -213,7 +213,7 @@ class SessionScheduler:
             s.turns_sent = rollout.num_turns
             if rollout.engine_errors:
                 self.last_error = rollout.engine_errors[-1]
-                self._emit(s, error_event(502, f"the policy endpoint failed: {self.last_error}"))
+                self._emit(s, ErrorEvent(502, f"the policy endpoint failed: {self.last_error}"))
                 self._remove(s)
             elif s.state.done:
                 self.last_error = None
@@ -231,7 +231,7 @@ class SessionScheduler:
         with self._cond:
             self._live.remove(s)
 
-    def _emit(self, s: Session, event: dict) -> None:
+    def _emit(self, s: Session, event: Event) -> None:
         try:
             s.emit(event)
         except Exception:  # a client whose event loop is gone: it cannot be told anything more
