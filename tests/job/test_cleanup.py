@@ -1,9 +1,10 @@
 """A run that fails mid-way stops every actor it started: the job's three parts, ``setup``, ``train`` and
 ``cleanup`` (``cleanup`` in ``finally``), on a real Ray cluster in this process.
 
-The failure is real: an SFT learning rate so large that the second step's loss is not finite, with
-``run.max_consecutive_skips=1``, stops the run inside the warm start, after the retriever, the reward actor and
-the warm start's trainer ranks have started. Spies record the handles the real constructors return.
+The failures are real: a search mode the corpus has no index for stops setup once the retriever has started; an
+SFT learning rate so large that the second step's loss is not finite, with ``run.max_consecutive_skips=1``, stops
+the run inside the warm start, after the retriever, the reward actor and the warm start's trainer ranks have
+started. Spies record the handles the real constructors return.
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ def dead(handle) -> bool:
     return False
 
 
-def test_a_run_failing_in_its_warm_start_stops_every_actor_it_started(
-    ray_session, monkeypatch, warm_policy, tiny_dirs, tmp_path
-):
+@pytest.fixture
+def started(monkeypatch) -> list:
+    """The handles of every retriever, reward actor and trainer rank started while the test runs."""
     import vrag_rl.learner.ranks as ranks
     import vrag_rl.retrieval.actor as retrieval_actor
     import vrag_rl.reward.actor as reward_actor
-    from vrag_rl.job.grpo import run
 
     started = []
 
@@ -67,6 +67,26 @@ def test_a_run_failing_in_its_warm_start_stops_every_actor_it_started(
     )
     monkeypatch.setattr(reward_actor, "start_reward_actor", spy(reward_actor.start_reward_actor, lambda s: s.handle))
     monkeypatch.setattr(ranks, "TrainerGroup", SpiedGroup)
+    return started
+
+
+def test_a_setup_failing_after_the_retriever_started_stops_it(ray_session, started, tiny_dirs, tmp_path):
+    from vrag_rl.job.grpo import run
+
+    cfg = config(
+        ["+recipe=tiny_cpu", f"models.tiny_dir={tiny_dirs['policy'].parent}", "rollout.agent.search_mode=dense"]
+    )
+    with pytest.raises(ValueError, match="search_mode=dense needs an index this corpus lacks"):
+        run(cfg, tmp_path / "run")
+    assert len(started) == 1 and dead(started[0])  # the retriever; nothing after it started
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_failing_in_its_warm_start_stops_every_actor_it_started(
+    ray_session, started, warm_policy, tiny_dirs, tmp_path
+):
+    from vrag_rl.job.grpo import run
+
     cfg = config(
         [
             "+recipe=tiny_cpu",

@@ -183,9 +183,11 @@ class TrainerGroup:
     def export(self, out_dir: Path, dtype: str) -> None:
         self._on_all("export", str(out_dir), dtype)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Leave the process group, then end the ranks; a rank still inside a collective (a peer failed mid-step)
+        never takes the call, so after ``timeout_s`` the ranks are ended regardless."""
         import ray
 
-        self._on_all("shutdown")
+        ray.wait([r.shutdown.remote() for r in self.ranks], num_returns=len(self.ranks), timeout=timeout_s)
         for r in self.ranks:
             ray.kill(r)
