@@ -33,19 +33,20 @@ def serve_app(app) -> Iterator[str]:
 
 @contextlib.contextmanager
 def request_in_flight(url: str, path: str) -> Iterator[None]:
-    """A POST to ``path`` whose body never arrives, holding one of the server's in-flight places while the block runs
-    (the server is seen busy first, and free again after: ``/health`` answers 503, then 200)."""
+    """A POST to ``path`` whose body does not arrive (within the server's body timeout), holding one of the server's
+    in-flight places while the block runs (the server is seen busy first, and free again after: an unknown path
+    answers 503, then 404; ``/health`` is answered outside the limit)."""
     host, port = url.removeprefix("http://").split(":")
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(head.encode())
-        _wait_for_health(url, 503, "the held request never took its place")
+        _wait_for_status(url, 503, "the held request never took its place")
         yield
-    _wait_for_health(url, 200, "the held request's place was not given back")
+    _wait_for_status(url, 404, "the held request's place was not given back")
 
 
-def _wait_for_health(url: str, status: int, why: str) -> None:
+def _wait_for_status(url: str, status: int, why: str) -> None:
     deadline = time.monotonic() + 30
-    while httpx.get(url + "/health", timeout=30).status_code != status:
+    while httpx.get(url + "/no-such-path", timeout=30).status_code != status:
         assert time.monotonic() < deadline, why
         time.sleep(0.02)

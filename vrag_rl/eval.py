@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from vrag_rl.cli import add_agent_args, add_corpus_args, add_policy_args, dense_config, fill_defaults, rollout_config
-from vrag_rl.data.records import load_qa, sha256_file
+from vrag_rl.data.records import WriterBusy, load_qa, sha256_file
 from vrag_rl.evaluation.browse import write_browser
 from vrag_rl.evaluation.metrics import Method
 from vrag_rl.evaluation.report import build_report, compare, markdown
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             reports = [json.loads((d / "report.json").read_text()) for d in (a.a, a.b)]
             print(compare(*reports))
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, WriterBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

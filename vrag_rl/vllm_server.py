@@ -90,7 +90,9 @@ class VLLMServer(ServerProcess):
     """Serves ``model_dir`` as ``served_name``; ``base_url`` once healthy (the constructor waits); ``stop``.
 
     ``on_cpu``: no graph capture, a 1 GiB KV cache and the engine in the server's own process (starts in
-    seconds rather than tens)."""
+    seconds rather than tens). ``api_key``: every ``/v1`` request must carry it as a Bearer token; it reaches the
+    server through its environment (``VLLM_API_KEY``, which vLLM keeps out of its cache files), never its command
+    line, and a server that answers ``/v1/models`` without it is stopped and refused."""
 
     def __init__(
         self,
@@ -104,17 +106,29 @@ class VLLMServer(ServerProcess):
         on_cpu: bool = True,
         extra_args: Sequence[str] = (),
         start_timeout_s: float = 300.0,
+        api_key: str | None = None,
     ) -> None:
         port = free_port(host)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
         cmd += ["--served-model-name", served_name, "--host", host, "--port", str(port)]
         cmd += ["--max-model-len", str(max_model_len), "--dtype", dtype, *extra_args]
         env = dict(os.environ)
+        env.pop("VLLM_API_KEY", None)  # only the key given here, if any
+        if api_key:
+            env["VLLM_API_KEY"] = api_key
         if on_cpu:
             cmd.append("--enforce-eager")
             env |= {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         url = f"http://{host}:{port}"
         super().__init__(cmd, url, log_file, env=env, start_timeout_s=start_timeout_s, name="the vLLM server")
+        if api_key:
+            self._check_key_required()
+
+    def _check_key_required(self) -> None:
+        status = httpx.get(f"{self.base_url()}/models", timeout=30).status_code
+        if status != 401:
+            self.stop()
+            raise RuntimeError(f"{self.name} at {self.url} answered {status}, not 401, to a request without its key")
 
     def base_url(self) -> str:
         return f"{self.url}/v1"

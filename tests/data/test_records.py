@@ -60,3 +60,21 @@ def test_a_second_writer_stops_with_the_holder_named(tmp_path, bundled_corpus, e
         holder.wait()
     with writer_lock(corpus, "corpus"):  # the kernel released the dead holder's lock
         pass
+
+
+def test_manifest_rows_naming_files_outside_the_corpus_are_refused_and_named(bundled_corpus, tmp_path):
+    from vrag_rl.data.records import load_pages, write_pages
+
+    pages = [replace(p, file=f"pages/{p.page_id}.jpg") for p in load_pages(bundled_corpus)[:3]]
+    pages[2] = replace(pages[2], file=str(tmp_path / "pages" / f"{pages[2].page_id}.jpg"))  # absolute, inside
+    write_pages(pages, tmp_path / "pages.parquet")
+    assert [p.file for p in load_pages(tmp_path)] == [str(tmp_path / "pages" / f"{p.page_id}.jpg") for p in pages]
+    outside = [
+        replace(pages[0], page_id="up_1", file="../secret.jpg"),
+        replace(pages[0], page_id="abs_1", file=str(tmp_path.parent / "secret.jpg")),
+        replace(pages[0], page_id="round_1", file="pages/../../secret.jpg"),
+    ]
+    write_pages(pages + outside, tmp_path / "pages.parquet")
+    with pytest.raises(ValueError, match="3 rows name files outside the corpus") as err:
+        load_pages(tmp_path)
+    assert all(f"'{p.page_id}' ({p.file!r})" in str(err.value) for p in outside)

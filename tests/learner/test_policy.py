@@ -8,6 +8,12 @@ exactly (RNG included); the exported checkpoint loads in transformers with the t
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,6 +151,48 @@ def test_reloaded_trainer_continues_exactly(tiny_dirs, trajectories, tmp_path):
     for (name, a), (_, b) in zip(first.model.named_parameters(), second.model.named_parameters()):
         assert torch.equal(a, b), name
     assert first.end_step() == second.end_step()
+
+
+class RunsCode:
+    """Unpickled, it makes a directory: any call a checkpoint from elsewhere could plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_loading_a_checkpoint_runs_no_code_planted_in_it(tiny_dirs, tmp_path):
+    """DCP's ``.metadata`` is a pickle and each non-tensor value (here the learning rate) a ``torch.save``d object:
+    a call planted in either is refused, not made; the checkpoint as saved loads."""
+    import pickle
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    trainer = one_rank(tiny_dirs["policy"])
+    good = tmp_path / "good"
+    good.mkdir()
+    trainer.save(good)
+    planted_meta, planted_value = tmp_path / "meta", tmp_path / "value"
+    shutil.copytree(good, planted_meta)
+    (planted_meta / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran-metadata")))
+    with pytest.raises(CheckpointException, match="names posix.mkdir, which is not a record .*: refused"):
+        trainer.load(planted_meta)
+    shutil.copytree(good, planted_value)
+    with open(good / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # the test's own file: trusted
+    payload = io.BytesIO()
+    torch.save(RunsCode(tmp_path / "ran-value"), payload)
+    (planted_value / "planted.distcp").write_bytes(payload.getvalue())
+    lr = next(i for i in metadata.storage_data if i.fqn == "optim.param_groups.0.lr")
+    stored = dataclasses.replace(metadata.storage_data[lr], relative_path="planted.distcp", offset=0)
+    metadata.storage_data[lr] = dataclasses.replace(stored, length=len(payload.getvalue()))
+    (planted_value / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointException, match="(?s)Weights only load failed.*GLOBAL posix.mkdir"):
+        trainer.load(planted_value)
+    assert not (tmp_path / "ran-metadata").exists() and not (tmp_path / "ran-value").exists()
+    trainer.load(good)
 
 
 @pytest.fixture(scope="module")

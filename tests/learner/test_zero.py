@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
 
-from tests.learner.test_policy import ADVANTAGES, CFG, OBJECTIVE
+from tests.learner.test_policy import ADVANTAGES, CFG, OBJECTIVE, RunsCode
 from vrag_rl.learner.payloads import Batch
 
 # fp32 on both; the backends sum gradients over ranks in other orders, so results agree to rounding only.
@@ -150,6 +151,25 @@ def test_zero3_resume_continues_bit_for_bit_and_a_nan_skips_on_every_rank(
         assert group.grpo_update(Batch(trajectories, ADVANTAGES, old))["skipped_updates"] == 0.0
     finally:
         group.shutdown()
+
+
+def test_a_zero_checkpoint_runs_no_code_planted_in_it(zero3_run, tiny_dirs, tmp_path):
+    """DeepSpeed's checkpoint files are ``torch.save`` pickles, which its own engine loads with
+    ``weights_only=False``: a call planted in each rank's optimizer state is refused, not made."""
+    planted = tmp_path / "ckpt"
+    shutil.copytree(zero3_run[2], planted)
+    files = sorted(planted.glob("zero/zero_pp_rank_*_optim_states.pt"))
+    assert len(files) == 2
+    for f in files:
+        state = torch.load(f, weights_only=False)  # the test's own file: trusted
+        torch.save(state | {"planted": RunsCode(tmp_path / "ran")}, f)
+    group = group_of(tiny_dirs, backend="deepspeed", zero_stage=3)
+    try:
+        with pytest.raises(Exception, match="(?s)Weights only load failed.*GLOBAL posix.mkdir"):
+            group.load(planted)
+    finally:
+        group.shutdown()
+    assert not (tmp_path / "ran").exists()
 
 
 def test_zero3_in_bf16_trains_like_fsdp2_in_bf16(fsdp_run, tiny_dirs, trajectories, tmp_path):

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw
 import vrag_rl.retrieval.ingest as ingest_mod
 from vrag_rl.data.records import doc_name, load_pages, sha256_file
 from vrag_rl.retrieval.ingest import IngestConfig, ingest, main
+from vrag_rl.retrieval.pdf import PdfError, PdfRenderer
 
 REPO = Path(__file__).resolve().parents[2]
 GNUPLOT = REPO / ".cache" / "assets" / "pdf" / "gnuplot.pdf"
@@ -139,6 +141,36 @@ def _png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _pages_pdf(contents: list[bytes], forms: list[bytes] = ()) -> bytes:
+    """Letter-size pages drawing ``contents``; ``forms[k]`` is Form XObject ``/Fk``, which may draw the ones before."""
+
+    def xobjects(count: int) -> bytes:
+        return b"<< /XObject << %s >> >>" % b" ".join(b"/F%d %d 0 R" % (k, 3 + k) for k in range(count))
+
+    def stream(content: bytes, head: bytes = b"") -> bytes:
+        z = zlib.compress(content)
+        return b"<< %s /Filter /FlateDecode /Length %d >>\nstream\n%s\nendstream" % (head, len(z), z)
+
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b""]
+    for k, content in enumerate(forms):
+        objects.append(stream(content, b"/Type /XObject /Subtype /Form /BBox [0 0 612 792] /Resources " + xobjects(k)))
+    kids = []
+    for content in contents:
+        objects.append(stream(content))
+        page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources %s /Contents %d 0 R >>"
+        objects.append(page % (xobjects(len(forms)), len(objects)))
+        kids.append(b"%d 0 R" % len(objects))
+    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(kids), len(kids))
+    return _pdf(objects, b"/Root 1 0 R")
+
+
+def _slow_page_forms(depth: int) -> list[bytes]:
+    """Forms ``/F0`` (200 strokes) to ``/F{depth}``, each drawing the one before twice: ``/F{depth}`` makes
+    200 * 2**depth strokes, minutes of PDFium's time at depth 14 (seconds at 8) in a file of a few KB."""
+    lines = b"".join(b"%d %d m %d %d l S\n" % (i % 600, i % 780, i * 7 % 600, i * 13 % 780) for i in range(200))
+    return [lines] + [b"/F%d Do /F%d Do" % (k, k) for k in range(depth)]
 
 
 # ---- real PDF -----------------------------------------------------------------------------------------------
@@ -390,7 +422,10 @@ def test_nothing_usable_exits_nonzero(tmp_path):
     assert "empty file" in run.stdout and "unsupported type" in run.stdout and "0 pages written" in run.stdout
 
 
-@pytest.mark.parametrize("flag", [["--dpi", "0"], ["--max-side", "8"], ["--max-pages", "0"], ["--jpeg-quality", "99"]])
+@pytest.mark.parametrize(
+    "flag",
+    [["--dpi", "0"], ["--max-side", "8"], ["--max-pages", "0"], ["--jpeg-quality", "99"], ["--page-timeout", "inf"]],
+)
 def test_bad_options_are_usage_errors(flag, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path), "--out", str(tmp_path / "c"), *flag])
@@ -559,3 +594,56 @@ def test_no_document_is_dropped_for_its_name(tmp_path):
     assert sorted(r["doc"] for r in result.renamed) == sorted(d for d in docs.values() if "-" in d)
     ingest([src], tmp_path / "c2", progress=False)  # the same inputs give the same names
     assert {p.page_id for p in _assert_consistent(tmp_path / "c2")} == {p.page_id for p in pages}
+
+
+def test_a_pdf_page_that_renders_too_long_is_skipped_and_the_rest_ingested(tmp_path):
+    """PDFium renders in a child process: a page past --page-timeout is given up (the child killed), the pages after
+    it are rendered by a fresh one, and a document whose pages keep timing out is not tried further."""
+    src = tmp_path / "src"
+    src.mkdir()
+    slow = b"/F14 Do"
+    (src / "slow.pdf").write_bytes(
+        _pages_pdf([b"0 0 m 300 300 l S", slow, b"10 10 m 90 700 l S"], _slow_page_forms(14))
+    )
+    (src / "slower.pdf").write_bytes(_pages_pdf([slow] * 5, _slow_page_forms(14)))
+    started = time.monotonic()
+    assert main([str(src), "--out", str(tmp_path / "c"), "--page-timeout", "2", "--no-progress"]) == 0
+    assert time.monotonic() - started < 60  # 4 timeouts of 2 s, 4 fresh children; unbounded, hours
+    report = json.loads((tmp_path / "c" / "ingest_report.json").read_text())
+    problems = [(Path(p["source"]).name, p["reason"], p["page"], p["detail"]) for p in report["problems"]]
+    timed_out = "not done within 2 s (--page-timeout)"
+    assert problems[0] == ("slow.pdf", "PDF timeout", 2, f"page 2: {timed_out}")
+    assert problems[1:4] == [("slower.pdf", "PDF timeout", n, f"page {n}: {timed_out}") for n in (1, 2, 3)]
+    skipped = "not tried, 3 pages of this document timed out"
+    assert problems[4:] == [("slower.pdf", "PDF timeout", n, f"page {n}: {skipped}") for n in (4, 5)]
+    assert [p.page_id for p in load_pages(tmp_path / "c")] == ["slow_1", "slow_3"]
+
+
+def test_documents_are_capped_at_1000_pages_by_default_and_the_cap_is_reported(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "long.pdf").write_bytes(_pages_pdf([b"0 0 m 600 700 l S"] * 1001))
+    assert main([str(src), "--out", str(tmp_path / "c"), "--dpi", "1", "--no-progress"]) == 0
+    capped = {
+        "source": str(src / "long.pdf"),
+        "doc": "long",
+        "detail": "the first 1000 of 1001 pages (--max-pages 1000)",
+    }
+    assert json.loads((tmp_path / "c" / "ingest_report.json").read_text())["capped"] == [capped]
+    assert f"capped             {src / 'long.pdf'}: {capped['detail']}" in capsys.readouterr().out
+    pages = load_pages(tmp_path / "c")
+    assert len(pages) == 1000 and pages[-1].page_id == "long_1000"
+    assert main([str(src), "--out", str(tmp_path / "c"), "--dpi", "1", "--max-pages", "1001", "--no-progress"]) == 0
+    assert len(load_pages(tmp_path / "c")) == 1001
+
+
+def test_a_pdfium_crash_costs_the_page_and_a_fresh_child_renders_the_next(tmp_path):
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(_pages_pdf([b"/F14 Do", b"0 0 m 300 300 l S"], _slow_page_forms(14)))
+    with PdfRenderer(timeout_s=60) as renderer:
+        assert renderer.open(path) == 2
+        first = renderer.pid
+        threading.Timer(1.0, os.kill, (first, signal.SIGKILL)).start()  # PDFium dies mid-page
+        with pytest.raises(PdfError, match=r"^corrupt PDF: page 1: PDFium crashed \(exit code -9\)$"):
+            renderer.render(0, 72, 2048)
+        assert renderer.render(1, 72, 2048).size == (612, 792) and renderer.pid not in (None, first)

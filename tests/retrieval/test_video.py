@@ -1,7 +1,11 @@
 """Videos as pages, with videos the tests make (frames drawn with PIL, encoded by PyAV's FFmpeg): frames sampled at
 the interval and at scene changes, timestamps in the manifest, resumable ingest, corrupt and truncated files
-reported, and the agent searching and cropping frames as it does pages."""
+reported, frames over the pixel limit refused before decoding, sampling stopped at the page cap, and the agent
+searching and cropping frames as it does pages."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -151,3 +155,94 @@ def test_frames_are_shown_with_their_times(videos, tmp_path):
     }
     page = write_browser([row], corpus, tmp_path / "browse", "video").read_text()
     assert "talk_3 (at 6.0 s): the page shown" in page
+
+
+# One grey frame of 12288x8192 (100.7 M pixels, over the 89.5 M pages get) in a file of ~300 KB: H.264 with x264 on
+# one thread keeps the encoder at ~650 MB. (16384x16384 is past what FFmpeg itself allocates for one frame.)
+HUGE = (12288, 8192)
+ENCODE = """
+import sys
+import av
+
+out = av.open(sys.argv[1], "w")
+stream = out.add_stream("libx264", rate=1, options={"preset": "ultrafast", "tune": "zerolatency", "threads": "1"})
+stream.width, stream.height, stream.pix_fmt = int(sys.argv[2]), int(sys.argv[3]), "yuv420p"
+frame = av.VideoFrame(stream.width, stream.height, "yuv420p")
+for plane in frame.planes:
+    plane.update(bytes([128]) * plane.buffer_size)
+out.mux(stream.encode(frame))
+out.mux(stream.encode())
+out.close()
+"""
+# Ingest in a fresh process, reporting its peak resident memory in MB (VmHWM: getrusage's maxrss would carry over
+# the peak of the process that started it).
+INGEST = """
+import json, re, sys
+from pathlib import Path
+from vrag_rl.retrieval.ingest import IngestConfig, ingest
+
+ingest([sys.argv[1]], sys.argv[2], IngestConfig(**json.loads(sys.argv[3])), progress=False)
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) // 1024)
+"""
+
+
+@pytest.fixture(scope="module")
+def huge_video(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("huge") / "huge.mp4"
+    subprocess.run([sys.executable, "-c", ENCODE, str(path), *map(str, HUGE)], check=True, timeout=300)
+    return path
+
+
+def ingest_peak(video: Path, corpus: Path, **cfg) -> tuple[dict, int]:
+    """The run's ingest_report.json and the peak memory (MB) of the process that ran it."""
+    run = subprocess.run(
+        [sys.executable, "-c", INGEST, str(video), str(corpus), json.dumps(cfg)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    return json.loads((corpus / "ingest_report.json").read_text()), int(run.stdout.split()[-1])
+
+
+def test_frames_over_the_pixel_limit_are_refused_before_decoding(huge_video, tmp_path):
+    """At the default limit the frame is refused from the stream's header, FFmpeg's probe held to the limit too: the
+    process stays under 250 MB (decoded and converted whole, this file took 1.7 GB). Allowed by a higher limit, the
+    frame is decoded alone and scaled to the page size by FFmpeg from its YUV planes: under 700 MB."""
+    report, peak = ingest_peak(huge_video, tmp_path / "refused")
+    (problem,) = report["problems"]
+    assert problem["reason"] == "decompression bomb" and report["pages_written"] == 0
+    assert "frames of 12288x8192 pixels (100663296), over the limit of 89478485" in problem["detail"]
+    assert peak < 250, peak
+    report, peak = ingest_peak(huge_video, tmp_path / "allowed", max_pixels=HUGE[0] * HUGE[1])
+    assert report["problems"] == [] and report["pages_written"] == 1
+    assert [(p.width, p.height) for p in load_pages(tmp_path / "allowed")] == [(2048, 1365)]
+    assert peak < 700, peak
+
+
+def make_spaced_video(path: Path, frames: int, gap_s: int) -> Path:
+    """``frames`` frames of 64x48, ``gap_s`` seconds apart, each of another grey."""
+    out = av.open(str(path), "w")
+    stream = out.add_stream("libx264", rate=1, options={"preset": "ultrafast"})
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    for k in range(frames):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * k, np.uint8), format="rgb24")
+        frame.pts = k * gap_s
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode())
+    out.close()
+    return path
+
+
+def test_sampling_stops_at_the_page_cap_and_the_cap_is_reported(tmp_path):
+    """Frames 5 s apart each pass the interval rule: a long file of them would give a page per frame. The pages
+    stop at --max-pages, sampling stops there too, and the cap is reported (not as a problem: the video is good)."""
+    (tmp_path / "src").mkdir()
+    video = make_spaced_video(tmp_path / "src" / "slides.mkv", frames=40, gap_s=5)
+    kept, truncated = sample_frames(video, FrameSampling(), max_frames=11)
+    assert [t for _, t in kept] == [5.0 * k for k in range(11)] and truncated is None
+    result = ingest([video], tmp_path / "c", IngestConfig(max_pages=10), progress=False)
+    assert result.problems == [] and result.pages_written == 10
+    assert [p.timestamp for p in load_pages(tmp_path / "c")] == [5.0 * k for k in range(10)]
+    detail = "the first 10 frames, to 45.0 s (--max-pages 10)"
+    assert result.capped == [{"source": str(video), "doc": "slides", "detail": detail}]
+    assert f"capped             {video}: {detail}" in result.summary()
+    everything = ingest([video], tmp_path / "c", IngestConfig(max_pages=40), progress=False)
+    assert everything.capped == [] and (everything.pages_reused, everything.pages_written) == (10, 30)

@@ -13,20 +13,27 @@ class ScriptedEngine(RolloutEngine):
     """Replays assistant texts: ``scripts`` maps a question to its turns; the question is found in the
     request's prompt and the turn number is the number of assistant headers in it. It stands in for a
     policy so that tests can drive the agent loop through chosen actions; the engines themselves are
-    tested against each other elsewhere."""
+    tested against each other elsewhere. A question scripted as None is refused: a batch holding its request
+    raises ``ValueError``, as an engine does on a request it cannot take."""
 
     def __init__(self, tokenizer, scripts: dict[str, list[str]]):
         self.tokenizer = tokenizer
         self.scripts = scripts
         self.stop_token_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
         self.requests: list[GenerationRequest] = []
+        self.batches: list[int] = []  # the size of each generate call
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[Generation]:
+        self.batches.append(len(requests))
         out = []
         for r in requests:
             self.requests.append(r)
             text = self.tokenizer.decode(r.prompt_ids)
-            (question,) = [q for q in self.scripts if q in text]
+            found = [q for q in self.scripts if q in text]
+            assert len(found) == 1, f"the prompt holds {len(found)} of the scripted questions"
+            question = found[0]
+            if self.scripts[question] is None:
+                raise ValueError(f"the engine cannot take the request of {question!r}")
             turn = text.count("<|im_start|>assistant") - 1
             ids = self.tokenizer(self.scripts[question][turn] + "<|im_end|>", add_special_tokens=False)["input_ids"]
             limit = max_new_tokens(r, sampling)

@@ -18,7 +18,7 @@ from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.data.expert import load_page, scripted_trajectory
 from vrag_rl.data.records import load_qa
 from vrag_rl.models.forward import banned_token_ids, token_logprobs
-from vrag_rl.rollout.engine import GenerationRequest, SamplingConfig
+from vrag_rl.rollout.engine import REFUSED, GenerationRequest, SamplingConfig, generate_apart
 from vrag_rl.rollout.hf_engine import HFEngine
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 
@@ -136,6 +136,25 @@ def test_seeded_batch_larger_than_one_scheduler_step(vllm_engine, contexts):
     gens = ray.get(vllm_engine.generate.remote(requests, sampling))
     alone = ray.get(vllm_engine.generate.remote(requests[-1:], sampling))
     assert len(gens) == len(requests) and gens[-1].token_ids == alone[0].token_ids
+
+
+def test_a_request_vllm_refuses_fails_alone(vllm_engine, contexts):
+    """A prompt longer than the model's context in a batch: vLLM refuses it (``ValueError``), and the others of
+    the batch get what they get alone."""
+    import ray
+
+    class Actor:  # the engine actor, called as an engine
+        def generate(self, requests, sampling):
+            return ray.get(vllm_engine.generate.remote(requests, sampling))
+
+    greedy = SamplingConfig(temperature=0.0, max_tokens=8)
+    too_long = GenerationRequest(contexts[0].prompt_ids * (VLLM_CPU.max_model_len // len(contexts[0].prompt_ids) + 1))
+    with pytest.raises(ValueError):
+        Actor().generate([too_long, contexts[1]], greedy)
+    alone = Actor().generate(contexts[1:], greedy)
+    refused, kept = generate_apart(Actor(), [too_long, contexts[1]], greedy)
+    assert refused.finish_reason == "error" and refused.token_ids == [] and refused.error.startswith(REFUSED)
+    assert kept.token_ids == alone[0].token_ids and kept.finish_reason != "error"
 
 
 def perturbed_state(model, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ def ask(client: openai.OpenAI, content, **kw):
     return client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], **kw)
 
 
-def image_question(url: str) -> list[dict]:
+def image_question(url: str | None) -> list[dict]:
     return [{"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": url}}]
 
 
@@ -43,6 +43,18 @@ BAD_QUESTIONS = {
     "too long": ([{"role": "user", "content": "why? " * 1000}], "the limit is 4000"),
     "image by URL": ([{"role": "user", "content": image_question("http://x/a.png")}], "inline data: URLs"),
     "not an image": ([{"role": "user", "content": image_question("data:image/png;base64,AAAA")}], "not a decodable"),
+    "text not a string": ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "content[0].text must be"),
+    "url null": ([{"role": "user", "content": image_question(None)}], "content[1].image_url must be"),
+    # The older form, the URL as a string, is taken: this one reaches the decoder.
+    "image URL as a string": (
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "q"}, {"type": "image_url", "image_url": "data:,AAAA"}],
+            }
+        ],
+        "not a decodable",
+    ),
 }
 
 
@@ -50,7 +62,9 @@ BAD_QUESTIONS = {
 def test_questions_the_agent_cannot_take_are_openai_400s(served, messages, says):
     with pytest.raises(openai.APIStatusError) as err:
         served.chat.completions.create(model="m", messages=messages)
-    check_error(err.value, openai.BadRequestError, 400, says)
+    param = err.value.body.get("param") if isinstance(err.value.body, dict) else None
+    check_error(err.value, openai.BadRequestError, 400, says, param)
+    assert param is None or param in err.value.body["message"]  # a malformed part is named
 
 
 def test_requests_that_do_not_validate_are_openai_422s_naming_the_field(served):

@@ -8,6 +8,7 @@ import time
 import pytest
 from PIL import Image
 
+from tests.rollout.conftest import TINY_BUDGET, ScriptedEngine
 from vrag_rl.data.records import load_qa
 from vrag_rl.retrieval.local import LocalRetriever
 from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
@@ -154,3 +155,25 @@ def test_a_dead_policy_endpoint_ends_the_session_with_502(loop, encoder, tiny_di
         assert scheduler.alive and scheduler.last_error
     finally:
         scheduler.close()
+
+
+def test_an_engine_failure_ends_its_own_session_and_no_other(encoder, bundled_corpus, bundled_index, embedder):
+    """Two sessions in one batched turn; the engine fails on one's request: it ends with an error, the other
+    gets its answer."""
+    fine, failing = "Which city hosts the research centre?", "What share of the market does it hold?"
+    engine = ScriptedEngine(encoder.tokenizer, {fine: ["<think>known</think><answer>Lyon</answer>"], failing: None})
+    retriever = LocalRetriever(bundled_corpus, bundled_index, embedder)
+    loop = AgentLoop(engine, encoder, retriever, AgentConfig(max_turns=2, max_length=2048, budget=TINY_BUDGET))
+    scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig())
+    got = Collector()
+    try:
+        with scheduler._cond:  # both wait when the scheduler next looks: they step together
+            scheduler.submit(Question(fine), got.emit_for("fine"))
+            scheduler.submit(Question(failing), got.emit_for("failing"))
+        answered, failed = got.wait("fine"), got.wait("failing")
+        assert scheduler.alive and scheduler.load == (0, 0)
+    finally:
+        scheduler.close()
+    assert engine.batches[0] == 2
+    assert isinstance(answered, ResultEvent) and answered.answer == "Lyon"
+    assert isinstance(failed, ErrorEvent) and failed.status == 500 and "the engine cannot take" not in failed.message

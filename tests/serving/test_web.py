@@ -1,5 +1,6 @@
 """The web page in a real headless Chromium: a question streams its turns and the answer with the pages it rests on,
-an uploaded image is searched by, the corpus can be browsed, and what cannot be answered says why."""
+an uploaded image is searched by, the corpus can be browsed, what cannot be answered says why, and a server with an
+API key gets it from the page once asked."""
 
 from pathlib import Path
 
@@ -8,7 +9,10 @@ from PIL import Image
 from playwright.sync_api import expect
 from serve_process import ServeProcess, serve_args
 
-from vrag_rl.data.records import load_qa, write_pages
+from vrag_rl.data.records import load_pages, load_qa, write_pages
+from vrag_rl.http_guard import Access
+from vrag_rl.retrieval.base import PageCatalog
+from vrag_rl.serving.app import PUBLIC, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "runs" / "test-artifacts"  # the screenshot a run leaves behind (runs/ is not committed)
@@ -136,9 +140,43 @@ def test_an_empty_corpus_and_a_dead_policy_endpoint_and_search_api_are_shown(
         context.close()
         context, tab = not_ready_page(browser, dead)
         status = tab.locator("#status").inner_text()
-        assert f"the policy endpoint {closed_port_url} does not answer" in status
-        assert f"the search API at {closed_port_url.removesuffix('/v1')} does not answer" in status
+        assert "the policy endpoint does not answer" in status and "the search API does not answer" in status
+        assert closed_port_url.removesuffix("/v1") not in status  # no address reaches a client: the log has them
+        log = (tmp_path / "dead.log").read_text()
+        assert f"the policy endpoint {closed_port_url} does not answer" in log
+        assert f"the search API at {closed_port_url.removesuffix('/v1')} does not answer" in log
         context.close()
     finally:
         empty.stop()
         dead.stop()
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_and_sends_it(browser, bundled_corpus):
+    """An app with a key and no policy (uvicorn on 127.0.0.1): the page asks for the key, keeps it for the tab, and
+    every request it makes carries it, the page images too (fetched, then shown from blobs)."""
+    from asgi_thread import serve_app
+
+    key = "sk-page-0123456789"
+    sizes = {p.page_id: (p.width, p.height, p.timestamp) for p in load_pages(bundled_corpus)}
+    catalog = PageCatalog(bundled_corpus)
+    app = create_app(None, catalog, sizes, "vrag-agent", lambda: "no policy here", access=Access(key, public=PUBLIC))
+    with serve_app(app) as url:
+        context = browser.new_context()
+        tab = context.new_page()
+        unauthorized = []
+        tab.on("response", lambda r: unauthorized.append(r.url) if r.status == 401 else None)
+        tab.goto(url + "/")
+        expect(tab.locator("#key-form")).to_be_visible()
+        assert unauthorized == [url + "/ready"]
+        tab.fill("#key", key)
+        tab.click("#key-send")
+        expect(tab.locator("#status")).to_contain_text("Not ready: no policy here")
+        assert tab.locator("#key-form").is_hidden()
+        tab.click("#tab-corpus")
+        tab.wait_for_selector("#grid figure")
+        first = tab.locator("#grid img").first
+        tab.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=first.element_handle())
+        assert first.get_attribute("src").startswith("blob:")
+        assert tab.evaluate("sessionStorage.getItem('vrag-api-key')") == key
+        assert unauthorized == [url + "/ready"]  # only the first request went without it
+        context.close()

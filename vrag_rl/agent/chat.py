@@ -5,10 +5,16 @@
 of the conversation. Images must already be resized into the agent's budget (multiples of the patch
 merge size); the encoder refuses images the processor would resize again, because crop coordinates are
 read in the frame of the image as shown.
+
+Only the template's own markup becomes special tokens. Text inside messages (a user's question, feedback, an
+endpoint's reply through ``LiteralText``) is encoded as text, with special-token markup split into the characters
+it is made of (``split_special_tokens``): ``<|im_start|>system`` in a question cannot open a system turn, and
+``<|image_pad|>`` in a reply cannot claim an image.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +39,40 @@ class EncodedImages:
         )
 
 
+class LiteralText:
+    """Token ids of text as text: special-token markup in it is split as ``tokenizer(text,
+    split_special_tokens=True)`` splits it. Encoded by a copy of the tokenizer's backend that keeps that setting,
+    because transformers switches it on the shared backend for each call, which is not safe across threads."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.encode_special_tokens = True
+
+    def __call__(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids if text else []
+
+
+_TEXT_MARK = re.compile("\ue000(\\d+)\ue001")  # stands for the n-th text of the messages while the template renders
+
+
+def _marked(content, texts: list[str]):
+    """``content`` with each text replaced by a mark; the texts are appended to ``texts``."""
+    if isinstance(content, str):
+        texts.append(content)
+        return f"\ue000{len(texts) - 1}\ue001"
+    return [dict(p, text=_marked(p["text"], texts)) if p.get("type") == "text" else p for p in content]
+
+
 class ChatEncoder:
     def __init__(self, processor):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.literal_ids = LiteralText(self.tokenizer)
+        special = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        self._special_ids = special
+        self._special = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or "(?!)")
         ip = processor.image_processor
         self.patch_size = ip.patch_size
         self.merge_size = ip.merge_size
@@ -82,20 +118,41 @@ class ChatEncoder:
         for n in encoded.num_tokens:
             ids += self._ids("<|vision_start|>") + [self.image_token_id] * n + self._ids("<|vision_end|>")
         if text:
-            ids += self._ids(text)
+            ids += self.literal_ids(text)
         return ids
 
     def prompt(self, messages: list[dict], images: list[Image.Image] = ()) -> tuple[list[int], EncodedImages]:
-        """Prompt ids (ending with the assistant header) for chat messages holding len(images) image parts."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """Prompt ids (ending with the assistant header) for chat messages holding len(images) image parts; the
+        messages' texts are encoded as text (see the module docstring).
+
+        The template renders the messages with a mark in place of each text, so that its own markup is known;
+        the text between two of its special tokens is then encoded in one piece, as the tokenizer encodes a
+        rendered conversation (the same ids wherever the texts hold no markup)."""
+        texts: list[str] = []
+        marked = [dict(m, content=_marked(m["content"], texts)) for m in messages]
+        render = self.processor.apply_chat_template
+        template = render(marked, add_generation_prompt=True, tokenize=False)
+        pieces = _TEXT_MARK.split(template)  # template text, a text's number, template text, ...
+        full = "".join(texts[int(p)] if k % 2 else p for k, p in enumerate(pieces))
+        if full != render(messages, add_generation_prompt=True, tokenize=False):
+            raise ValueError("the chat template changes the messages' text: it cannot be encoded as given")
         encoded = self.encode_images(list(images))
-        pieces = text.split("<|image_pad|>")
-        if len(pieces) - 1 != len(encoded.images):
-            raise ValueError(f"the messages hold {len(pieces) - 1} images but {len(encoded.images)} were given")
-        ids = self._ids(pieces[0])
-        for n, piece in zip(encoded.num_tokens, pieces[1:]):
-            ids += [self.image_token_id] * n + self._ids(piece)
-        return ids, encoded
+        images_in_template = sum(p.count("<|image_pad|>") for p in pieces[::2])
+        if images_in_template != len(encoded.images):
+            raise ValueError(f"the messages hold {images_in_template} images but {len(encoded.images)} were given")
+        ids, text, image_tokens = [], "", iter(encoded.num_tokens)
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                text += texts[int(piece)]
+                continue
+            start = 0
+            for m in self._special.finditer(piece):
+                ids += self.literal_ids(text + piece[start : m.start()])
+                text, start = "", m.end()
+                token = self._special_ids[m.group()]
+                ids += [token] * next(image_tokens) if token == self.image_token_id else [token]
+            text += piece[start:]
+        return ids + self.literal_ids(text), encoded
 
     def observation(
         self, images: list[Image.Image] | EncodedImages = (), text: str | None = None, close_turn: bool = False

@@ -230,11 +230,25 @@ def holdout_split(records: list[QARecord], every: int) -> tuple[list[QARecord], 
     return [r for i, r in enumerate(records) if i % every], records[::every]
 
 
+def _inside(root: str, path: str) -> bool:
+    return path != root and os.path.commonpath([root, path]) == root
+
+
 def load_pages(corpus_dir: str | Path) -> list[PageRecord]:
-    """Page rows with ``file`` resolved to a path under ``corpus_dir``."""
+    """Page rows with ``file`` joined to ``corpus_dir``. A row whose ``file``, so joined, lies outside the corpus
+    directory (``../x.jpg``, an absolute path elsewhere) is not one of the corpus's pages: the manifest is refused
+    with the rows named. (Symlinks are resolved where a page is read: ``retrieval.base.PageCatalog``.)"""
     corpus_dir = Path(corpus_dir)
     table = pq.read_table(corpus_dir / "pages.parquet")
     if "timestamp" not in table.column_names:  # written before video frames were pages
         table = table.append_column("timestamp", pa.nulls(len(table), pa.float64()))
     rows = table.select(PAGES_SCHEMA.names).cast(PAGES_SCHEMA).to_pylist()
+    root = os.path.abspath(corpus_dir)
+    outside = [r for r in rows if not _inside(root, os.path.normpath(os.path.join(root, r["file"])))]
+    if outside:
+        named = ", ".join(f"{r['page_id']!r} ({r['file']!r})" for r in outside[:5])
+        raise ValueError(
+            f"{corpus_dir / 'pages.parquet'}: {len(outside)} rows name files outside the corpus: {named}; "
+            "a manifest lists files under its corpus directory only"
+        )
     return [PageRecord(**{**row, "file": str(corpus_dir / row["file"])}) for row in rows]

@@ -3,18 +3,23 @@
 One card per question: the question, reference, gold pages, the prediction and its scores, then every turn the
 model wrote with the page it was shown after it (a thumbnail) and each crop box drawn where it was cut from the
 page. Filters (no scripts or styles from elsewhere; the page works offline) show only wrong, unanswered or
-invalid-action questions. Thumbnails of the pages shown go to ``OUT/pages/``.
+invalid-action questions. Thumbnails of the pages shown go to ``OUT/pages/``, read only from files inside the
+corpus and named so that no page id (from a manifest, so untrusted) becomes a path or markup.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image
 
 from vrag_rl.data.records import load_pages, page_label
+from vrag_rl.retrieval.base import PageCatalog
 
 THUMB_SIDE = 480
 
@@ -26,20 +31,33 @@ def is_wrong(row: dict) -> bool:
     return scores.get(key, 0.0) < 1.0
 
 
+def thumbnail_name(page_id: str) -> str:
+    """The thumbnail's path relative to ``OUT``: the page id where it is a plain file name, else a digest of it (page
+    ids come from a manifest, which may hold ``..``, slashes or markup)."""
+    if re.fullmatch(r"\w[\w.-]*", page_id):
+        return f"pages/{page_id}.jpg"
+    return f"pages/ids/{hashlib.sha256(page_id.encode()).hexdigest()[:32]}.jpg"  # no plain id has a slash
+
+
 def _thumbnails(rows: list[dict], corpus: Path, out: Path) -> dict[str, tuple[str, int, int, str]]:
-    """page id -> (thumbnail path relative to ``out``, raw width, raw height, label) of every page a row refers to."""
+    """page id -> (thumbnail path relative to ``out``, raw width, raw height, label) of every page a row refers to
+    whose file is inside the corpus (read through the catalog, which resolves symlinks)."""
     wanted = {page for row in rows for page in _pages_of(row)}
+    catalog = PageCatalog(corpus)
     found = {}
-    (out / "pages").mkdir(parents=True, exist_ok=True)
     for page in load_pages(corpus):
         if page.page_id not in wanted:
             continue
-        name = f"pages/{page.page_id}.jpg"
+        name = thumbnail_name(page.page_id)
         if not (out / name).is_file():
-            with Image.open(page.file) as im:
-                im = im.convert("RGB")
-                im.thumbnail((THUMB_SIDE, THUMB_SIDE))
-                im.save(out / name, quality=85)
+            try:
+                with Image.open(catalog.page_path(page.page_id)) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            except (KeyError, ValueError, OSError, Image.DecompressionBombError):
+                continue  # outside the corpus, gone or unreadable: shown as not in the corpus
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            im.save(out / name, quality=85)
         found[page.page_id] = (name, page.width, page.height, page_label(page.page_id, page.timestamp))
     return found
 
@@ -61,7 +79,7 @@ def _figure(page: str, box: list[int] | None, thumbs: dict, caption: str) -> str
         style += f"width:{100 * (x1 - x0) / width:.2f}%;height:{100 * (y1 - y0) / height:.2f}%"
         overlay = f"<span class='box' style='{style}'></span>"
     return (
-        f"<figure><div class='page'><img src='{name}' alt='{html.escape(page)}'>{overlay}</div>"
+        f"<figure><div class='page'><img src='{html.escape(quote(name))}' alt='{html.escape(page)}'>{overlay}</div>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 

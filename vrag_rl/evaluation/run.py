@@ -6,6 +6,10 @@ results file and flushed to disk before the next chunk starts. A rerun with the 
 drops a last line a kill cut short, and runs only the questions without a row: none is lost or done twice.
 ``OUT/settings.json`` holds the settings that change results; a rerun under other settings stops and names
 the keys that differ.
+
+One writer at a time per ``OUT`` (``records.writer_lock``; a second run stops at once naming the first), and only
+the writer, under its lock, cuts a torn last line off the file. Readers (``read_results``: the report, teacher
+data) never write it: a last line without its newline may be a row being appended, and is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vrag_rl.data.records import QARecord
+from vrag_rl.data.records import QARecord, writer_lock
 from vrag_rl.evaluation.metrics import RANK_CUTS, Method, ranking_row, rollout_row
 from vrag_rl.flat_settings import differences
 from vrag_rl.progress import progress_bar
@@ -45,16 +49,26 @@ class EvalRun:
 
 
 def read_results(path: Path) -> dict[str, dict]:
-    """Rows by question id; a last line without its newline (a write cut by a kill) is cut off the file."""
+    """Rows by question id, read only: a last line without its newline (being appended, or cut by a kill) is
+    skipped, never cut off the file, which the writer may be appending to."""
     if not path.is_file():
         return {}
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
     rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
     return {row["qid"]: row for row in rows}
+
+
+def repair_results(path: Path) -> None:
+    """Cut a last line that a killed writer left without its newline; only the writer calls this, under its lock."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
@@ -116,9 +130,15 @@ def score_chunk(run: EvalRun, records: list[QARecord]) -> list[dict]:
 
 def evaluate(run: EvalRun, records: list[QARecord], out: Path, settings: dict[str, object]) -> dict[str, dict]:
     """Rows of every question in ``out/results.jsonl`` (see the module docstring); returns them by question id."""
-    check_settings(out, settings)
-    path = out / RESULTS
-    done = read_results(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "the evaluation"):  # before anything is written: a second run stops here
+        check_settings(out, settings)
+        path = out / RESULTS
+        repair_results(path)
+        return _run_chunks(run, records, path, read_results(path))
+
+
+def _run_chunks(run: EvalRun, records: list[QARecord], path: Path, done: dict[str, dict]) -> dict[str, dict]:
     todo = [r for r in records if r.qid not in done]
     bar = progress_bar(total=len(records), initial=len(records) - len(todo), desc=f"eval {run.method}", unit="q")
     for chunk in chunks(todo, run.chunk_size):

@@ -289,10 +289,10 @@ class GrpoJob:
                 f"retriever has {modes} (OCR the corpus for text, set models.dense for dense)"
             )
         log.info("retriever modes: %s", ", ".join(modes))
-        judge = cfg.judge
-        if judge is not None and judge.model_dir:  # a judge the job serves itself
-            self.judge_server, judge = start_judge_server(judge, out / "judge_server.log")
-        self.scorer = start_reward_actor(cfg.reward, judge)
+        judge, judge_key = cfg.judge, None
+        if judge is not None and judge.model_dir:  # a judge the job serves itself, behind a key the job made
+            self.judge_server, judge, judge_key = start_judge_server(judge, out / "judge_server.log")
+        self.scorer = start_reward_actor(cfg.reward, judge, judge_key=judge_key)
         self.state = json.loads((self.resume / "controller.json").read_text()) if self.resume else {"step": 0}
         config = json.loads(json.dumps(asdict(cfg), default=str))
         self.tracker = Tracker(out, cfg.tracking, config=config, resume_step=self.state["step"])

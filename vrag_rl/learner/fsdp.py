@@ -85,10 +85,13 @@ class FsdpBackend:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
+        """What ``save`` wrote, read without running code from it (``safe_load``)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from vrag_rl.learner.safe_load import MetadataReader, ValuesPlanner
+
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=MetadataReader(str(path)), planner=ValuesPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -20,6 +20,7 @@ import torch
 
 from vrag_rl.learner.backend import all_ranks
 from vrag_rl.learner.config import TrainerConfig
+from vrag_rl.learner.safe_load import weights_only_engine
 
 TAG = "zero"  # the checkpoint's one tag: the step directory already says which step it is
 
@@ -54,6 +55,7 @@ class ZeroBackend:
         self.cfg = cfg
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=deepspeed_config(cfg))
+        self.engine.checkpoint_engine = weights_only_engine(self.engine._config)  # loads run no code (safe_load)
         self.model = self.engine
         self.reference = reference
         if reference is not None and cfg.zero_stage == 3:

@@ -1,7 +1,8 @@
 """The HTTP search API (``retrieval.api``) seen as a local retriever: what the agent loop needs of one.
 
 Searches go to ``POST {base_url}/search``; page files are read from the corpus directory, which the client sees as
-the server does (one machine, or a shared filesystem), so that crops are cut from the page itself.
+the server does (one machine, or a shared filesystem), so that crops are cut from the page itself. A server that
+has an API key gets it as a Bearer token on every request.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from vrag_rl.retrieval.types import Hit, SearchMode
 
 
 class SearchClient:
-    def __init__(self, base_url: str, corpus_dir: str | Path, timeout_s: float = 60.0):
+    def __init__(self, base_url: str, corpus_dir: str | Path, timeout_s: float = 60.0, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.catalog = PageCatalog(corpus_dir)
-        self._http = httpx.Client(timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(timeout=timeout_s, headers=headers)
 
     def _post(self, body: dict) -> dict:
         try:

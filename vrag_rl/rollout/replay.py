@@ -5,7 +5,9 @@ the pages its searches showed (``views``). Replaying it runs the real agent loop
 budget, crop geometry, feedback turns) with an engine that returns the recorded turns and a retriever that
 returns the recorded pages, so the result holds exactly the ids and images the agent saw. Teacher
 trajectories (a large model run through the evaluation harness) become supervised data this way
-(``trainer.sft``).
+(``trainer.sft``). A recorded turn is text, as an endpoint's reply is: it is tokenized with special-token markup
+split (``agent.chat.LiteralText``), all but the end-of-turn token that closes it, so markup a teacher wrote
+(an image placeholder) never becomes a special token of the trajectory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vrag_rl.agent.actions import ACTION_KINDS, ActionKind, parse_action
+from vrag_rl.agent.actions import ACTION_KINDS, END_OF_TURN_TOKENS, ActionKind, parse_action
 from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.retrieval.base import PageCatalog
 from vrag_rl.retrieval.types import Hit
@@ -34,16 +36,18 @@ class Recording:
 class _ScriptedEngine(RolloutEngine):
     """Returns the recorded turns of one trajectory, in order."""
 
-    def __init__(self, tokenizer, texts: list[str]):
-        self.tokenizer, self.texts = tokenizer, list(texts)
-        self.stop_token_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    def __init__(self, encoder: ChatEncoder, texts: list[str]):
+        self.encoder, self.texts = encoder, list(texts)
+        self.stop_token_ids = [encoder.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS]
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[Generation]:
         if len(requests) != 1 or not self.texts:
-            raise ValueError("the recording has no turn left for this request")
-        ids = self.tokenizer(self.texts.pop(0), add_special_tokens=False)["input_ids"]
-        finish = "stop" if ids and ids[-1] in self.stop_token_ids else "length"
-        return [Generation(ids, [0.0] * len(ids), finish)]
+            raise RuntimeError("the recording has no turn left for this request")
+        text = self.texts.pop(0)
+        stop = next((t for t in END_OF_TURN_TOKENS if text.endswith(t)), None)
+        ids = self.encoder.literal_ids(text.removesuffix(stop) if stop else text)
+        ids += [self.encoder.tokenizer.convert_tokens_to_ids(stop)] if stop else []
+        return [Generation(ids, [0.0] * len(ids), "stop" if stop else "length")]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         raise NotImplementedError("a recording has no weights")
@@ -70,7 +74,7 @@ class _RecordedSearch:
 
 def replay(recording: Recording, catalog: PageCatalog, encoder: ChatEncoder, cfg: AgentConfig) -> Rollout:
     """The rollout of ``recording`` under ``cfg``; its texts must parse to the same actions as when recorded."""
-    engine = _ScriptedEngine(encoder.tokenizer, recording.texts)
+    engine = _ScriptedEngine(encoder, recording.texts)
     loop = AgentLoop(engine, encoder, _RecordedSearch(catalog, recording), cfg)
     rollout = loop.run([Task(recording.qid, recording.question)], SamplingConfig(temperature=0.0))[0]
     if rollout.texts != recording.texts or _plain(rollout.views) != _plain(recording.views):

@@ -137,7 +137,12 @@ class VLLMEngine(RolloutEngine):
                     detokenize=False,  # ids are the output; the agent decodes them itself
                 )
             )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except VLLMClientError as err:  # vLLM refused a request (its length, its images): ValueError by contract
+            raise ValueError(str(err)) from err
         gens = []
         for r, out in zip(requests, outputs):
             if list(out.prompt_token_ids) != list(r.prompt_ids):

@@ -7,69 +7,101 @@
   ``vrag``), the answer as the content delta, then ``data: [DONE]``; a session that fails mid-way sends an
   ``error`` object, as OpenAI's API does.
 - ``GET /v1/models``; ``GET /health`` (the process is up); ``GET /ready`` (503 with the reason while the corpus
-  is empty, the policy endpoint does not answer or the engine has failed).
-- ``GET /pages/{id}[?box=x1,y1,x2,y2][&side=N]``: a page image, a crop of it, at most ``side`` pixels a side.
+  is empty, the policy endpoint does not answer or the engine has failed; reasons name no address, path or
+  exception, which the server's log has).
+- ``GET /pages/{id}[?box=x1,y1,x2,y2][&side=N]``: a page image, a crop of it, at most ``side`` pixels a side
+  (``serving.pages``: the box is cut to its page first; pages and crops are drawn on two threads of their own).
 - ``GET /v1/corpus?offset=&limit=``: the corpus's pages, for the page that browses them.
 - ``GET /``: the web page (``serving/web``; no script, style or font from elsewhere).
 
+Who may ask (``http_guard.Access``): requests whose ``Host`` is not an allowed name get 400; with an API key set,
+every path but ``/health``, ``/`` and ``/static/`` needs it as ``Authorization: Bearer KEY`` (401), and the web page
+asks for it once. A question is checked before anything else (at most ``MAX_MESSAGES`` messages and ``MAX_PARTS``
+parts, each part named in a 400), then readiness, then whether a session place is free (503, before its image is
+decoded), and only then is its image decoded.
+
 Every error, whatever refuses it, is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (``type``
 ``invalid_request_error`` below 500, ``server_error`` from 500; ``code`` the HTTP status; ``param`` the first
-offending field of a request that does not validate), so OpenAI's clients raise their exception of the status with
-our message: 400 for a malformed question or image, 404 for unknown pages and routes, 405 for unknown methods, 413
-for a body or image over the limits, 422 for a request that does not validate, 503 with ``Retry-After`` when every
-place is taken (``max_in_flight`` requests open: refused before their bodies are read; or every session place), 503
-while not ready, 504 past the time limit, 502 when the policy endpoint fails, 500 for a failure nobody planned for
-(without its text). The body limit, the image bounds and the error replies are the search API's too
+offending field), so OpenAI's clients raise their exception of the status with our message: 400 for a malformed
+question or image or a foreign ``Host``, 401 without the API key, 404 for unknown pages and routes, 405 for unknown
+methods, 408 for a body that trickles in, 413 for a body or image over the limits, 422 for a request that does not
+validate, 503 with ``Retry-After`` when every place is taken (``max_in_flight`` requests open: refused before their
+bodies are read; or every session place), 503 while not ready, 504 past the time limit, 502 when the policy
+endpoint fails, 500 for a failure nobody planned for (a 500 or 502 names no exception: the server's log has it).
+The access rules, the body limits, the image bounds and the error replies are the search API's too
 (``vrag_rl.http_guard``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import lru_cache
 from importlib.resources import files
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from vrag_rl.http_guard import OPENAI, BodyLimit, ImageDecoder, RequestLimits, install_errors, page_file
+from vrag_rl.http_guard import OPENAI, Access, Guard, ParamError, RequestLimits, install_errors, page_file
+from vrag_rl.http_guard.images import ImageDecoder
 from vrag_rl.retrieval.base import PageCatalog
 from vrag_rl.serving.events import ErrorEvent, Event, PageSizes, ResultEvent, View
-from vrag_rl.serving.sessions import Busy, Question, SessionScheduler
+from vrag_rl.serving.pages import MAX_SIDE, parse_box, render
+from vrag_rl.serving.sessions import Busy, Question, Session, SessionScheduler
 
+log = logging.getLogger(__name__)
 WEB = files("vrag_rl.serving") / "web"
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
-MAX_SIDE = 2048
+PUBLIC = ("/health", "/", "/static/")  # answered without the API key: the page asks for it itself
 MAX_QUESTION_CHARS = 4000
+MAX_MESSAGES = 256
+MAX_PARTS = 64
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields (temperature, ...) the agent fixes itself
 
     model: str | None = None
-    messages: list[dict]
+    messages: list[dict] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
 
 
-def question_of(messages: list[dict], decoder: ImageDecoder) -> Question:
-    """The last user message as a question: its text parts joined, and at most one inline image."""
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+def question_parts(messages: list[dict]) -> tuple[str, str | None]:
+    """The last user message as a question: its text parts joined, and the URL of at most one image. A part that is
+    not what OpenAI's API allows is a 400 naming it (``param``); an image may be the older form, its URL a string."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
         raise HTTPException(400, "no user message: the last user message is the question")
-    content = users[-1].get("content")
+    where = f"messages[{users[-1]}].content"
+    content = messages[users[-1]].get("content")
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
-        raise HTTPException(400, "the user message's content must be a string or a list of parts")
-    text = " ".join(p.get("text", "") for p in parts if p.get("type") == "text").strip()
-    urls = [(p.get("image_url") or {}).get("url", "") for p in parts if p.get("type") == "image_url"]
+    if not isinstance(parts, list):
+        raise ParamError(400, f"{where} must be a string or a list of parts", where)
+    if len(parts) > MAX_PARTS:
+        raise ParamError(400, f"{where} has {len(parts)} parts; the limit is {MAX_PARTS}", where)
+    texts, urls = [], []
+    for j, part in enumerate(parts):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ParamError(400, f"{at}.text must be a string", f"{at}.text")
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise ParamError(400, f"{at}.image_url must be {{'url': a data: URL}} or the URL", f"{at}.image_url")
+            urls.append(url)
+        else:
+            raise ParamError(400, f"{at} must be an object of type 'text' or 'image_url'", at)
+    text = " ".join(texts).strip()
     if not text:
         raise HTTPException(400, "the question has no text")
     if len(text) > MAX_QUESTION_CHARS:
@@ -78,36 +110,48 @@ def question_of(messages: list[dict], decoder: ImageDecoder) -> Question:
         raise HTTPException(400, f"{len(urls)} images in the question; at most one (searched by image)")
     if urls and not urls[0].startswith("data:"):
         raise HTTPException(400, "images must be inline data: URLs (this server fetches nothing)")
-    image = decoder.decode(urls)[0] if urls else None
-    return Question(text, image)
+    return text, urls[0] if urls else None
 
 
-def page_image(catalog: PageCatalog, page_id: str, box: str | None, side: int) -> bytes:
-    path = page_file(catalog, page_id)
-    region = None
-    if box is not None:
-        try:
-            region = tuple(int(float(v)) for v in box.split(","))
-        except ValueError:
-            region = ()
-        if len(region) != 4 or region[2] <= region[0] or region[3] <= region[1]:
-            raise HTTPException(400, f"box must be x1,y1,x2,y2 with x2 > x1 and y2 > y1, got {box!r}")
-    return _render(path, region, max(16, min(side, MAX_SIDE)))
+class Admission:
+    """Session places taken before a session exists: a question is admitted (503 with ``Retry-After`` when every
+    place is taken, counting those admitted and not yet submitted) before its image is decoded, so a burst of image
+    questions beyond the places costs no decode. Used on the event loop only: a plain counter."""
+
+    def __init__(self, scheduler: SessionScheduler):
+        self.scheduler, self.pending = scheduler, 0
+
+    def __enter__(self) -> Admission:
+        live, waiting = self.scheduler.load
+        cfg = self.scheduler.cfg
+        if live + waiting + self.pending >= cfg.max_live + cfg.max_waiting:
+            busy = Busy(self.scheduler.retry_after_s())
+            raise HTTPException(503, str(busy), {"Retry-After": str(busy.retry_after_s)})
+        self.pending += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pending -= 1
+
+    async def session(self, text: str, url: str | None, decoder: ImageDecoder, emit) -> Session:
+        """The question admitted (a place held from here until the session is submitted or refused), its image
+        decoded, its session submitted."""
+        with self:
+            image = (await decoder.decode_async([url]))[0] if url else None
+            try:
+                return self.scheduler.submit(Question(text, image), emit)
+            except Busy as busy:
+                raise HTTPException(503, str(busy), {"Retry-After": str(busy.retry_after_s)}) from None
 
 
-@lru_cache(maxsize=512)
-def _render(path, region: tuple[int, int, int, int] | None, side: int) -> bytes:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if region is not None:  # a crop is shown enlarged, as the agent saw it
-            im = im.crop(region)
-            scale = side / max(im.size)
-            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            im = im.resize(size, Image.Resampling.BICUBIC)
-        im.thumbnail((side, side))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=88)
-    return buf.getvalue()
+def public_message(event: ErrorEvent) -> str:
+    """What a client is told of a session's error: failures (500, 502) by their kind only; the log has the rest."""
+    if event.status not in (500, 502):
+        return event.message
+    log.warning("a session ended with %d: %s", event.status, event.message)
+    if event.status == 502:
+        return "the policy endpoint failed; the server's log has the details"
+    return "the agent's session failed; the server's log has the details"
 
 
 def chunk(cid: str, model: str, delta: dict, finish: str | None = None, vrag: dict | None = None) -> str:
@@ -149,10 +193,12 @@ def create_app(
     model_name: str,
     not_ready: Callable[[], str | None],
     close: Callable[[], None] = lambda: None,
-    limits: RequestLimits = RequestLimits(max_body_bytes=16 << 20, max_in_flight=128),
+    limits: RequestLimits = RequestLimits(max_body_bytes=16 << 20, max_in_flight=128, max_decodes=1),
+    access: Access = Access(public=PUBLIC),
 ):
-    """``scheduler`` None: nothing can be answered (``not_ready`` says why, e.g. an empty corpus). ``close`` runs at
-    shutdown, after the last response (uvicorn then re-raises the signal that stopped it)."""
+    """``scheduler`` None: nothing can be answered (``not_ready`` says why, e.g. an empty corpus, in words fit for
+    any client). ``close`` runs at shutdown, after the last response (uvicorn then re-raises the signal that stopped
+    it)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -161,7 +207,9 @@ def create_app(
 
     app = FastAPI(title="vrag-rl agent", version="1", lifespan=lifespan)
     install_errors(app, OPENAI)
-    decoder = ImageDecoder(limits)
+    decoder = ImageDecoder(limits)  # one question image at a time: it may be 40 megapixels
+    renders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="render")  # pages: bounded at ingest
+    admission = Admission(scheduler) if scheduler is not None else None
 
     @app.get("/health")
     def health():
@@ -197,7 +245,8 @@ def create_app(
 
     @app.get("/pages/{page_id}")
     async def page(page_id: str, box: str | None = None, side: int = MAX_SIDE):
-        data = await asyncio.to_thread(page_image, catalog, page_id, box, side)
+        path = page_file(catalog, page_id)
+        data = await asyncio.wrap_future(renders.submit(render, path, None if box is None else parse_box(box), side))
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/", response_class=HTMLResponse)
@@ -212,22 +261,19 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        reason = not_ready()
+        text, url = question_parts(req.messages)
+        reason = await asyncio.to_thread(not_ready)  # a probe may ask a dependency over the network
         if reason is not None or scheduler is None:
             raise HTTPException(503, reason or "not ready")
-        question = await asyncio.to_thread(question_of, req.messages, decoder)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        try:
-            session = scheduler.submit(question, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        except Busy as busy:
-            raise HTTPException(503, str(busy), {"Retry-After": str(busy.retry_after_s)}) from None
+        session = await admission.session(text, url, decoder, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         cid = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         if req.stream:
             return StreamingResponse(_stream(cid, model_name, session, events), media_type="text/event-stream")
         return await _answer(cid, model_name, session, events, request)
 
-    return BodyLimit(app, limits.max_body_bytes, limits.max_in_flight, OPENAI)
+    return Guard(app, limits, OPENAI, access)
 
 
 async def _answer(cid: str, model: str, session, events: asyncio.Queue[Event], request: Request) -> Response | dict:
@@ -241,7 +287,7 @@ async def _answer(cid: str, model: str, session, events: asyncio.Queue[Event], r
                     return Response(status_code=499)
                 continue
             if isinstance(event, ErrorEvent):
-                return OPENAI.response(event.status, event.message)
+                return OPENAI.response(event.status, public_message(event))
             if isinstance(event, ResultEvent):
                 return completion(cid, model, event)
     finally:
@@ -254,7 +300,7 @@ async def _stream(cid: str, model: str, session, events: asyncio.Queue[Event]):
         while True:
             event = await events.get()
             if isinstance(event, ErrorEvent):
-                yield f"data: {json.dumps(OPENAI.body(event.status, event.message))}\n\n"
+                yield f"data: {json.dumps(OPENAI.body(event.status, public_message(event)))}\n\n"
                 break
             if isinstance(event, ResultEvent):
                 if event.answer:

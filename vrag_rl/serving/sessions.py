@@ -8,7 +8,8 @@ while others are mid-way starts at the next turn boundary: throughput grows with
 
 Admission is bounded: ``max_live`` sessions step together and ``max_waiting`` more wait; ``submit`` refuses
 beyond that with ``Busy`` (and a retry estimate from recent sessions). A session past its time limit, cancelled by
-its client or whose engine turn failed (an endpoint that is down) leaves at the next turn boundary with an error.
+its client or whose engine turn failed (an endpoint that is down, a request the engine refused) leaves at the next
+turn boundary with an error; the sessions stepped with it get their turns.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from statistics import fmean
 from PIL import Image
 
 from vrag_rl.rollout.agent_loop import AgentLoop, AgentState, Task
-from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.engine import REFUSED, SamplingConfig
 from vrag_rl.serving.events import ErrorEvent, Event, PageSizes, image_search_event, result_event, turn_event
 
 log = logging.getLogger(__name__)
@@ -212,15 +213,22 @@ class SessionScheduler:
                 self._emit(s, turn_event(rollout, i, self.sizes))
             s.turns_sent = rollout.num_turns
             if rollout.engine_errors:
-                self.last_error = rollout.engine_errors[-1]
-                self._emit(s, ErrorEvent(502, f"the policy endpoint failed: {self.last_error}"))
-                self._remove(s)
+                self._engine_error(s, rollout.engine_errors[-1])
             elif s.state.done:
                 self.last_error = None
                 self._finish(s)
                 self._remove(s)
         if self.loop.pages_kept > self.cfg.keep_pages:
             self.loop.forget()
+
+    def _engine_error(self, s: Session, error: str) -> None:
+        if error.startswith(REFUSED):  # this session's request, not the engine: its detail stays in the log
+            log.warning("session %s: %s", s.id, error)
+            self._emit(s, ErrorEvent(500, "the engine could not take this session's turn"))
+        else:
+            self.last_error = error
+            self._emit(s, ErrorEvent(502, f"the policy endpoint failed: {error}"))
+        self._remove(s)
 
     def _finish(self, s: Session) -> None:
         seconds = time.monotonic() - s.arrived

@@ -5,6 +5,8 @@ const PAGE = 50;
 let maxImageBytes = 10 << 20;
 let corpusOffset = 0;
 let sessionBoxes = {}; // page id -> crop boxes seen in this answer, drawn in the full-page viewer
+// A server started with an API key needs it on every request but the page itself: asked for once, kept for the tab.
+let apiKey = sessionStorage.getItem("vrag-api-key");
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -18,6 +20,33 @@ function label(view) {
   return view.timestamp === undefined || view.timestamp === null ? view.page : `${view.page} (at ${view.timestamp.toFixed(1)} s)`;
 }
 
+// fetch() with the API key, when there is one; a 401 asks for it.
+async function api(url, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+  const response = await fetch(url, Object.assign({}, options, { headers }));
+  if (response.status === 401) askKey();
+  return response;
+}
+
+function askKey() {
+  $("key-form").hidden = false;
+  $("key").focus();
+}
+
+// An image of this server: by its URL, or fetched with the key (an <img> cannot send one) and shown from a blob.
+function setSrc(img, url) {
+  if (!apiKey) {
+    img.src = url;
+    return;
+  }
+  api(url).then(async (response) => {
+    if (!response.ok) return;
+    img.src = URL.createObjectURL(await response.blob());
+    img.onload = () => URL.revokeObjectURL(img.src);
+  });
+}
+
 function pageUrl(page, box, side) {
   let url = `/pages/${encodeURIComponent(page)}?side=${side}`;
   if (box) url += `&box=${box.join(",")}`;
@@ -29,7 +58,7 @@ function pageFigure(view, boxes, caption) {
   const fig = el("figure");
   const wrap = el("div", "page");
   const img = el("img");
-  img.src = pageUrl(view.page, null, 520);
+  setSrc(img, pageUrl(view.page, null, 520));
   img.alt = `page ${view.page}`;
   wrap.appendChild(img);
   for (const box of boxes) wrap.appendChild(boxDiv(box, view.width, view.height));
@@ -56,7 +85,7 @@ function viewFigures(view) {
     out.push(pageFigure(view, [view.box], `${label(view)}: crop [${view.box.join(", ")}]`));
     const zoom = el("figure", "crop");
     const img = el("img");
-    img.src = pageUrl(view.page, view.box, 520);
+    setSrc(img, pageUrl(view.page, view.box, 520));
     img.alt = `crop of ${view.page}`;
     zoom.appendChild(img);
     zoom.appendChild(el("figcaption", "", "zoomed crop"));
@@ -70,7 +99,7 @@ function viewFigures(view) {
 function openViewer(view) {
   const frame = $("viewer").querySelector(".page");
   frame.querySelectorAll(".box").forEach((b) => b.remove());
-  $("viewer-img").src = pageUrl(view.page, null, 1600);
+  setSrc($("viewer-img"), pageUrl(view.page, null, 1600));
   for (const box of sessionBoxes[view.page] || []) frame.appendChild(boxDiv(box, view.width, view.height));
   $("viewer-caption").textContent = `page ${label(view)}, ${view.width} x ${view.height}`;
   $("viewer").hidden = false;
@@ -165,7 +194,7 @@ async function ask(event) {
   }
   $("send").disabled = true;
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await api("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model: "agent", stream: true, messages: [{ role: "user", content }] }),
@@ -206,9 +235,11 @@ async function readStream(response) {
 async function checkReady() {
   let message = null;
   try {
-    const response = await fetch("/ready");
+    const response = await api("/ready");
     const body = await response.json();
-    if (response.ok) {
+    if (response.status === 401) {
+      message = "this server needs its API key.";
+    } else if (response.ok) {
       $("model").textContent = `${body.model} over ${body.pages} pages`;
       if (body.max_image_bytes) maxImageBytes = body.max_image_bytes;
     } else {
@@ -219,11 +250,13 @@ async function checkReady() {
   }
   $("status").textContent = message ? `Not ready: ${message}` : "";
   $("status").hidden = !message;
+  if (message && !$("key-form").hidden) return; // asked again once a key is given
   if (message) setTimeout(checkReady, 5000);
 }
 
 async function loadCorpus() {
-  const response = await fetch(`/v1/corpus?offset=${corpusOffset}&limit=${PAGE}`);
+  const response = await api(`/v1/corpus?offset=${corpusOffset}&limit=${PAGE}`);
+  if (!response.ok) return;
   const body = await response.json();
   const grid = $("grid");
   grid.replaceChildren();
@@ -231,7 +264,7 @@ async function loadCorpus() {
     const fig = el("figure");
     const wrap = el("div", "page");
     const img = el("img");
-    img.src = pageUrl(p.page, null, 300);
+    setSrc(img, pageUrl(p.page, null, 300));
     img.alt = `page ${p.page}`;
     img.loading = "lazy";
     wrap.appendChild(img);
@@ -255,6 +288,14 @@ function showTab(name) {
 }
 
 $("form").addEventListener("submit", ask);
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = $("key").value;
+  sessionStorage.setItem("vrag-api-key", apiKey);
+  $("key-form").hidden = true;
+  checkReady();
+  if (!$("corpus").hidden) loadCorpus();
+});
 $("image").addEventListener("change", () => ($("image-name").textContent = $("image").files[0] ? $("image").files[0].name : ""));
 $("tab-ask").onclick = () => showTab("ask");
 $("tab-corpus").onclick = () => showTab("corpus");
