@@ -30,6 +30,15 @@ from chat_server import closed_port_url, fast_config, judge_server  # noqa: E402
 CACHE = Path(os.environ.get("VRAG_RL_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_service_left():
+    """wandb.init in this process writes its service's address to os.environ (WANDB_SERVICE). Left there, every
+    main job a later test starts as a subprocess (or through Slurm) joins this process's service, where a killed
+    run's id stays "in use" and its resume fails."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs() -> dict[str, Path]:
     return build_tiny_models(CACHE / "tiny", TinyConfig(seed=0))
@@ -142,7 +151,6 @@ SLOW_FIXTURES = (
     "pool",  # rollout workers with vLLM engines on Ray (rollout/test_pool.py)
     "agent_server",  # a `python -m vrag_rl.serve` process with its vLLM engine (serving/conftest.py)
     "browser",  # headless Chromium through Playwright (serving/conftest.py)
-    "slurm",  # munge, slurmctld and slurmd on one node (launch/test_slurm.py)
     "cluster",  # Slurm on two nodes made of network namespaces (launch/test_two_nodes.py)
     "straight",  # the main job in a subprocess (test_main.py)
     "endpoint_run",  # `python -m vrag_rl.eval`, which starts Ray, against the vLLM server (evaluation/test_eval.py)

@@ -1,6 +1,6 @@
 """A real Slurm started by the tests, as root: munge, a slurmctld and a slurmd per node, and job helpers.
 
-``run_as(node)`` prefixes a command so that it runs on a node: nothing for the single node on this host, or
+Each node is a network namespace made by the test. ``run_as(node)`` prefixes a command so that it runs on a node,
 entering the node's network namespace (``nsenter --net``, which keeps /sys and the rest of the filesystem,
 shared between the nodes as a cluster's shared filesystem would be). Daemons also get the node's host name
 in a UTS namespace of their own.
@@ -42,15 +42,13 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 class Node:
     name: str
     addr: str
-    netns: str | None = None  # None: this host's own network
+    netns: str
 
     def run_as(self) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+        return ["nsenter", f"--net=/run/netns/{self.netns}"]
 
     def daemon(self, cmd: list[str]) -> list[str]:
         """``cmd`` started on this node under its host name (a UTS namespace of its own)."""
-        if not self.netns:
-            return cmd
         return [*self.run_as(), "unshare", "--uts", "sh", "-c", f'hostname {self.name} && exec "$@"', "sh", *cmd]
 
 

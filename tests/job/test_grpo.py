@@ -25,6 +25,7 @@ OVERRIDES = [
     "algo.group_size=4",
     "algo.mini_batches=2",
     "algo.kl_coef=0.01",  # the reference policy and the KL term take part too
+    "algo.is_level=token",  # and importance weights from the engine's log-probs to the trainer's
     "sampling.max_tokens=64",
     "sampling.temperature=1.0",
 ]
@@ -38,7 +39,8 @@ def run_one_step(policy: str, retriever_model: str, out: Path) -> None:
 
     from vrag_rl.data.paths import BUNDLED_CORPUS
     from vrag_rl.data.records import load_qa
-    from vrag_rl.job.grpo import grpo_step, objective, split_questions
+    from vrag_rl.job.grpo import split_questions
+    from vrag_rl.job.step import grpo_step, objective
     from vrag_rl.learner.trainer import LocalTrainer
     from vrag_rl.main import register_recipes
     from vrag_rl.retrieval.corpus_index import open_retriever
@@ -106,6 +108,10 @@ def test_one_grpo_step_in_process(warm_policy, tiny_dirs, tmp_path):
     ):
         assert key in metrics, key
     assert all(math.isfinite(v) for v in metrics.values()), metrics
+    # The engine and the trainer (both float32 here) read the sampled tokens alike: weights of about 1.
+    assert 0 < metrics["offpolicy/mismatch_token_abs_max"] < 0.05, metrics
+    assert metrics["offpolicy/mismatch_turn_abs_mean"] > 0 and metrics["offpolicy/mismatch_token_kl_k3"] >= 0
+    assert abs(metrics["offpolicy/is_mean"] - 1) < 0.01 and metrics["offpolicy/is_ess"] > 0.99, metrics
     assert metrics["train/searches"] > 0 and metrics["actor/grad_norm"] > 0
     # 2 questions x 4 samples; advantages are zero-mean within each group, and not all zero.
     assert sorted(set(got["group_ids"])) == [0, 1] and len(got["advantages"]) == 8

@@ -16,10 +16,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(autouse=True)
 def wandb_offline(tmp_path, monkeypatch):
-    # wandb.init puts its service's address in os.environ (WANDB_SERVICE); left there, every main job a later test
-    # starts as a subprocess would join this process's service, where a killed run's id stays "in use" for its
-    # resume. Deleting it through monkeypatch takes it away again after each test.
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    # wandb.init leaves its service's address in os.environ (WANDB_SERVICE); tests/conftest.py takes it away after
+    # every test.
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -114,6 +114,7 @@ def test_two_nodes_train_with_a_rank_and_a_rollout_worker_on_each(cluster, tmp_p
     assert (run_dir / "export" / "model.safetensors").exists()
     assert "JobState=COMPLETED" in job_state(nodes[0], env, job)
     assert_no_ray_left(nodes)
+    assert not Path(f"/tmp/vrag-rl-ray-{job}").exists()  # the job's Ray session directory went with it
 
 
 def test_a_lost_node_stops_the_job_naming_it_and_a_resubmission_resumes(cluster, tmp_path, warm_policy, tiny_dirs):

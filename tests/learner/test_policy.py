@@ -24,6 +24,7 @@ from vrag_rl.learner.policy import PolicyTrainer
 
 ALGO = AlgoConfig(prompts_per_step=2, group_size=4, kl_coef=0.01, entropy_coef=0.001)
 OBJECTIVE = Objective(ALGO, temperature=1.0)
+PURE = AlgoConfig(prompts_per_step=2, group_size=4, kl_coef=0.0)  # the policy gradient alone
 CFG = TrainerConfig(num_workers=2, num_cpus=0.5, micro_batch_tokens=2048, optim=OptimConfig(lr=1e-3, warmup_steps=0))
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5]
 
@@ -107,6 +108,24 @@ def test_an_on_policy_update_without_old_logprobs_equals_one_with_them(tiny_dirs
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="old_logprobs=update needs an on-policy step"):
         AlgoConfig(prompts_per_step=2, mini_batches=2, old_logprobs="update")
+
+
+def test_importance_weights_reach_the_loss(tiny_dirs, trajectories):
+    """``Batch.is_weights`` multiply each token's policy loss: weights of 1 change nothing (metrics and weights
+    equal an unweighted update's), weights of 0 leave no policy gradient."""
+    plain, ones, zeros = (one_rank(tiny_dirs["policy"], Objective(PURE)) for _ in range(3))
+    old = plain.logprobs(whole(trajectories))
+    want = plain.grpo_update(whole(trajectories, ADVANTAGES, old))
+    for trainer, value in ((ones, 1.0), (zeros, 0.0)):
+        share = whole(trajectories, ADVANTAGES, old)
+        share.batch.is_weights = [torch.full_like(v, value) for v in old]
+        got = trainer.grpo_update(share)
+        if value:
+            assert got == want
+        else:
+            assert got["pg_loss"] == 0.0 and got["grad_norm"] == 0.0 and want["grad_norm"] > 0
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), ones.model.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.slow  # bf16 autocast training on CPU: minutes on 2 cores

@@ -23,18 +23,21 @@ class ScriptedEngine(RolloutEngine):
         self.requests: list[GenerationRequest] = []
         self.batches: list[int] = []  # the size of each generate call
 
+    def find(self, request: GenerationRequest) -> tuple[str, int]:
+        """The scripted question a request is about, and which of its turns it asks for."""
+        text = self.tokenizer.decode(request.prompt_ids)
+        found = [q for q in self.scripts if q in text]
+        assert len(found) == 1, f"the prompt holds {len(found)} of the scripted questions"
+        return found[0], text.count("<|im_start|>assistant") - 1
+
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[Generation]:
         self.batches.append(len(requests))
         out = []
         for r in requests:
             self.requests.append(r)
-            text = self.tokenizer.decode(r.prompt_ids)
-            found = [q for q in self.scripts if q in text]
-            assert len(found) == 1, f"the prompt holds {len(found)} of the scripted questions"
-            question = found[0]
+            question, turn = self.find(r)
             if self.scripts[question] is None:
                 raise ValueError(f"the engine cannot take the request of {question!r}")
-            turn = text.count("<|im_start|>assistant") - 1
             ids = self.tokenizer(self.scripts[question][turn] + "<|im_end|>", add_special_tokens=False)["input_ids"]
             limit = max_new_tokens(r, sampling)
             finish = "stop" if len(ids) <= limit else "length"
@@ -69,3 +72,44 @@ def recompute_logprobs(model, trajectory, encoder, temperature: float = 1.0) -> 
     with torch.no_grad():
         inputs = trajectory.model_inputs(encoder.image_token_id)
         return token_logprobs(model, inputs, temperature, banned_token_ids(encoder.tokenizer))[0]
+
+
+class SteppedEngine(ScriptedEngine):
+    """A scripted engine that batches continuously, as vLLM does: a turn finishes ``steps[question][turn]``
+    scheduler steps (``advance`` calls, ``step_s`` seconds each, as a decode step takes) after it was added,
+    whatever else runs. ``finished`` records each turn's (question, turn, step) in the order they finished."""
+
+    def __init__(self, tokenizer, scripts: dict[str, list[str]], steps: dict[str, list[int]], step_s: float = 0.02):
+        super().__init__(tokenizer, scripts)
+        self.steps, self.step_s = steps, step_s
+        self.clock = 0
+        self.finished: list[tuple[str, int, int]] = []
+        self._under_way: list[list] = []  # [steps left, key, generation, question, turn]
+
+    def advance(self, new, sampling):
+        import time
+
+        from vrag_rl.rollout.engine import refused
+
+        time.sleep(self.step_s)
+        self.clock += 1
+        done = []
+        for key, r in new:
+            question, turn = self.find(r)
+            try:
+                (gen,) = self.generate([r], sampling)
+            except ValueError as err:
+                done.append((key, refused(err)))
+                continue
+            self._under_way.append([self.steps[question][turn], key, gen, question, turn])
+        for item in list(self._under_way):
+            item[0] -= 1
+            if item[0] == 0:
+                self._under_way.remove(item)
+                done.append((item[1], item[2]))
+                self.finished.append((item[3], item[4], self.clock))
+        return done
+
+    @property
+    def running(self) -> int:
+        return len(self._under_way)

@@ -1,13 +1,16 @@
-"""The agent loop's protocol, driven through chosen actions by a scripted engine over the real retriever."""
+"""The agent loop's protocol, driven through chosen actions by a scripted engine over the real retriever, under
+both loops (``agent.loop``: per trajectory and turn-synchronous)."""
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from tests.rollout.conftest import TINY_BUDGET, image_token_count
 from vrag_rl.agent.images import crop_region, page_view
 from vrag_rl.agent.prompt import ANSWER_NOW_FEEDBACK, INVALID_ACTION_FEEDBACK
 from vrag_rl.rollout.agent_loop import (
+    LOOPS,
     NO_NEW_PAGE_FEEDBACK,
     AgentConfig,
     AgentLoop,
@@ -20,16 +23,20 @@ Q1, Q2 = "Which city hosts the research centre?", "What share of the market does
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=256)
 
 
-def run(engine, encoder, retriever, tasks, **agent):
-    cfg = AgentConfig(budget=TINY_BUDGET, **{"max_length": 4096, **agent})
-    return AgentLoop(engine, encoder, retriever, cfg).run(tasks, GREEDY)
+@pytest.fixture(params=LOOPS)
+def run(request):
+    def run(engine, encoder, retriever, tasks, **agent):
+        cfg = AgentConfig(budget=TINY_BUDGET, loop=request.param, **{"max_length": 4096, **agent})
+        return AgentLoop(engine, encoder, retriever, cfg).run(tasks, GREEDY)
+
+    return run
 
 
 def decoded_observations(encoder, trajectory) -> list[str]:
     return [encoder.tokenizer.decode(s.ids) for s in trajectory.segments if s.role == "observation"]
 
 
-def test_search_crop_answer(scripted, encoder, retriever):
+def test_search_crop_answer(run, scripted, encoder, retriever):
     box = [10, 20, 110, 90]
     engine = scripted(
         {
@@ -62,7 +69,7 @@ def test_search_crop_answer(scripted, encoder, retriever):
     assert [len(q.images) for q in engine.requests] == [0, 1, 2]
 
 
-def test_batched_search_and_unseen_pages(scripted, encoder, retriever):
+def test_batched_search_and_unseen_pages(run, scripted, encoder, retriever):
     engine = scripted(
         {
             Q1: ["<search>alpha report</search>", "<search>alpha report</search>", "<answer>x</answer>"],
@@ -76,7 +83,7 @@ def test_batched_search_and_unseen_pages(scripted, encoder, retriever):
     assert r1.num_turns == 3 and r2.num_turns == 2
 
 
-def test_no_unseen_page_left(scripted, encoder, retriever):
+def test_no_unseen_page_left(run, scripted, encoder, retriever):
     n = len(retriever.page_ids)
     engine = scripted({Q1: ["<search>alpha</search>"] * (n + 1) + ["<answer>x</answer>"]})
     (r,) = run(engine, encoder, retriever, [Task("q1", Q1)], max_turns=n + 1, max_length=200_000)
@@ -85,7 +92,7 @@ def test_no_unseen_page_left(scripted, encoder, retriever):
     assert r.finished
 
 
-def test_invalid_actions_get_feedback(scripted, encoder, retriever):
+def test_invalid_actions_get_feedback(run, scripted, encoder, retriever):
     engine = scripted(
         {
             Q1: [
@@ -105,7 +112,7 @@ def test_invalid_actions_get_feedback(scripted, encoder, retriever):
     assert [a.kind for a in r.actions] == ["invalid", "bbox", "search", "bbox", "answer"]
 
 
-def test_turn_limit_then_answer_only(scripted, encoder, retriever):
+def test_turn_limit_then_answer_only(run, scripted, encoder, retriever):
     engine = scripted(
         {
             Q1: ["<search>alpha</search>", "<search>beta</search>", "<search>gamma</search>"],
@@ -120,7 +127,7 @@ def test_turn_limit_then_answer_only(scripted, encoder, retriever):
     assert r2.finished and r2.answer == "late"
 
 
-def test_length_limit_never_cuts_an_image(scripted, encoder, retriever):
+def test_length_limit_never_cuts_an_image(run, scripted, encoder, retriever):
     engine = scripted({Q1: ["<search>alpha</search>", "<answer>x</answer>"]})
     prompt_len = len(
         run(scripted({Q1: ["<answer>x</answer>"]}), encoder, retriever, [Task("q1", Q1)])[0].trajectory.segments[0].ids
@@ -152,7 +159,7 @@ def test_groups_and_seeds():
     assert make_groups([("a", "qa")], 1, seed=0, first_group=5)[0].group == 5
 
 
-def test_a_page_that_cannot_be_shown_is_passed_over(scripted, encoder, retriever, tmp_path):
+def test_a_page_that_cannot_be_shown_is_passed_over(run, scripted, encoder, retriever, tmp_path):
     """A strip beyond the vision processor's aspect-ratio limit, and an unreadable file, in a retriever's
     results: the search shows the next page instead, and the trajectory goes on."""
     from vrag_rl.retrieval.types import Hit

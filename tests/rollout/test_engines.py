@@ -138,6 +138,36 @@ def test_seeded_batch_larger_than_one_scheduler_step(vllm_engine, contexts):
     assert len(gens) == len(requests) and gens[-1].token_ids == alone[0].token_ids
 
 
+def test_requests_joining_a_running_batch_sample_what_they_sample_in_one_batch(vllm_engine, contexts):
+    """Continuous batching (``advance``): seeded requests added one per scheduler step, while the earlier ones
+    decode, sample the same tokens with the same log-probs as all of them in one ``generate``; a request vLLM
+    refuses comes back at once as an error turn."""
+    import ray
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=12)
+    requests = [
+        GenerationRequest(c.prompt_ids, c.images, c.pixel_values, c.image_grid_thw, seed=s)
+        for s in range(3)
+        for c in contexts
+    ]
+    too_long = GenerationRequest(contexts[0].prompt_ids * (VLLM_CPU.max_model_len // len(contexts[0].prompt_ids) + 1))
+    together = ray.get(vllm_engine.generate.remote(requests, sampling))
+    waiting, got, steps = list(enumerate(requests)) + [("refused", too_long)], {}, 0
+    while len(got) < len(requests) + 1:
+        new, waiting = waiting[:1], waiting[1:]
+        got |= dict(ray.get(vllm_engine.advance.remote(new, sampling)))
+        steps += 1
+    assert steps > len(requests) + 1  # requests joined while others were decoding
+    assert got["refused"].finish_reason == "error" and got["refused"].error.startswith(REFUSED)
+    for i, want in enumerate(together):
+        assert got[i].token_ids == want.token_ids and got[i].finish_reason == want.finish_reason, i
+        assert torch.allclose(torch.tensor(got[i].logprobs), torch.tensor(want.logprobs), atol=LOGPROB_TOL), i
+    assert (
+        ray.get(vllm_engine.advance.remote([], sampling)) == []
+        and ray.get(vllm_engine.generate.remote([], sampling)) == []
+    )
+
+
 def test_a_request_vllm_refuses_fails_alone(vllm_engine, contexts):
     """A prompt longer than the model's context in a batch: vLLM refuses it (``ValueError``), and the others of
     the batch get what they get alone."""

@@ -68,6 +68,18 @@ class Trajectory:
         return out
 
     @property
+    def turn_lengths(self) -> list[int]:
+        """The token count of each assistant turn, in order."""
+        return [len(s.ids) for s in self.segments if s.role == ROLE_MODEL]
+
+    @property
+    def engine_logprobs(self) -> torch.Tensor:
+        """The sampler's log-probs of the response tokens, in order (every model turn must have recorded them)."""
+        if any(s.role == ROLE_MODEL and s.logprobs is None for s in self.segments):
+            raise ValueError("a model turn of this trajectory has no recorded log-probs")
+        return torch.tensor([lp for s in self.segments if s.role == ROLE_MODEL for lp in s.logprobs])
+
+    @property
     def num_model_turns(self) -> int:
         return sum(s.role == ROLE_MODEL for s in self.segments)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vrag_rl.algo.correction import Correction
 from vrag_rl.algo.losses import AGG_MODES
 
 ADVANTAGES = ("grpo", "rloo")
@@ -30,6 +31,13 @@ class AlgoConfig:
     # log-probs (one forward less; off by the engine's numerical difference, large in bf16); "update": the
     # update's own forward, detached (one forward less, exact: on-policy steps only, one epoch, one mini-batch).
     old_logprobs: str = "recompute"
+    # Off-policy correction (algo/correction.py): importance weights pi_proximal / pi_engine per token or per
+    # trajectory ("off" | "token" | "sequence"), truncated at is_cap ("truncate") or set to 0 outside
+    # [is_floor, is_cap] ("mask"). Needs old_logprobs=recompute: the proximal policy is the trainer's pass.
+    is_level: str = "off"
+    is_mode: str = "truncate"
+    is_cap: float = 2.0
+    is_floor: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -48,6 +56,8 @@ class AlgoConfig:
         for key, (ok, want) in checks.items():
             if not ok:
                 raise ValueError(f"{key} must be {want}, got {getattr(self, key.split('.')[1])!r}")
+        if self.correction.on and self.old_logprobs != "recompute":
+            raise ValueError("algo.is_level needs algo.old_logprobs=recompute: its pass is the proximal policy")
         if self.old_logprobs == "update" and (self.epochs, self.mini_batches) != (1, 1):
             raise ValueError("algo.old_logprobs=update needs an on-policy step: algo.epochs=1, algo.mini_batches=1")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
@@ -56,3 +66,8 @@ class AlgoConfig:
             raise ValueError(
                 f"algo.kl_kind must be one of {KL_KINDS} (optionally with a trailing +), got {self.kl_kind!r}"
             )
+
+    @property
+    def correction(self) -> Correction:
+        """The importance weighting the ``is_*`` settings describe (validated on construction)."""
+        return Correction(self.is_level, self.is_mode, self.is_cap, self.is_floor)

@@ -105,6 +105,7 @@ def policy_loss(
     dual_clip_c: float | None = 3.0,
     agg: AggMode = "token-mean",
     global_count: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss with asymmetric clip range and dual clip, aggregated by ``agg``.
 
@@ -112,7 +113,8 @@ def policy_loss(
         loss = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high))
     and for A < 0, dual clip (Ye et al. 2019) caps it at c * |A|, so a token whose ratio exploded
     cannot dominate the batch. ``dual_clip_c=None`` disables the cap.
-    ``advantages`` is ``[N, L]`` or per-sequence ``[N]``.
+    ``advantages`` is ``[N, L]`` or per-sequence ``[N]``. ``weights`` (``[N, L]``, no gradient) multiply the
+    per-token loss after clipping: off-policy importance weights (``algo/correction.py``).
 
     Metrics (detached scalars, means over valid tokens): "pg_clipfrac" (share where the clipped term
     was taken), "pg_clipfrac_lower" (share capped by dual clip), "ppo_kl" (k1 estimate of
@@ -139,6 +141,8 @@ def policy_loss(
         negative = advantages < 0
         lower_clipfrac = masked_mean((negative & (token_loss > cap)).to(logp.dtype), mask)
         token_loss = torch.where(negative, torch.minimum(token_loss, cap), token_loss)
+    if weights is not None:
+        token_loss = token_loss * weights.detach()
     loss = aggregate(token_loss, mask, agg, global_count=global_count)
     metrics = {
         "pg_clipfrac": clipfrac.detach(),

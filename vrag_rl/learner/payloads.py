@@ -50,6 +50,8 @@ class Batch:
     update's own forward, detached (an on-policy step, ``algo.old_logprobs=update``)."""
     ref_logprobs: list[torch.Tensor] | None = None
     """Per trajectory, the reference policy's log-probs (GRPO with a KL term)."""
+    is_weights: list[torch.Tensor] | None = None
+    """Per trajectory, the importance weight of each response token (``algo.is_level``), None: all 1."""
 
     def take(self, indices: list[int]) -> Batch:
         """The trajectories at ``indices``, with their values."""
@@ -62,6 +64,7 @@ class Batch:
             pick(self.advantages),
             pick(self.old_logprobs),
             pick(self.ref_logprobs),
+            pick(self.is_weights),
         )
 
     @property

@@ -230,6 +230,7 @@ class PolicyTrainer:
                 dual_clip_c=algo.dual_clip_c,
                 agg="token-mean",
                 global_count=num_tokens,
+                weights=None if data.is_weights is None else self._padded(data.is_weights, indices, mask),
             )
             count, ent = mask.sum(), (entropy * mask).sum()
             loss = pg - algo.entropy_coef * ent / num_tokens if algo.entropy_coef else pg

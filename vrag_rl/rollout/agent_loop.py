@@ -1,12 +1,21 @@
 """The multi-turn search-and-crop agent, run for many trajectories at once.
 
-Each turn generates one assistant turn for every live trajectory in one engine call, then executes the
-actions (docs/protocol.md):
+Each trajectory alternates assistant turns and the observations its actions produce (docs/protocol.md). Two
+loops drive them (``agent.loop``):
 
-- ``<search>``: all queries of the turn go to the retriever in one batch; the best-ranked page this
-  trajectory has not been shown yet comes back, resized into the image budget, as an image-only user turn
-  (a page the vision processor cannot take, such as a strip beyond its aspect-ratio limit, or an unreadable
-  file, is passed over for the next one);
+- "trajectories" (the default): every trajectory is a coroutine that takes its next turn as soon as its own
+  previous turn, search and crop are done; the engine batches the turns under way continuously and searches of
+  concurrent trajectories go to the retriever in batches (``rollout/turns.py``). A long turn holds up no one else.
+- "turns": one engine call generates the next turn of every live trajectory, then one search batch runs; the
+  next turn starts when the batch's longest turn is done. Serving batches its users' sessions this way
+  (``start`` and ``step`` add trajectories between turns); it is also the parity reference of the other loop.
+
+Both act on a finished turn the same way:
+
+- ``<search>``: the query goes to the retriever (``max_turns`` hits for every query, so a query's hits do not
+  depend on its batch); the best-ranked page this trajectory has not been shown yet comes back, resized into
+  the image budget, as an image-only user turn (a page the vision processor cannot take, such as a strip
+  beyond its aspect-ratio limit, or an unreadable file, is passed over for the next one);
 - ``<bbox>``: a region of the most recent image shown, in that image's pixel frame, is cut from the raw
   page and shown enlarged (a crop of a crop maps through the chain, see ``agent.images``);
 - ``<answer>``: the trajectory is finished;
@@ -14,9 +23,6 @@ actions (docs/protocol.md):
   follows and the trajectory goes on. So is a turn the engine did not produce (an endpoint that failed, a
   request the engine refused: ``engine.generate_apart``), recorded in ``Rollout.engine_errors``; the other
   trajectories of the batch get their turns.
-
-``run`` takes a batch from start to end; ``start`` and ``step`` let a caller add trajectories between turns
-(serving batches its users' sessions that way).
 
 A single-turn task (``Task.context`` set: evaluation's vanilla RAG and direct baselines) shows the given pages
 with the question in one user turn (``build_reference_messages``) and allows one turn, which may only answer.
@@ -29,6 +35,7 @@ with their log-probs; text is decoded only to read the action.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,12 +55,14 @@ from vrag_rl.agent.prompt import (
 )
 from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.choice import Choice
-from vrag_rl.retrieval.types import SearchMode
-from vrag_rl.rollout.engine import GenerationRequest, RolloutEngine, SamplingConfig, generate_apart
+from vrag_rl.retrieval.types import Hit, SearchMode
+from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, generate_apart
+from vrag_rl.rollout.turns import BatchedSearch, EngineTurns, LoopTimings
 
 log = logging.getLogger(__name__)
 NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
 ANSWER_ONLY = frozenset({ActionKind.ANSWER})  # the final turn's allowed actions
+LOOPS = ("trajectories", "turns")
 
 
 class StopReason(Choice):
@@ -71,6 +80,11 @@ class AgentConfig:
     search_mode: str = SearchMode.VISUAL  # visual | text | hybrid (retrieval.types.SearchMode)
     crop_padding: float = 0.0  # fraction of the box added on each side before cropping
     max_query_chars: int = 1000  # a longer search query is cut to this before it reaches the retriever
+    # "trajectories": each trajectory takes its next turn as soon as its own last one ended (continuous batching);
+    # "turns": every live trajectory's turn in one engine call, then one search batch (the parity oracle)
+    loop: str = "trajectories"
+    search_window_s: float = 0.005  # trajectories: searches arriving this close together go as one batch
+    search_batch: int = 64  # trajectories: at most this many queries per batch
     budget: ImageBudget = field(default_factory=ImageBudget)
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
@@ -80,6 +94,10 @@ class AgentConfig:
         if not (0 <= self.crop_padding <= 1 and self.max_query_chars >= 1):
             raise ValueError("agent: crop_padding in [0, 1] and max_query_chars >= 1")
         self.search_mode = SearchMode.parse(self.search_mode, "agent.search_mode")
+        if self.loop not in LOOPS:
+            raise ValueError(f"agent.loop must be one of {LOOPS}, got {self.loop!r}")
+        if self.search_window_s < 0 or self.search_batch < 1:
+            raise ValueError("agent: search_window_s >= 0 and search_batch >= 1")
 
 
 @dataclass(frozen=True)
@@ -183,24 +201,73 @@ class AgentLoop:
         self.timings: dict[str, float] = {"generate_s": 0.0, "search_s": 0.0}
 
     def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
+        """Every task's rollout, in task order, by the configured loop (``agent.loop``)."""
         t0 = time.perf_counter()
-        self.timings = {"generate_s": 0.0, "search_s": 0.0}
-        states = [self.start(t) for t in tasks]
-        while live := [s for s in states if not s.done]:
-            self.step(live, sampling)
+        if self.cfg.loop == "turns":
+            self.timings = {"generate_s": 0.0, "search_s": 0.0}
+            states = [self.start(t) for t in tasks]
+            while live := [s for s in states if not s.done]:
+                self.step(live, sampling)
+            rollouts = [s.rollout for s in states]
+        else:
+            rollouts = asyncio.run(self._run_trajectories(tasks, sampling))
         self.forget()
         self.timings["total_s"] = time.perf_counter() - t0
-        return [s.rollout for s in states]
+        return rollouts
+
+    async def _run_trajectories(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
+        timings = LoopTimings()
+        turns = EngineTurns(self.engine, sampling, timings)
+        c = self.cfg
+        searches = BatchedSearch(
+            self.retriever, c.search_mode, self.search_depth, c.search_window_s, c.search_batch, timings
+        )
+        t0 = time.perf_counter()
+        try:
+            rollouts = await asyncio.gather(*(self._trajectory(t, turns, searches) for t in tasks))
+        finally:
+            await turns.close()
+        self.timings = timings.as_dict(time.perf_counter() - t0)
+        return list(rollouts)
+
+    async def _trajectory(self, task: Task, turns: EngineTurns, searches: BatchedSearch) -> Rollout:
+        """One trajectory from start to end: each turn as soon as its own previous turn and search are done."""
+        s = self.start(task)
+        while not s.done and (request := self._request(s)) is not None:
+            self._take_turn(s, await turns.generate(request))
+            if s.query is not None:
+                self._take_hits(s, await searches.search(s.query))
+            if not s.done:
+                self._observe(s, final_next=s.rollout.num_turns == self.cfg.max_turns)
+        return s.rollout
 
     def step(self, live: list[AgentState], sampling: SamplingConfig) -> None:
         """One turn of every state in ``live`` (none done): one batched generate, one batched search, then each
         state's observation. States may start at different times (serving adds them between steps)."""
-        live = list(live)
-        self._generate(live, sampling)
-        self._search([s for s in live if s.query is not None])
-        for s in live:
+        asking = [(s, request) for s in live if (request := self._request(s)) is not None]
+        t0 = time.perf_counter()
+        generations = generate_apart(self.engine, [r for _, r in asking], sampling)  # a refusal fails alone
+        self.timings["generate_s"] += time.perf_counter() - t0
+        for (s, _), gen in zip(asking, generations):
+            self._take_turn(s, gen)
+        searching = [s for s, _ in asking if s.query is not None]
+        if searching:
+            t0 = time.perf_counter()
+            queries = [s.query for s in searching]
+            results = self.retriever.search(queries, top_k=self.search_depth, mode=self.cfg.search_mode)
+            self.timings["search_s"] += time.perf_counter() - t0
+            for s, hits in zip(searching, results):
+                self._take_hits(s, hits)
+        for s, _ in asking:
             if not s.done:
                 self._observe(s, final_next=s.rollout.num_turns == self.cfg.max_turns)
+
+    @property
+    def search_depth(self) -> int:
+        """Hits per search: a trajectory has seen at most ``max_turns - 1`` pages when it searches, so one of
+        them is new. The same depth for every query keeps a query's hits independent of the batch it is in
+        (a fused ranking's top can depend on the depth)."""
+        return self.cfg.max_turns
 
     def forget(self) -> None:
         """Drop the raw and encoded pages kept since the last call (they are loaded again when needed)."""
@@ -228,35 +295,30 @@ class AgentLoop:
             state.stop(StopReason.LENGTH)
         return state
 
-    def _generate(self, live: list[AgentState], sampling: SamplingConfig) -> None:
-        requests = []
-        for s in list(live):
-            room = s.rollout.trajectory.room()
-            if room is not None and room < 1:
-                s.stop(StopReason.LENGTH)
-                live.remove(s)
-                continue
-            t = s.rollout.trajectory
-            turn = s.rollout.num_turns + 1
-            seed = None if s.rollout.task.seed is None else _derive_seed(s.rollout.task.seed, turn)
-            requests.append(
-                GenerationRequest(t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed)
-            )
-        t0 = time.perf_counter()
-        generations = generate_apart(self.engine, requests, sampling)  # a refused request fails alone
-        self.timings["generate_s"] += time.perf_counter() - t0
-        for s, gen in zip(live, generations):
-            final = s.rollout.num_turns + 1 > self.cfg.max_turns or s.rollout.task.context is not None
-            s.query, s.close_turn = None, gen.finish_reason != "stop"
-            r = s.rollout
-            r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
-            if gen.error is not None:  # an empty turn: an invalid action below
-                r.engine_errors.append(gen.error)
-            text = self.encoder.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
-            action = parse_action(text, ANSWER_ONLY if final else ACTION_KINDS)
-            r.texts.append(text)
-            r.actions.append(action)
-            self._act(s, action, final)
+    def _request(self, s: AgentState) -> GenerationRequest | None:
+        """The state's next turn to generate; None (and the state stopped) when no token fits any more."""
+        t = s.rollout.trajectory
+        room = t.room()
+        if room is not None and room < 1:
+            s.stop(StopReason.LENGTH)
+            return None
+        turn = s.rollout.num_turns + 1
+        seed = None if s.rollout.task.seed is None else _derive_seed(s.rollout.task.seed, turn)
+        return GenerationRequest(t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed)
+
+    def _take_turn(self, s: AgentState, gen: Generation) -> None:
+        """Record a generated turn and act on it."""
+        final = s.rollout.num_turns + 1 > self.cfg.max_turns or s.rollout.task.context is not None
+        s.query, s.close_turn = None, gen.finish_reason != "stop"
+        r = s.rollout
+        r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
+        if gen.error is not None:  # an empty turn: an invalid action below
+            r.engine_errors.append(gen.error)
+        text = self.encoder.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
+        action = parse_action(text, ANSWER_ONLY if final else ACTION_KINDS)
+        r.texts.append(text)
+        r.actions.append(action)
+        self._act(s, action, final)
 
     def _act(self, s: AgentState, action: Action, final: bool) -> None:
         r = s.rollout
@@ -286,22 +348,16 @@ class AgentLoop:
         else:
             s.notes.append(INVALID_ACTION_FEEDBACK)
 
-    def _search(self, searching: list[AgentState]) -> None:
-        if not searching:
+    def _take_hits(self, s: AgentState, hits: list[Hit]) -> None:
+        """Show the best-ranked page of ``hits`` this trajectory has not been shown (and that can be shown)."""
+        seen = set(s.rollout.retrieved_pages)
+        found = next((p for h in hits if h.page_id not in seen and (p := self._shown_page(h.page_id))), None)
+        if found is None:
+            s.notes.append(NO_NEW_PAGE_FEEDBACK)
             return
-        depth = max(len(s.rollout.retrieved_pages) for s in searching) + 1  # deep enough for an unseen page
-        t0 = time.perf_counter()
-        results = self.retriever.search([s.query for s in searching], top_k=depth, mode=self.cfg.search_mode)
-        self.timings["search_s"] += time.perf_counter() - t0
-        for s, hits in zip(searching, results):
-            seen = set(s.rollout.retrieved_pages)
-            found = next((p for h in hits if h.page_id not in seen and (p := self._shown_page(h.page_id))), None)
-            if found is None:
-                s.notes.append(NO_NEW_PAGE_FEEDBACK)
-                continue
-            s.view, encoded = found
-            s.new_page = s.view.page_id
-            s.pending.append(encoded)
+        s.view, encoded = found
+        s.new_page = s.view.page_id
+        s.pending.append(encoded)
 
     def _observe(self, s: AgentState, final_next: bool) -> None:
         notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])

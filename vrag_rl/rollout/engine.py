@@ -12,12 +12,18 @@ Two implementations share this contract: ``VLLMEngine`` (the production path, al
 An engine raises ``ValueError`` for a request it cannot take (too long, images that do not fit it); any other
 exception is the engine's own failure. ``generate_apart`` keeps a refused request from failing the others of
 its batch.
+
+``advance`` is the same contract one scheduler step at a time, for callers that add requests while others run
+(the per-trajectory agent loop, ``rollout/turns.py``): it takes new requests, runs one step and returns the turns
+that finished, a refused request's at once. vLLM batches continuously (a request joins the running batch at the
+next step and leaves it when its turn ends); an engine that generates whole batches finishes every request it is
+given in the same call.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +93,19 @@ class RolloutEngine(ABC):
         a caller can stream them bucket by bucket; returns the number of bytes loaded. Later generations use
         the new weights (cached prefixes and image encodings are dropped)."""
 
+    def advance(
+        self, new: list[tuple[Hashable, GenerationRequest]], sampling: SamplingConfig
+    ) -> list[tuple[Hashable, Generation]]:
+        """Add ``new`` (key, request) pairs, run one scheduler step and return (key, turn) for every request that
+        finished. Here: the new requests as one batch, all finished (``generate_apart``)."""
+        generations = generate_apart(self, [request for _, request in new], sampling)
+        return [(key, gen) for (key, _), gen in zip(new, generations)]
+
+    @property
+    def running(self) -> int:
+        """Requests added by ``advance`` whose turn has not finished."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 (optional: engines without resources to free keep this one)
         """Free the engine's resources."""
 
@@ -98,6 +117,11 @@ def max_new_tokens(request: GenerationRequest, sampling: SamplingConfig) -> int:
     return limit
 
 
+def refused(err: Exception) -> Generation:
+    """The empty turn of a request the engine refused."""
+    return Generation([], [], "error", error=f"{REFUSED}{type(err).__name__}: {err}")
+
+
 def generate_apart(engine: RolloutEngine, requests: list[GenerationRequest], sampling: SamplingConfig):
     """``engine.generate``, where a request the engine refuses (``ValueError``) gets an empty turn with its error
     (finish reason "error") and the other requests their turns: a refused batch is halved until each refusal is
@@ -106,6 +130,6 @@ def generate_apart(engine: RolloutEngine, requests: list[GenerationRequest], sam
         return engine.generate(requests, sampling)
     except ValueError as err:
         if len(requests) == 1:
-            return [Generation([], [], "error", error=f"{REFUSED}{type(err).__name__}: {err}")]
+            return [refused(err)]
     half = len(requests) // 2
     return generate_apart(engine, requests[:half], sampling) + generate_apart(engine, requests[half:], sampling)

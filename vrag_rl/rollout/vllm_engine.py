@@ -25,13 +25,20 @@ sends the embedding under both names (a trainer sends each parameter once).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from vrag_rl.models.forward import banned_token_ids
-from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, max_new_tokens
+from vrag_rl.rollout.engine import (
+    Generation,
+    GenerationRequest,
+    RolloutEngine,
+    SamplingConfig,
+    max_new_tokens,
+    refused,
+)
 
 
 @dataclass
@@ -108,54 +115,85 @@ class VLLMEngine(RolloutEngine):
             seed=cfg.seed,
             **options,
         )
+        self._running: dict[str, tuple[Hashable, GenerationRequest]] = {}  # vLLM request id -> (key, request)
+
+    def _prompt(self, r: GenerationRequest) -> dict:
+        if len(r.images) > self.cfg.max_images:
+            raise ValueError(f"a request holds {len(r.images)} images; vllm.max_images is {self.cfg.max_images}")
+        prompt = {"prompt_token_ids": collapse_runs(r.prompt_ids, self.image_token_id)}
+        if r.images:
+            prompt["multi_modal_data"] = {"image": list(r.images)}
+        return prompt
+
+    def _params(self, r: GenerationRequest, sampling: SamplingConfig):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=max_new_tokens(r, sampling),
+            stop_token_ids=self.stop_token_ids,
+            logprobs=0,  # the sampled token's log-prob only
+            seed=r.seed,
+            allowed_token_ids=self.allowed_token_ids,  # exact -inf mask, before the log-probs
+            skip_special_tokens=False,
+            detokenize=False,  # ids are the output; the agent decodes them itself
+        )
+
+    def _generation(self, r: GenerationRequest, out) -> Generation:
+        if list(out.prompt_token_ids) != list(r.prompt_ids):
+            raise RuntimeError(
+                f"vLLM expanded the prompt's images to {len(out.prompt_token_ids)} tokens where the trajectory has "
+                f"{len(r.prompt_ids)}: its image processor disagrees with the agent's about an image's size"
+            )
+        o = out.outputs[0]
+        ids = list(o.token_ids)
+        logprobs = [step[t].logprob for step, t in zip(o.logprobs, ids)]
+        return Generation(ids, logprobs, "stop" if ids and ids[-1] in self.stop_token_ids else "length")
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[Generation]:
-        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         if not requests:
             return []
-        prompts, params = [], []
-        for r in requests:
-            if len(r.images) > self.cfg.max_images:
-                raise ValueError(f"a request holds {len(r.images)} images; vllm.max_images is {self.cfg.max_images}")
-            prompt = {"prompt_token_ids": collapse_runs(r.prompt_ids, self.image_token_id)}
-            if r.images:
-                prompt["multi_modal_data"] = {"image": list(r.images)}
-            prompts.append(prompt)
-            params.append(
-                SamplingParams(
-                    n=1,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,
-                    max_tokens=max_new_tokens(r, sampling),
-                    stop_token_ids=self.stop_token_ids,
-                    logprobs=0,  # the sampled token's log-prob only
-                    seed=r.seed,
-                    allowed_token_ids=self.allowed_token_ids,  # exact -inf mask, before the log-probs
-                    skip_special_tokens=False,
-                    detokenize=False,  # ids are the output; the agent decodes them itself
-                )
-            )
-        from vllm.exceptions import VLLMClientError
-
+        if self._running:  # LLM.generate would run (and take) the turns advance started
+            raise RuntimeError("generate while advance has requests running")
+        prompts = [self._prompt(r) for r in requests]
+        params = [self._params(r, sampling) for r in requests]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except VLLMClientError as err:  # vLLM refused a request (its length, its images): ValueError by contract
             raise ValueError(str(err)) from err
-        gens = []
-        for r, out in zip(requests, outputs):
-            if list(out.prompt_token_ids) != list(r.prompt_ids):
-                raise RuntimeError(
-                    f"vLLM expanded the prompt's images to {len(out.prompt_token_ids)} tokens where the trajectory has "
-                    f"{len(r.prompt_ids)}: its image processor disagrees with the agent's about an image's size"
-                )
-            o = out.outputs[0]
-            ids = list(o.token_ids)
-            logprobs = [step[t].logprob for step, t in zip(o.logprobs, ids)]
-            finish = "stop" if ids and ids[-1] in self.stop_token_ids else "length"
-            gens.append(Generation(ids, logprobs, finish))
-        return gens
+        return [self._generation(r, out) for r, out in zip(requests, outputs)]
+
+    def advance(
+        self, new: list[tuple[Hashable, GenerationRequest]], sampling: SamplingConfig
+    ) -> list[tuple[Hashable, Generation]]:
+        """Continuous batching on the in-process engine: ``new`` requests join the running batch, one scheduler
+        step runs (a prefill or one decoded token per running request), finished turns come back."""
+        from vllm.exceptions import VLLMClientError
+
+        done: list[tuple[Hashable, Generation]] = []
+        for key, r in new:
+            try:
+                (request_id,) = self.llm.enqueue([self._prompt(r)], [self._params(r, sampling)], use_tqdm=False)
+            except (ValueError, VLLMClientError) as err:  # refused: this request fails alone
+                done.append((key, refused(err)))
+                continue
+            # Outputs carry the id given to the engine; enqueue answers with it plus a "-" and a random suffix.
+            self._running[request_id.rsplit("-", 1)[0]] = (key, r)
+        if self._running:
+            for out in self.llm.llm_engine.step():
+                if out.finished:
+                    key, r = self._running.pop(out.request_id)
+                    done.append((key, self._generation(r, out)))
+        return done
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         loaded = 0

@@ -1,0 +1,172 @@
+"""The engine and the retriever behind asyncio, for the per-trajectory agent loop (``agent_loop.AgentLoop.run``).
+
+``EngineTurns``: a trajectory awaits its own next turn (``await turns.generate(request)``); one driver task
+advances the engine (``RolloutEngine.advance``) while any request is waiting or running, adding the requests that
+arrived since its last step, and after each step lets the trajectories whose turns finished act (parse, crop,
+encode, ask for their next turn or search) before the next step. Engine steps and the agent's own work
+alternate on the event loop's thread rather than overlap: on 2 CPU cores, running the engine on a second thread
+made each step take about twice as long (the two threads' Python work contends for the interpreter lock and the
+cores the engine's kernels use), more than the overlap gained. Only that thread touches the engine.
+
+vLLM's ``AsyncLLM`` would give the same per-request interface, but it always runs the engine core in a process of
+its own (vLLM 0.32: ``make_async_mp_client``), so a weight update would be pickled across a socket instead of
+streamed into the model in place (``vllm_engine.py``). The in-process engine's own request queue and scheduler
+step (``LLM.enqueue``, ``LLMEngine.step``) are what ``AsyncLLM``'s output loop drives.
+
+``BatchedSearch``: a trajectory awaits its own search; queries arriving within ``window_s`` of the first waiting
+one (or ``max_batch`` of them) go to the retriever as one batch, on a worker thread, so that the retriever still
+sees batches; one batch runs at a time, and queries that arrive meanwhile go next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from vrag_rl.retrieval.types import Hit
+from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig
+
+
+@dataclass
+class LoopTimings:
+    """Where a run of the per-trajectory loop spent its time (seconds; the parts overlap in time)."""
+
+    engine_s: float = 0.0  # the engine advancing (the driver's calls)
+    search_s: float = 0.0  # batched searches running
+    searches: int = 0  # search batches sent
+    queries: int = 0  # queries in them
+    steps: int = 0  # engine steps
+
+    def as_dict(self, total_s: float) -> dict[str, float]:
+        """The run's timings as ``AgentLoop.timings`` reports them."""
+        busy = self.engine_s / total_s if total_s > 0 else 0.0
+        return {
+            "generate_s": self.engine_s,
+            "search_s": self.search_s,
+            "total_s": total_s,
+            "engine_busy": busy,
+            "search_batch": self.queries / max(self.searches, 1),
+        }
+
+
+@dataclass
+class EngineTurns:
+    """Per-request turns from one engine, for the coroutines of one event loop."""
+
+    engine: RolloutEngine
+    sampling: SamplingConfig
+    timings: LoopTimings = field(default_factory=LoopTimings)
+
+    def __post_init__(self) -> None:
+        self._new: list[tuple[asyncio.Future, GenerationRequest]] = []
+        self._waiting: set[asyncio.Future] = set()  # every trajectory waiting for a turn
+        self._wake = asyncio.Event()
+        self._driver: asyncio.Task | None = None
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """This request's turn, once the engine finished it."""
+        if self._driver is None:
+            self._driver = asyncio.create_task(self._drive())
+        future = asyncio.get_running_loop().create_future()
+        self._new.append((future, request))
+        self._waiting.add(future)
+        self._wake.set()
+        try:
+            return await future
+        finally:
+            self._waiting.discard(future)
+
+    async def _drive(self) -> None:
+        while True:
+            if not self._new and not self.engine.running:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            new, self._new = self._new, []
+            t0 = time.perf_counter()
+            try:
+                done = self.engine.advance(new, self.sampling)
+            except Exception as err:  # the engine failed: every waiting trajectory fails with it
+                for future in self._waiting:
+                    if not future.done():
+                        future.set_exception(err)
+                return
+            self.timings.engine_s += time.perf_counter() - t0
+            self.timings.steps += 1
+            for future, generation in done:
+                if not future.done():  # a trajectory that gave up (cancelled) no longer waits
+                    future.set_result(generation)
+            await asyncio.sleep(0)  # the trajectories whose turns finished act before the next step
+
+    async def close(self) -> None:
+        """Stop the driver (after every trajectory has its turns)."""
+        if self._driver is not None:
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+
+
+@dataclass
+class BatchedSearch:
+    """Searches of concurrent trajectories, gathered into batches."""
+
+    retriever: object  # search(queries, top_k, mode) -> list[list[Hit]]
+    mode: str
+    top_k: int
+    window_s: float = 0.005
+    max_batch: int = 64
+    timings: LoopTimings = field(default_factory=LoopTimings)
+
+    def __post_init__(self) -> None:
+        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._window: asyncio.Task | None = None
+        self._busy = False  # one batch at a time: a retriever need not take concurrent calls
+
+    async def search(self, query: str) -> list[Hit]:
+        """The ``top_k`` best hits of ``query``."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((query, future))
+        if not self._busy and len(self._waiting) >= self.max_batch:
+            self._send()
+        elif not self._busy and self._window is None:
+            self._window = asyncio.create_task(self._send_after_window())
+        return await future
+
+    async def _send_after_window(self) -> None:
+        await asyncio.sleep(self.window_s)
+        self._window = None
+        if not self._busy:
+            self._send()
+
+    def _send(self) -> None:
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+        self._busy = True
+        asyncio.create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        try:
+            await self._search(batch)
+        finally:
+            self._busy = False
+            if self._waiting:  # they arrived during this search and have waited long enough
+                self._send()
+
+    async def _search(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        t0 = time.perf_counter()
+        queries = [q for q, _ in batch]
+        try:
+            results = await asyncio.to_thread(self.retriever.search, queries, top_k=self.top_k, mode=self.mode)
+        except Exception as err:  # noqa: BLE001 (the batch's trajectories fail with the retriever's error)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        self.timings.search_s += time.perf_counter() - t0
+        self.timings.searches += 1
+        self.timings.queries += len(batch)
+        for (_, future), hits in zip(batch, results):
+            if not future.done():
+                future.set_result(hits)
