@@ -2,14 +2,15 @@
 
 One straight run of 2 GRPO steps (real Ray cluster, vLLM CPU rollout worker, retriever and reward actors, two
 FSDP2 trainer ranks), and the same run killed during checkpoint saves and resumed: metrics and final weights
-equal; the same job on DeepSpeed ZeRO-3 ranks. The policy starts from the warm-started tiny policy, so that
-rollouts search and crop and updates move weights.
+equal; batches sampled ahead, killed with batches under way and resumed; the same job on DeepSpeed ZeRO-3 ranks.
+The policy starts from the warm-started tiny policy, so that rollouts search and crop and updates move weights.
 """
 
 import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,8 +151,6 @@ def test_a_rollout_worker_killed_mid_step_costs_nothing(straight, tmp_path, warm
     """SIGKILL of the rollout worker while it samples step 2: Ray starts it again, the current weights are
     streamed in, the batch is sampled again, and the run ends with the straight run's metrics and weights."""
     import os
-    import signal
-    import time
 
     out, _ = straight
     args = [*job_args(warm_policy, tiny_dirs), "run.steps=2"]
@@ -178,6 +177,44 @@ def test_a_rollout_worker_killed_mid_step_costs_nothing(straight, tmp_path, warm
     assert metrics(tmp_path) == metrics(out)
     got, want = weights(tmp_path), weights(out)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_sampling_ahead_killed_with_batches_under_way_resumes_and_loses_no_group(tmp_path, warm_policy, tiny_dirs):
+    """``algo.max_staleness=1`` with partial rollouts, a checkpoint at step 2; SIGKILL while step 3 samples (step
+    4's batch already submitted), a resume from step 2. The ledger holds each step's questions as the sampler drew
+    them, once each, and steps 2 and 4 trained on turns one version old (step 3 sampled after the checkpoint)."""
+    from omegaconf import OmegaConf
+
+    from vrag_rl.data.records import holdout_split, load_qa
+    from vrag_rl.job.lookahead import read_ledger
+    from vrag_rl.job.sampler import EpochSampler
+
+    args = [a for a in job_args(warm_policy, tiny_dirs) if not a.startswith(("run.save_every", "run.val_every"))]
+    args += ["algo.max_staleness=1", "rollout.partial=true", "run.steps=4", "run.save_every=2", "run.val_every=0"]
+    args += [f"hydra.run.dir={tmp_path}"]
+    log = tmp_path.parent / f"{tmp_path.name}-killed.log"  # a file, not a pipe nobody reads while the job runs
+    job = subprocess.Popen(
+        [sys.executable, "-m", "vrag_rl.main", *args], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 600
+    while not ((tmp_path / "checkpoints" / "step-000002").is_dir() and sampling_workers(job.pid)):
+        assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    job.kill()
+    job.wait(timeout=60)
+    resumed = run_main(*args)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "step 2" in resumed.stderr + resumed.stdout
+
+    cfg = OmegaConf.load(tmp_path / ".hydra" / "config.yaml")  # the run's own settings
+    train, _ = holdout_split(load_qa(cfg.data.corpus), cfg.data.holdout_every)
+    train = train[: cfg.data.max_grpo_questions]  # what GRPO draws from
+    sampler = EpochSampler(len(train), cfg.seed)
+    want = [[train[i].qid for i in sampler.take(2)] for _ in range(4)]
+    ledger = read_ledger(tmp_path / "ledger.jsonl")
+    assert [e["step"] for e in ledger] == [1, 2, 3, 4] and [e["qids"] for e in ledger] == want
+    assert [r["offpolicy/staleness_max"] for r in metrics(tmp_path)] == [0.0, 1.0, 0.0, 1.0]
+    assert all(r["offpolicy/dropped_groups"] == 0 for r in metrics(tmp_path))
 
 
 def test_the_export_serves_the_agent_behind_vllm_serve(straight, tmp_path, tiny_dirs, bundled_corpus, bundled_index):

@@ -40,6 +40,7 @@ def run_one_step(policy: str, retriever_model: str, out: Path) -> None:
     from vrag_rl.data.paths import BUNDLED_CORPUS
     from vrag_rl.data.records import load_qa
     from vrag_rl.job.grpo import split_questions
+    from vrag_rl.job.lookahead import StepBatch, step_tasks
     from vrag_rl.job.step import grpo_step, objective
     from vrag_rl.learner.trainer import LocalTrainer
     from vrag_rl.main import register_recipes
@@ -56,7 +57,8 @@ def run_one_step(policy: str, retriever_model: str, out: Path) -> None:
     worker = RolloutWorker(cfg.rollout, retriever=retriever)
     trainer = LocalTrainer(cfg.trainer, policy, objective(cfg), total_steps=2)
     before = {k: v.detach().clone() for k, v in trainer.policy.model.named_parameters()}
-    result = grpo_step(1, train[:2], worker, RewardScorer(cfg.reward), trainer, cfg)
+    batch = StepBatch(1, train[:2], worker.rollout(step_tasks(1, train[:2], cfg), cfg.sampling), 0.0, {})
+    result = grpo_step(batch, worker, RewardScorer(cfg.reward), trainer, cfg)
     after = dict(trainer.policy.model.named_parameters())
     language = [k for k in before if ".visual." not in k]  # the vision tower has no gradient without images
     out.write_text(

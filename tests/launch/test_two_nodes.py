@@ -99,28 +99,14 @@ def assert_no_ray_left(nodes: list[Node]) -> None:
         time.sleep(2)
 
 
-def test_two_nodes_train_with_a_rank_and_a_rollout_worker_on_each(cluster, tmp_path, warm_policy, tiny_dirs):
-    nodes, env = cluster
-    log, run_dir = tmp_path / "job.out", tmp_path / "run"
-    job = submit(cluster, log, run_dir, warm_policy, tiny_dirs, "sft.steps=2", "run.steps=2")
-    wait_for_job(nodes[0], env, job, 900)
-    text = log.read_text()
-    assert "vrag-rl: 2 node(s) node1 node2" in text and "2 node(s) in the Ray cluster" in text, text[-3000:]
-    addresses = sorted(n.addr for n in nodes)
-    assert spread_over_both(text, "trainer ranks") == addresses  # the torch.distributed group spans both nodes
-    assert spread_over_both(text, "rollout workers") == addresses
-    assert metrics_rows(run_dir) == 2 and (run_dir / "sft" / "model.safetensors").exists(), text[-3000:]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
-    assert (run_dir / "export" / "model.safetensors").exists()
-    assert "JobState=COMPLETED" in job_state(nodes[0], env, job)
-    assert_no_ray_left(nodes)
-    assert not Path(f"/tmp/vrag-rl-ray-{job}").exists()  # the job's Ray session directory went with it
-
-
-def test_a_lost_node_stops_the_job_naming_it_and_a_resubmission_resumes(cluster, tmp_path, warm_policy, tiny_dirs):
+def test_two_nodes_train_a_lost_node_stops_the_job_by_name_and_a_resubmission_resumes(
+    cluster, tmp_path, warm_policy, tiny_dirs
+):
+    """A job on both nodes (its warm start, trainer ranks and rollout workers spread over them) loses node 2 after
+    step 1: it fails naming the node, leaving no Ray process; the job submitted again resumes and completes."""
     nodes, env = cluster
     run_dir = tmp_path / "run"
-    job = submit(cluster, tmp_path / "lost.out", run_dir, warm_policy, tiny_dirs, "sft.steps=0", "run.steps=3")
+    job = submit(cluster, tmp_path / "lost.out", run_dir, warm_policy, tiny_dirs, "sft.steps=2", "run.steps=3")
     deadline = time.monotonic() + 900
     while not (run_dir / "checkpoints" / "step-000001").is_dir():  # step 1 committed: step 2 is under way
         assert time.monotonic() < deadline, (tmp_path / "lost.out").read_text()[-3000:]
@@ -137,10 +123,17 @@ def test_a_lost_node_stops_the_job_naming_it_and_a_resubmission_resumes(cluster,
     assert 1 <= metrics_rows(run_dir) < 3
     newest = max(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
 
-    again = submit(cluster, tmp_path / "again.out", run_dir, warm_policy, tiny_dirs, "sft.steps=0", "run.steps=3")
+    again = submit(cluster, tmp_path / "again.out", run_dir, warm_policy, tiny_dirs, "sft.steps=2", "run.steps=3")
     wait_for_job(nodes[0], env, again, 900)
     text = (tmp_path / "again.out").read_text()
     assert f"resumed from {newest}" in text, text[-3000:]
-    assert metrics_rows(run_dir) == 3 and (run_dir / "export" / "model.safetensors").exists()
+    assert "vrag-rl: 2 node(s) node1 node2" in text and "2 node(s) in the Ray cluster" in text, text[-3000:]
+    addresses = sorted(n.addr for n in nodes)
+    assert spread_over_both(text, "trainer ranks") == addresses  # the torch.distributed group spans both nodes
+    assert spread_over_both(text, "rollout workers") == addresses
+    assert metrics_rows(run_dir) == 3 and (run_dir / "sft" / "model.safetensors").exists()
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())][-1] == "step-000003"
+    assert (run_dir / "export" / "model.safetensors").exists()
     assert "JobState=COMPLETED" in job_state(nodes[0], env, again)
     assert_no_ray_left(nodes)
+    assert not Path(f"/tmp/vrag-rl-ray-{again}").exists()  # the job's Ray session directory went with it

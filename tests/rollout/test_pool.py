@@ -101,15 +101,45 @@ def test_same_seeds_same_trajectories(pool, tasks, sampled):
 
 
 def test_streamed_update_then_greedy_equals_hf(pool, tasks, warm_policy, retriever):
-    """Runs last in this module: it changes the workers' weights."""
+    """Runs last in this module: it changes the workers' weights. A batch submitted before the update samples
+    with the old weights (what sampling ahead relies on, job/lookahead.py); every turn carries its version."""
     cfg = RolloutConfig(engine="hf", model_dir=str(warm_policy), dtype="float32", agent=AGENT)
     hf = RolloutWorker(cfg, retriever=retriever)
     g = torch.Generator().manual_seed(0)
     new = {k: v.detach() + 0.003 * torch.randn(v.shape, generator=g) for k, v in hf.engine.model.named_parameters()}
-    hf.update_weights([new])  # one bucket in process; several through the object store
-    sync = pool.update_weights(iter_buckets(new.items(), 64 << 10))
-    assert sync.bytes == sum(v.numel() * 4 for v in new.values()) and sync.seconds > 0
     greedy = SamplingConfig(temperature=0.0, max_tokens=96)
+    old = hf.rollout(tasks, greedy)
+    before = pool.submit(tasks, greedy)
+    hf.update_weights([new], version=1)  # one bucket in process; several through the object store
+    sync = pool.update_weights(iter_buckets(new.items(), 64 << 10), version=1)
+    assert sync.bytes == sum(v.numel() * 4 for v in new.values()) and sync.seconds > 0
     got, want = pool.rollout(tasks, greedy), hf.rollout(tasks, greedy)
     assert [r.trajectory.input_ids for r in got] == [r.trajectory.input_ids for r in want]
     assert [r.texts for r in got] == [r.texts for r in want]
+    ahead = before.result()
+    assert [r.trajectory.input_ids for r in ahead] == [r.trajectory.input_ids for r in old]
+    assert {v for r in ahead for v in r.versions} == {0} and {v for r in got for v in r.versions} == {1}
+
+
+def test_a_partial_update_goes_into_the_running_batch_at_a_turn_boundary(pool, bundled_corpus, warm_policy, retriever):
+    """``rollout.partial``: the update runs beside the batch and returns before it ends; the batch's later turns
+    carry the new version, no trajectory goes back to an older one. Runs after the update test above."""
+    import time
+
+    import ray
+
+    cfg = RolloutConfig(engine="hf", model_dir=str(warm_policy), dtype="float32", agent=AGENT)
+    weights = {k: v.detach() for k, v in RolloutWorker(cfg, retriever=retriever).engine.model.named_parameters()}
+    qa = load_qa(bundled_corpus)[:16]
+    batch = pool.submit(make_groups([(r.qid, r.question) for r in qa], n=2, seed=1), SAMPLING)
+    time.sleep(0.5)  # the workers have started the batch
+    pool.partial = True
+    try:
+        sync = pool.update_weights(iter_buckets(weights.items(), 64 << 10), version=2)
+    finally:
+        pool.partial = False
+    assert ray.wait(batch.refs, num_returns=len(batch.refs), timeout=0)[1], "the batch ended before the update"
+    rollouts = batch.result()
+    versions = [r.versions for r in rollouts]
+    assert all(v == sorted(v) for v in versions) and {1, 2} <= {x for v in versions for x in v}, versions
+    assert sync.seconds > 0

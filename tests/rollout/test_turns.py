@@ -4,13 +4,15 @@ gathered into batches, failures that end the run instead of hanging it."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
 from tests.rollout.conftest import TINY_BUDGET, SteppedEngine
 from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
 from vrag_rl.rollout.engine import SamplingConfig
-from vrag_rl.rollout.turns import BatchedSearch
+from vrag_rl.rollout.turns import BatchedSearch, EngineGate
 
 Q1, Q2, Q3 = "Which city hosts the research centre?", "What share of the market does it hold?", "Who leads it?"
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=256)
@@ -102,3 +104,47 @@ def test_batched_search_waits_for_its_window_and_sends_at_most_max_batch():
     first, rest = asyncio.run(main())
     assert calls == [["q0", "q1", "q2"], ["q3", "q4", "q5"], ["q6"]]
     assert first[0] == ["q0-0", "q0-1"] and rest[-1] == ["q6-0", "q6-1"]
+
+
+def test_a_weight_update_under_a_running_batch_waits_for_the_turns_under_way(tiny_processor, encoder, retriever):
+    """Another thread holds the engine while Q2's long first turn runs: no new turn starts, the turns under way
+    finish with the old weights, then the update goes in with nothing running and the next turns carry its
+    version."""
+    engine = SteppedEngine(tiny_processor.tokenizer, SCRIPTS, {**STEPS, Q3: [30, 30]})
+    agent = loop(engine, encoder, retriever, search_mode="text")
+    seen = {}
+
+    def update():
+        while engine.clock < 3:  # the batch is under way
+            time.sleep(0.001)
+        agent.gate.hold(timeout_s=30)
+        seen.update(running=engine.running, clock=engine.clock)
+        agent.version = 1
+        agent.gate.release()
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    r1, r2, r3 = agent.run(TASKS, GREEDY)
+    thread.join()
+    # Q3's second turn, asked for at step 31, waited: the update went in when Q2's 50-step first turn ended.
+    assert seen == {"running": 0, "clock": 50}
+    assert r2.versions == r3.versions == [0, 1] and [r.answer for r in (r1, r2, r3)] == ["Lyon", "12%", "Ada"]
+
+
+def test_the_gate_hands_over_only_at_pause_points():
+    gate = EngineGate()
+    gate.enter()  # a batch runs and reaches no pause point
+    with pytest.raises(TimeoutError, match="turn boundary"):
+        gate.hold(timeout_s=0.05)
+    holder = threading.Thread(target=lambda: (gate.hold(timeout_s=5), time.sleep(0.05), gate.release()))
+    holder.start()
+    while not gate.wanted:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    gate.pause_point()  # hands over, and returns once the holder released
+    assert time.perf_counter() - t0 >= 0.04
+    holder.join()
+    gate.pause_point()  # nobody wants it: returns at once
+    gate.leave()
+    gate.hold(timeout_s=0.05)  # no batch: at once
+    gate.release()

@@ -80,7 +80,8 @@ def test_weight_stream_feeds_one_update(hf_worker):
         hf_worker.begin_weight_update()
     for bucket in iter_buckets(new.items(), 64 << 10):
         hf_worker.push_weights(bucket)
-    assert hf_worker.finish_weight_update() == sum(t.numel() * 4 for t in new.values())
+    assert hf_worker.finish_weight_update(version=1) == sum(t.numel() * 4 for t in new.values())
+    assert hf_worker.loop.version == 1
     assert all(torch.equal(p, new[k]) for k, p in model.named_parameters())
 
 

@@ -38,6 +38,9 @@ class AlgoConfig:
     is_mode: str = "truncate"
     is_cap: float = 2.0
     is_floor: float = 0.0
+    # Rollouts of the next steps are sampled while the trainer updates, by weights at most this many versions
+    # (steps) behind the trainer's (job/lookahead.py); 0: every step samples with the newest weights.
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -52,12 +55,15 @@ class AlgoConfig:
             "algo.clip_high": (self.clip_high > 0, "> 0"),
             "algo.kl_coef": (self.kl_coef >= 0, ">= 0"),
             "algo.entropy_coef": (self.entropy_coef >= 0, ">= 0"),
+            "algo.max_staleness": (self.max_staleness >= 0, ">= 0"),
         }
         for key, (ok, want) in checks.items():
             if not ok:
                 raise ValueError(f"{key} must be {want}, got {getattr(self, key.split('.')[1])!r}")
         if self.correction.on and self.old_logprobs != "recompute":
             raise ValueError("algo.is_level needs algo.old_logprobs=recompute: its pass is the proximal policy")
+        if self.max_staleness and self.old_logprobs == "update":
+            raise ValueError("algo.max_staleness > 0 needs old_logprobs recompute or rollout: older weights sampled")
         if self.old_logprobs == "update" and (self.epochs, self.mini_batches) != (1, 1):
             raise ValueError("algo.old_logprobs=update needs an on-policy step: algo.epochs=1, algo.mini_batches=1")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:

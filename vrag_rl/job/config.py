@@ -100,3 +100,7 @@ class TrainConfig:
     judge: JudgeConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout.partial and not self.algo.max_staleness:
+            raise ValueError("rollout.partial needs algo.max_staleness >= 1: otherwise no batch runs during an update")

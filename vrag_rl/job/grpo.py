@@ -40,6 +40,7 @@ from vrag_rl.evaluation.report import table_metrics
 from vrag_rl.job.checkpoint import check_run_directory, fingerprint, save_checkpoint
 from vrag_rl.job.config import TrainConfig
 from vrag_rl.job.guard import SkipGuard
+from vrag_rl.job.lookahead import Ledger, Lookahead
 from vrag_rl.job.sampler import EpochSampler
 from vrag_rl.job.step import grpo_step, objective, sample, sync_weights
 from vrag_rl.learner.trainer import Trainer
@@ -82,7 +83,8 @@ def validate(
     (``val/SOURCE/``), and the evaluation report's Table 1 cells of ``VAL_TABLE`` (``val/table/CELL/METRIC``,
     computed by the evaluation's own code: ``evaluation.metrics.rollout_row`` and ``report.metric_table``)."""
     tasks = make_groups([(r.qid, r.question) for r in val_qa], 1, seed=cfg.seed)
-    rollouts = sample(engines, trainer, tasks, replace(cfg.sampling, temperature=0.0), cfg.rollout.bucket_bytes)
+    resync = lambda: sync_weights(trainer, engines, cfg.rollout.bucket_bytes, step)  # noqa: E731 (validation: after the step's sync)
+    rollouts = sample(engines, tasks, replace(cfg.sampling, temperature=0.0), resync)
     by_qid = {r.qid: r for r in val_qa}
     rewards = score_rollouts(scorer, by_qid, rollouts)
     check_judge(rewards, cfg, f"validation at step {step}")
@@ -198,8 +200,10 @@ class GrpoJob:
             self.trainer.load(self.resume / "trainer")
             step = self.state["step"]
             sampler.restore(self.state["sampler"])
-            sync_weights(self.trainer, self.pool, cfg.rollout.bucket_bytes)
+            sync_weights(self.trainer, self.pool, cfg.rollout.bucket_bytes, version=step)
             log.info("resumed from %s (step %d)", self.resume, step)
+        batches = Lookahead(self.pool, grpo_qa, sampler, cfg, barrier=self._saves, resync=self._resync)
+        ledger = Ledger(out / "ledger.jsonl", step)
         # A resume with no step left (killed after the last save) still reports the last step's metrics.
         last = (
             {k: v for k, v in (read_metrics(out / "metrics.jsonl") or [{}])[-1].items() if k != "step"} if step else {}
@@ -208,8 +212,9 @@ class GrpoJob:
         bar = progress_bar(total=cfg.run.steps, initial=step, desc="grpo", unit="step")
         while step < cfg.run.steps:
             step += 1
-            questions = [grpo_qa[i] for i in sampler.take(cfg.algo.prompts_per_step)]
-            result = grpo_step(step, questions, self.pool, self.scorer, self.trainer, cfg)
+            batch = batches.take(step)
+            result = grpo_step(batch, self.pool, self.scorer, self.trainer, cfg)
+            ledger.record(batch)
             check_judge(result.rewards, cfg, f"GRPO step {step}")
             for k, skipped in enumerate(result.skipped):
                 guard.record(skipped, f"GRPO step {step}, update {k + 1}")
@@ -220,13 +225,22 @@ class GrpoJob:
             log_step(step, cfg.run.steps, last)
             bar.set_postfix(reward=f"{last['train/reward']:.3f}", ndcg=f"{last['train/ndcg']:.3f}")
             bar.update(1)
-            if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
+            if self._saves(step):
                 saved = save_checkpoint(out, step, self.trainer, sampler, cfg.run.keep_checkpoints, self.fingerprint)
                 log.info("checkpoint %s", saved)
         bar.close()
         self.trainer.export(out / "export", cfg.run.export_dtype)
         log.info("exported the policy to %s (transformers and vLLM load it)", out / "export")
         return last
+
+    def _saves(self, step: int) -> bool:
+        """Whether ``step`` ends with a checkpoint."""
+        run = self.cfg.run
+        return step == run.steps or bool(run.save_every and step % run.save_every == 0)
+
+    def _resync(self, version: int) -> None:
+        """The trainer's weights (``version``) into rollout workers that were restarted with their initial ones."""
+        sync_weights(self.trainer, self.pool, self.cfg.rollout.bucket_bytes, version)
 
     def cleanup(self) -> None:
         """Stop everything setup and train started, newest first; one failure does not keep the rest running."""

@@ -1,14 +1,14 @@
 """One GRPO step, given its collaborators: the rollout ``engines``, a ``Scorer``, a ``Trainer`` (``job/grpo.py``
 runs one per training step).
 
-``grpo_step``: questions → ``algo.group_size`` seeded rollouts each → rewards → group advantages → old (and reference)
-log-probs → ``algo.epochs`` x ``algo.mini_batches`` updates → the new weights, which the controller streams
-from the trainer into the engines bucket by bucket (``sync_weights``) → the step's metrics. It runs the same on
-Ray actors and in one process. An update with a non-finite loss or gradient is skipped
-(``actor/skipped_updates``); ``run.max_consecutive_skips`` of them in a row stop the run. Weights that are not
-finite are never streamed to the engines or saved: the step stops the run instead. Rollout workers that die or
-hang mid-batch are started again, given the current weights, and the batch is sampled again (``sample``): the
-step's result is the one it would have had.
+``grpo_step``: the step's batch (``algo.group_size`` seeded rollouts per question, ``job/lookahead.py``) → rewards
+→ group advantages → old (and reference) log-probs → ``algo.epochs`` x ``algo.mini_batches`` updates → the new
+weights, which the controller streams from the trainer into the engines bucket by bucket (``sync_weights``) → the
+step's metrics. It runs the same on Ray actors and in one process. An update with a non-finite loss or gradient
+is skipped (``actor/skipped_updates``); ``run.max_consecutive_skips`` of them in a row stop the run. Weights that
+are not finite are never streamed to the engines or saved: the step stops the run instead. Rollout workers that
+die or hang mid-batch are started again, given the current weights, and the batch is sampled again (``sample``,
+``Lookahead``): the step's result is the one it would have had (sampled ahead: with the newest weights).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +24,14 @@ import torch
 from vrag_rl.algo.advantages import grpo_advantages, rloo_advantages
 from vrag_rl.algo.config import AlgoConfig
 from vrag_rl.algo.correction import mismatch_metrics, trajectory_weights
-from vrag_rl.data.records import QARecord
 from vrag_rl.job.config import TrainConfig
+from vrag_rl.job.lookahead import StepBatch
 from vrag_rl.learner.batch import minibatches_by_group
 from vrag_rl.learner.payloads import Batch, Objective
 from vrag_rl.learner.trainer import Trainer
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.score import RewardBreakdown
-from vrag_rl.rollout.agent_loop import Rollout, Task, make_groups
+from vrag_rl.rollout.agent_loop import Rollout, Task
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.scoring import rollout_metrics, score_rollouts
 from vrag_rl.rollout.worker import RolloutBackend, WeightSync, WorkersRestarted
@@ -55,23 +56,13 @@ def objective(cfg: TrainConfig) -> Objective:
 
 
 def grpo_step(
-    step: int,
-    questions: list[QARecord],
-    engines: RolloutBackend,
-    scorer: Scorer,
-    trainer: Trainer,
-    cfg: TrainConfig,
+    batch: StepBatch, engines: RolloutBackend, scorer: Scorer, trainer: Trainer, cfg: TrainConfig
 ) -> StepResult:
-    """One GRPO step on ``questions`` (a group of ``algo.group_size`` samples each); see the module docstring."""
-    algo, times = cfg.algo, {}
+    """One GRPO step on a batch of rollouts (``algo.group_size`` per question); see the module docstring."""
+    algo, step, rollouts = cfg.algo, batch.step, batch.rollouts
+    times = {"time/rollout_s": batch.wait_s}  # sampled ahead (algo.max_staleness): only what the step waited
     t0 = time.perf_counter()
-    # Seeds depend on the step only, so a resumed run samples what the straight run sampled.
-    tasks = make_groups([(r.qid, r.question) for r in questions], algo.group_size, seed=cfg.seed * 1_000_003 + step)
-    rollouts = sample(engines, trainer, tasks, cfg.sampling, cfg.rollout.bucket_bytes)
-    times["time/rollout_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    rewards = score_rollouts(scorer, {r.qid: r for r in questions}, rollouts)
+    rewards = score_rollouts(scorer, {r.qid: r for r in batch.questions}, rollouts)
     totals = torch.tensor([b.total for b in rewards], dtype=torch.float32)
     group_ids = [r.task.group for r in rollouts]
     if algo.advantage == "grpo":
@@ -81,8 +72,8 @@ def grpo_step(
     times["time/reward_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    batch = Batch([r.trajectory for r in rollouts], advantages)
-    offpolicy = add_logprobs(batch, trainer, algo)
+    inputs = Batch([r.trajectory for r in rollouts], advantages)
+    offpolicy = add_logprobs(inputs, trainer, algo)
     times["time/logprobs_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -91,7 +82,7 @@ def grpo_step(
     rng = random.Random(cfg.seed * 7_919 + step)
     for _ in range(algo.epochs):
         for indices in minibatches_by_group(group_ids, algo.mini_batches, rng):
-            metrics = trainer.grpo_update(batch.take(indices))
+            metrics = trainer.grpo_update(inputs.take(indices))
             skipped.append(metrics.pop("skipped_updates") > 0)
             for k, v in metrics.items():
                 update[k] = update.get(k, 0.0) + v / (algo.epochs * algo.mini_batches)
@@ -100,17 +91,18 @@ def grpo_step(
 
     if not trainer.weights_finite():
         raise FloatingPointError(f"step {step}: the policy's weights are not finite; not syncing or saving them")
-    sync = sync_weights(trainer, engines, cfg.rollout.bucket_bytes)
+    sync = sync_weights(trainer, engines, cfg.rollout.bucket_bytes, version=step)
     step_s = sum(times.values()) + sync.seconds
     metrics = {
         **rollout_metrics(rollouts, rewards, "train/"),
         **{f"actor/{k}": v for k, v in update.items()},
         **{f"offpolicy/{k}": v for k, v in offpolicy.items()},
+        **batch.metrics,
         "actor/lr": lr,
         "actor/skipped_updates": float(sum(skipped)),
         **times,
         "time/step_s": step_s,
-        "perf/tokens_per_s": batch.response_tokens / step_s,
+        "perf/tokens_per_s": inputs.response_tokens / step_s,
         "perf/weight_sync_s": sync.seconds,
         "perf/weight_sync_bytes": float(sync.bytes),
         "reward/mean_advantage_abs": sum(abs(a) for a in advantages) / len(advantages),
@@ -138,19 +130,20 @@ def add_logprobs(batch: Batch, trainer: Trainer, algo: AlgoConfig) -> dict[str, 
     return metrics
 
 
-def sync_weights(trainer: Trainer, engines: RolloutBackend, bucket_bytes: int) -> WeightSync:
-    """The trainer's current weights into every rollout engine, one bucket at a time."""
-    return engines.update_weights(trainer.weight_buckets(bucket_bytes))
+def sync_weights(trainer: Trainer, engines: RolloutBackend, bucket_bytes: int, version: int) -> WeightSync:
+    """The trainer's current weights (``version``: the steps they have taken) into every rollout engine, one
+    bucket at a time."""
+    return engines.update_weights(trainer.weight_buckets(bucket_bytes), version)
 
 
 def sample(
-    engines: RolloutBackend, trainer: Trainer, tasks: list[Task], sampling: SamplingConfig, bucket_bytes: int
+    engines: RolloutBackend, tasks: list[Task], sampling: SamplingConfig, resync: Callable[[], object]
 ) -> list[Rollout]:
-    """Rollouts of ``tasks``; when rollout workers had to be restarted mid-batch (they died or hung), the current
-    weights are streamed into them and the batch runs again, sampling what it would have (seeded tasks)."""
+    """Rollouts of ``tasks``; when rollout workers had to be restarted mid-batch (they died or hung), ``resync``
+    streams the current weights into them and the batch runs again, sampling what it would have (seeded tasks)."""
     try:
         return engines.rollout(tasks, sampling)
     except WorkersRestarted as err:
         log.warning("%s: streaming the current weights and sampling the batch again", err)
-        sync_weights(trainer, engines, bucket_bytes)
+        resync()
         return engines.rollout(tasks, sampling)

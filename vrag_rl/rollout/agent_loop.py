@@ -16,21 +16,19 @@ Both act on a finished turn the same way:
   depend on its batch); the best-ranked page this trajectory has not been shown yet comes back, resized into
   the image budget, as an image-only user turn (a page the vision processor cannot take, such as a strip
   beyond its aspect-ratio limit, or an unreadable file, is passed over for the next one);
-- ``<bbox>``: a region of the most recent image shown, in that image's pixel frame, is cut from the raw
-  page and shown enlarged (a crop of a crop maps through the chain, see ``agent.images``);
-- ``<answer>``: the trajectory is finished;
-- anything else (no tag, bad box, a crop before any image) is an invalid action: the fixed feedback turn
-  follows and the trajectory goes on. So is a turn the engine did not produce (an endpoint that failed, a
-  request the engine refused: ``engine.generate_apart``), recorded in ``Rollout.engine_errors``; the other
-  trajectories of the batch get their turns.
+- ``<bbox>``: a region of the most recent image shown, in that image's pixel frame, is cut from the raw page and
+  shown enlarged (a crop of a crop maps through the chain, see ``agent.images``); ``<answer>``: the end;
+- anything else (no tag, bad box, a crop before any image) is an invalid action: the fixed feedback turn follows
+  and the trajectory goes on. So is a turn the engine did not produce (an endpoint that failed, a request the
+  engine refused: ``engine.generate_apart``), recorded in ``Rollout.engine_errors``; the others go on.
 
 A single-turn task (``Task.context`` set: evaluation's vanilla RAG and direct baselines) shows the given pages
 with the question in one user turn (``build_reference_messages``) and allows one turn, which may only answer.
 
-After ``max_turns`` action turns, the last observation carries the answer-now instruction and one final
-turn may only answer. A trajectory stops before a piece (a turn, an observation with its image) would pass
-``max_length``: pieces are appended whole, so an image is never cut. Sampled ids are recorded as sampled,
-with their log-probs; text is decoded only to read the action.
+After ``max_turns`` action turns, the last observation carries the answer-now instruction and one final turn may
+only answer. A trajectory stops before a piece (a turn, an observation with its image) would pass ``max_length``:
+pieces are appended whole, so an image is never cut. Sampled ids are recorded as sampled, with their log-probs
+and the version of the weights that sampled them; text is decoded only to read the action.
 """
 
 from __future__ import annotations
@@ -57,7 +55,7 @@ from vrag_rl.agent.trajectory import Trajectory
 from vrag_rl.choice import Choice
 from vrag_rl.retrieval.types import Hit, SearchMode
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, generate_apart
-from vrag_rl.rollout.turns import BatchedSearch, EngineTurns, LoopTimings
+from vrag_rl.rollout.turns import BatchedSearch, EngineGate, EngineTurns, LoopTimings
 
 log = logging.getLogger(__name__)
 NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
@@ -141,6 +139,7 @@ class Rollout:
     # What searches and crops showed, in order: (turn that asked for it, page, raw crop box or None for a page).
     views: list[tuple[int, str, tuple[int, int, int, int] | None]] = field(default_factory=list)
     engine_errors: list[str] = field(default_factory=list)  # turns the engine failed to produce, and why
+    versions: list[int] = field(default_factory=list)  # per assistant turn: the policy version that sampled it
     answer: str | None = None
     num_invalid: int = 0
     stop_reason: StopReason | None = None  # set when the trajectory ends
@@ -186,12 +185,9 @@ class AgentState:
 
 
 class AgentLoop:
-    """Runs tasks to completion with an engine and a retriever.
-
-    ``retriever`` needs ``search(queries, top_k, mode) -> list[list[Hit]]`` and ``page_path(page_id)``:
-    ``retrieval.local.LocalRetriever``, ``retrieval.actor.DistributedRetriever`` or ``RemoteRetriever`` (an
-    actor handle).
-    """
+    """Runs tasks to completion with an engine and a retriever, which needs ``search(queries, top_k, mode) ->
+    list[list[Hit]]`` and ``page_path(page_id)`` (``retrieval.local.LocalRetriever``, ``DistributedRetriever``,
+    ``RemoteRetriever``)."""
 
     def __init__(self, engine: RolloutEngine, encoder: ChatEncoder, retriever, cfg: AgentConfig = AgentConfig()):
         self.engine, self.encoder, self.retriever, self.cfg = engine, encoder, retriever, cfg
@@ -199,26 +195,33 @@ class AgentLoop:
         self._pages: dict[str, Image.Image] = {}  # raw pages of the current run
         self._shown: dict[str, tuple[View, EncodedImages] | None] = {}  # per run; None: cannot be shown
         self.timings: dict[str, float] = {"generate_s": 0.0, "search_s": 0.0}
+        self.version = 0  # of the engine's weights: the number of weight updates the job streamed into it
+        self.gate = EngineGate()
 
     def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
-        """Every task's rollout, in task order, by the configured loop (``agent.loop``)."""
+        """Every task's rollout, in task order, by the configured loop (``agent.loop``); a weight update from
+        another thread goes in at a turn boundary (``turns.EngineGate``)."""
         t0 = time.perf_counter()
-        if self.cfg.loop == "turns":
-            self.timings = {"generate_s": 0.0, "search_s": 0.0}
-            states = [self.start(t) for t in tasks]
-            while live := [s for s in states if not s.done]:
-                self.step(live, sampling)
-            rollouts = [s.rollout for s in states]
-        else:
-            rollouts = asyncio.run(self._run_trajectories(tasks, sampling))
+        self.gate.enter()
+        try:
+            if self.cfg.loop == "turns":
+                self.timings = {"generate_s": 0.0, "search_s": 0.0}
+                states = [self.start(t) for t in tasks]
+                while live := [s for s in states if not s.done]:
+                    self.gate.pause_point()
+                    self.step(live, sampling)
+                rollouts = [s.rollout for s in states]
+            else:
+                rollouts = asyncio.run(self._run_trajectories(tasks, sampling))
+        finally:
+            self.gate.leave()
         self.forget()
         self.timings["total_s"] = time.perf_counter() - t0
         return rollouts
 
     async def _run_trajectories(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
-        timings = LoopTimings()
-        turns = EngineTurns(self.engine, sampling, timings)
-        c = self.cfg
+        timings, c = LoopTimings(), self.cfg
+        turns = EngineTurns(self.engine, sampling, timings, self.gate)
         searches = BatchedSearch(
             self.retriever, c.search_mode, self.search_depth, c.search_window_s, c.search_batch, timings
         )
@@ -312,6 +315,7 @@ class AgentLoop:
         s.query, s.close_turn = None, gen.finish_reason != "stop"
         r = s.rollout
         r.trajectory.add_model_turn(gen.token_ids, gen.logprobs)  # fits: the request asked for <= room tokens
+        r.versions.append(self.version)
         if gen.error is not None:  # an empty turn: an invalid action below
             r.engine_errors.append(gen.error)
         text = self.encoder.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
@@ -360,10 +364,8 @@ class AgentLoop:
         s.pending.append(encoded)
 
     def _observe(self, s: AgentState, final_next: bool) -> None:
-        notes = s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])
-        ids, enc = self.encoder.observation(
-            EncodedImages.join(s.pending), "\n".join(notes) or None, close_turn=s.close_turn
-        )
+        notes = "\n".join(s.notes + ([ANSWER_NOW_FEEDBACK] if final_next else [])) or None
+        ids, enc = self.encoder.observation(EncodedImages.join(s.pending), notes, close_turn=s.close_turn)
         fits = s.rollout.trajectory.add_observation(ids, enc.images, enc.pixel_values, enc.grids)
         if fits:  # what the model was shown: a page or crop that did not fit was never seen
             s.rollout.retrieved_pages += [s.new_page] if s.new_page else []

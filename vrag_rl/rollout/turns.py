@@ -13,6 +13,11 @@ its own (vLLM 0.32: ``make_async_mp_client``), so a weight update would be pickl
 streamed into the model in place (``vllm_engine.py``). The in-process engine's own request queue and scheduler
 step (``LLM.enqueue``, ``LLMEngine.step``) are what ``AsyncLLM``'s output loop drives.
 
+``EngineGate``: a weight update that arrives while a batch runs (``rollout.partial``) takes the engine at a turn
+boundary: the driver stops admitting new turns, steps until the turns under way are done, and hands the engine
+over; the trajectories' next turns sample with the new weights. A turn is never sampled by two versions, and no
+cached prefix from the old weights is reused (the engine resets its caches with nothing running).
+
 ``BatchedSearch``: a trajectory awaits its own search; queries arriving within ``window_s`` of the first waiting
 one (or ``max_batch`` of them) go to the retriever as one batch, on a worker thread, so that the retriever still
 sees batches; one batch runs at a time, and queries that arrive meanwhile go next.
@@ -21,7 +26,9 @@ sees batches; one batch runs at a time, and queries that arrive meanwhile go nex
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vrag_rl.retrieval.types import Hit
@@ -50,6 +57,61 @@ class LoopTimings:
         }
 
 
+class EngineGate:
+    """The engine, shared by the thread that runs batches and one that updates weights under them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False  # a batch is using the engine (outside its pause points)
+        self._held = False  # the updating thread holds the engine
+        self._wanted = 0
+        self.waker: Callable[[], object] | None = None  # wakes an idle driver (EngineTurns)
+
+    @property
+    def wanted(self) -> bool:
+        return self._wanted > 0
+
+    def enter(self) -> None:
+        """A batch starts (after any update under way)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held)
+            self._busy = True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def pause_point(self) -> None:
+        """The batch's thread, with no turn under way: hand the engine over if an update wants it."""
+        with self._cond:
+            if not self._wanted:
+                return
+            self._busy = False
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._held and not self._wanted)
+            self._busy = True
+
+    def hold(self, timeout_s: float) -> None:
+        """The updating thread: wait until the batch is at a pause point (or none runs), then hold the engine."""
+        with self._cond:
+            self._wanted += 1
+        if self.waker is not None:
+            self.waker()
+        with self._cond:
+            free = self._cond.wait_for(lambda: not self._busy and not self._held, timeout_s)
+            self._wanted -= 1
+            if not free:
+                self._cond.notify_all()
+                raise TimeoutError(f"the running batch reached no turn boundary in {timeout_s}s")
+            self._held = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
 @dataclass
 class EngineTurns:
     """Per-request turns from one engine, for the coroutines of one event loop."""
@@ -57,6 +119,7 @@ class EngineTurns:
     engine: RolloutEngine
     sampling: SamplingConfig
     timings: LoopTimings = field(default_factory=LoopTimings)
+    gate: EngineGate = field(default_factory=EngineGate)
 
     def __post_init__(self) -> None:
         self._new: list[tuple[asyncio.Future, GenerationRequest]] = []
@@ -67,6 +130,8 @@ class EngineTurns:
     async def generate(self, request: GenerationRequest) -> Generation:
         """This request's turn, once the engine finished it."""
         if self._driver is None:
+            loop = asyncio.get_running_loop()
+            self.gate.waker = lambda: loop.call_soon_threadsafe(self._wake.set)
             self._driver = asyncio.create_task(self._drive())
         future = asyncio.get_running_loop().create_future()
         self._new.append((future, request))
@@ -79,11 +144,14 @@ class EngineTurns:
 
     async def _drive(self) -> None:
         while True:
-            if not self._new and not self.engine.running:
+            if self.gate.wanted and not self.engine.running:
+                self.gate.pause_point()  # the turns under way are done: a weight update goes in here
+            admit = not self.gate.wanted  # while one waits, the turns under way finish and no new one starts
+            if not (self._new and admit) and not self.engine.running:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            new, self._new = self._new, []
+            new, self._new = (self._new, []) if admit else ([], self._new)
             t0 = time.perf_counter()
             try:
                 done = self.engine.advance(new, self.sampling)
@@ -101,6 +169,7 @@ class EngineTurns:
 
     async def close(self) -> None:
         """Stop the driver (after every trajectory has its turns)."""
+        self.gate.waker = None
         if self._driver is not None:
             self._driver.cancel()
             await asyncio.gather(self._driver, return_exceptions=True)

@@ -9,7 +9,10 @@ a Ray reference to one), the pool passes each bucket to every worker through the
 worker feeds it into a single running ``update_weights`` call (``WeightStream``), so neither side ever holds
 a second full copy of the model.
 
-Both are a ``RolloutBackend``: what the GRPO step needs of rollouts (sample them, take new weights).
+Both are a ``RolloutBackend``: what the GRPO step needs of rollouts (sample them, take new weights). A worker runs
+its calls in order, so a batch submitted before an update samples with the older weights; with ``rollout.partial``
+the update runs on a thread of its own instead and goes into a running batch at its next turn boundary
+(``turns.EngineGate``). Every turn records the version of the weights that sampled it.
 
 A pool's worker that dies (or whose rollout runs past ``call_timeout_s``, and is then killed) is started again
 by Ray with the weights it was created with; the pool waits until every worker answers and raises
@@ -39,6 +42,7 @@ from vrag_rl.rollout.vllm_engine import VLLMConfig
 log = logging.getLogger(__name__)
 
 ENGINES = ("vllm", "hf", "endpoint")
+WEIGHT_TIMEOUT_S = 600.0  # for the engine to take a weight update (a running batch's turns to end, a bucket)
 
 
 @dataclass(frozen=True)
@@ -49,13 +53,33 @@ class WeightSync:
     bytes: int
 
 
+class Pending(Protocol):
+    """A batch of rollouts under way."""
+
+    def result(self) -> list[Rollout]: ...
+
+
+@dataclass
+class Done:
+    """A batch of rollouts sampled before its ``submit`` returned (in-process workers)."""
+
+    rollouts: list[Rollout]
+
+    def result(self) -> list[Rollout]:
+        return self.rollouts
+
+
 class RolloutBackend(Protocol):
-    """Rollouts for a batch of tasks, and new weights for the engines behind them."""
+    """Rollouts for a batch of tasks, and new weights for the engines behind them. Batches and weight updates
+    take effect in the order they are given: a batch submitted before an update samples with the older weights."""
 
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]: ...
 
-    def update_weights(self, buckets: Iterable) -> WeightSync:
-        """Load new weights given as buckets of named tensors (dicts, or Ray references to them), in one pass."""
+    def submit(self, tasks: list[Task], sampling: SamplingConfig) -> Pending: ...
+
+    def update_weights(self, buckets: Iterable, version: int) -> WeightSync:
+        """Load new weights given as buckets of named tensors (dicts, or Ray references to them), in one pass;
+        ``version`` tags the turns they sample (``Rollout.versions``)."""
         ...
 
 
@@ -73,6 +97,9 @@ class RolloutConfig:
     num_gpus: float = 0.0  # per worker actor (1 on GPU clusters)
     spread: bool = False  # one worker per node where Ray can (multi-node CPU runs); else Ray packs them
     bucket_bytes: int = 256 << 20  # weight-update bucket size
+    # A weight update goes into a running batch at its next turn boundary (EngineGate) instead of after it: the
+    # batch's later turns sample with the new weights (Rollout.versions). Off: batches and updates in order.
+    partial: bool = False
     call_timeout_s: float = 1800.0  # a batch of rollouts still running after this is taken for a hung worker
     restart_timeout_s: float = 600.0  # how long restarted workers may take to come back
 
@@ -109,7 +136,7 @@ def make_engine(cfg: RolloutConfig) -> RolloutEngine:
 class WeightStream:
     """Feeds buckets, pushed one at a time, into one lazy ``engine.update_weights`` on a background thread."""
 
-    def __init__(self, engine: RolloutEngine, timeout_s: float = 600.0):
+    def __init__(self, engine: RolloutEngine, timeout_s: float = WEIGHT_TIMEOUT_S):
         self._queue: queue.Queue = queue.Queue(maxsize=1)  # at most one bucket waits: bounded memory
         self.error: BaseException | None = None
         self.nbytes = 0
@@ -172,6 +199,9 @@ class RolloutWorker:
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
         return self.loop.run(tasks, sampling)
 
+    def submit(self, tasks: list[Task], sampling: SamplingConfig) -> Done:
+        return Done(self.rollout(tasks, sampling))
+
     def timings(self) -> dict[str, float]:
         """Seconds spent generating, searching and in total during the last ``rollout``."""
         return dict(self.loop.timings)
@@ -182,15 +212,27 @@ class RolloutWorker:
 
         return ray.util.get_node_ip_address()
 
-    def update_weights(self, buckets: Iterable[dict[str, torch.Tensor]]) -> WeightSync:
+    def update_weights(self, buckets: Iterable[dict[str, torch.Tensor]], version: int) -> WeightSync:
         t0 = time.perf_counter()
-        nbytes = self.engine.update_weights(item for bucket in buckets for item in bucket.items())
+        self.loop.gate.hold(WEIGHT_TIMEOUT_S)
+        try:
+            nbytes = self.engine.update_weights(item for bucket in buckets for item in bucket.items())
+            self.loop.version = version
+        finally:
+            self.loop.gate.release()
         return WeightSync(time.perf_counter() - t0, nbytes)
 
     def begin_weight_update(self) -> None:
+        """Start a streamed update: the engine is held from here to ``finish_weight_update`` (a batch running on
+        another thread pauses at its next turn boundary)."""
         if self._stream is not None:
             raise RuntimeError("a weight update is already under way")
-        self._stream = WeightStream(self.engine)
+        self.loop.gate.hold(WEIGHT_TIMEOUT_S)
+        try:
+            self._stream = WeightStream(self.engine, WEIGHT_TIMEOUT_S)
+        except BaseException:
+            self.loop.gate.release()
+            raise
 
     def push_weights(self, bucket: dict[str, torch.Tensor]) -> int:
         """Queue one bucket for the running update; returns its bytes."""
@@ -199,11 +241,16 @@ class RolloutWorker:
         self._stream.push(bucket)
         return sum(t.numel() * t.element_size() for t in bucket.values())
 
-    def finish_weight_update(self) -> int:
+    def finish_weight_update(self, version: int) -> int:
         stream, self._stream = self._stream, None
         if stream is None:
             raise RuntimeError("begin_weight_update first")
-        return stream.finish()
+        try:
+            nbytes = stream.finish()
+            self.loop.version = version
+        finally:
+            self.loop.gate.release()
+        return nbytes
 
     def close(self) -> None:
         self.engine.close()
@@ -229,7 +276,8 @@ class RolloutPool:
     def __init__(self, cfg: RolloutConfig, retriever_actor, corpus_dir: str):
         import ray
 
-        remote = ray.remote(RolloutWorker).options(
+        # rollout.partial: weight updates run on a thread of their own, beside a running batch
+        remote = ray.remote(concurrency_groups={"weights": 1})(RolloutWorker).options(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
             max_restarts=-1,
@@ -243,23 +291,15 @@ class RolloutPool:
         # Wait for every engine: start-up errors surface here.
         log.info("rollout workers on %s", ray.get([w.node_ip.remote() for w in self.workers]))
         self.last_timings: list[dict[str, float]] = []
+        self.partial = cfg.partial  # updates go into running batches at a turn boundary
 
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        return self.submit(tasks, sampling).result()
 
+    def submit(self, tasks: list[Task], sampling: SamplingConfig) -> PoolBatch:
         chunks = split_by_group(tasks, len(self.workers))
         refs = [w.rollout.remote([tasks[i] for i in c], sampling) for w, c in zip(self.workers, chunks)]
-        try:
-            results = ray.get(refs, timeout=self.cfg.call_timeout_s)
-        except (RayActorError, GetTimeoutError) as err:
-            self._recover(refs, err)
-        out: list[Rollout | None] = [None] * len(tasks)
-        for chunk, rollouts in zip(chunks, results):
-            for i, r in zip(chunk, rollouts):
-                out[i] = r
-        self.last_timings = ray.get([w.timings.remote() for w in self.workers[: len(chunks)]])
-        return out
+        return PoolBatch(self, len(tasks), chunks, refs)
 
     def _recover(self, refs: list, err: Exception) -> None:
         """After a death (Ray restarts the worker) or a hang (the busy workers are killed, and restarted): wait
@@ -288,19 +328,20 @@ class RolloutPool:
                     time.sleep(1.0)
         raise WorkersRestarted(f"rollout workers were restarted ({type(err).__name__}: {err})") from err
 
-    def update_weights(self, buckets: Iterable) -> WeightSync:
+    def update_weights(self, buckets: Iterable, version: int) -> WeightSync:
         """Stream weight buckets (dicts of named tensors, or Ray references to them) to every worker, one at a
         time; returns seconds and bytes moved (per worker)."""
         import ray
 
+        group = {"concurrency_group": "weights"} if self.partial else {}  # else: behind the batches submitted
         t0 = time.perf_counter()
-        ray.get([w.begin_weight_update.remote() for w in self.workers])
+        ray.get([w.begin_weight_update.options(**group).remote() for w in self.workers])
         sent = 0
         for bucket in buckets:
             ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
-            sent += ray.get([w.push_weights.remote(ref) for w in self.workers])[0]  # each took the same bytes
+            sent += ray.get([w.push_weights.options(**group).remote(ref) for w in self.workers])[0]  # same bytes each
             del ref, bucket
-        loaded = ray.get([w.finish_weight_update.remote() for w in self.workers])
+        loaded = ray.get([w.finish_weight_update.options(**group).remote(version) for w in self.workers])
         if any(n != sent for n in loaded):
             raise RuntimeError(f"workers loaded {loaded} bytes of the {sent} sent")
         return WeightSync(time.perf_counter() - t0, sent)
@@ -310,3 +351,30 @@ class RolloutPool:
 
         for w in self.workers:
             ray.kill(w)
+
+
+@dataclass
+class PoolBatch:
+    """A batch under way on a pool's workers: each worker runs its calls in order, so the batch samples with the
+    weights of the last update streamed before it was submitted."""
+
+    pool: RolloutPool
+    size: int
+    chunks: list[list[int]]
+    refs: list
+
+    def result(self) -> list[Rollout]:
+        """The rollouts in task order; ``WorkersRestarted`` when workers died or hung (see the module docstring)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            results = ray.get(self.refs, timeout=self.pool.cfg.call_timeout_s)
+        except (RayActorError, GetTimeoutError) as err:
+            self.pool._recover(self.refs, err)
+        out: list[Rollout | None] = [None] * self.size
+        for chunk, rollouts in zip(self.chunks, results):
+            for i, r in zip(chunk, rollouts):
+                out[i] = r
+        self.pool.last_timings = ray.get([w.timings.remote() for w in self.pool.workers[: len(self.chunks)]])
+        return out
