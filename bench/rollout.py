@@ -37,8 +37,9 @@ from vrag_rl.data.records import load_qa  # noqa: E402
 from vrag_rl.job.warm import build_warm_policy  # noqa: E402
 from vrag_rl.models.tiny import TINY_BUDGET, TinyConfig, build_tiny_models  # noqa: E402
 from vrag_rl.retrieval.corpus_index import open_retriever  # noqa: E402
-from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, make_groups  # noqa: E402
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop  # noqa: E402
 from vrag_rl.rollout.engine import SamplingConfig  # noqa: E402
+from vrag_rl.rollout.records import make_groups  # noqa: E402
 from vrag_rl.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: E402
 from vrag_rl.rollout.worker import RolloutConfig, make_engine  # noqa: E402
 

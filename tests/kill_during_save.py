@@ -1,10 +1,8 @@
-"""The main job, SIGKILLed by itself at a chosen point of one checkpoint save (for ``test_main.py``).
+"""The main job, SIGKILLed by itself once a checkpoint is committed (for ``test_main.py``).
 
-``python tests/kill_during_save.py POINT STEP OVERRIDES...`` runs ``python -m vrag_rl.main OVERRIDES...`` and
-kills the process when the save of step STEP reaches POINT:
-
-- ``written``: every file of the checkpoint is written and flushed into its temporary folder, not yet renamed;
-- ``committed``: the checkpoint is renamed into place, older ones not yet pruned, the export not yet written.
+``python tests/kill_during_save.py STEP OVERRIDES...`` runs ``python -m vrag_rl.main OVERRIDES...`` and kills the
+process when the checkpoint of step STEP is renamed into place, before older ones are pruned and before the
+export is written.
 """
 
 import os
@@ -15,31 +13,19 @@ import sys
 import vrag_rl.job.checkpoint as checkpoint
 
 
-def kill_at(point: str, step: int) -> None:
+def kill_once_committed(step: int) -> None:
     name = checkpoint.CHECKPOINT.format(step)
-    if point == "written":
-        fsync_tree = checkpoint._fsync_tree
+    finished = checkpoint.finished_checkpoints
 
-        def fsync_then_die(root):
-            fsync_tree(root)
-            if root.name == f".{name}.tmp":
-                os.kill(os.getpid(), signal.SIGKILL)
+    def die_once_committed(out):
+        if (out / "checkpoints" / name / "controller.json").is_file():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return finished(out)
 
-        checkpoint._fsync_tree = fsync_then_die
-    elif point == "committed":
-        finished = checkpoint.finished_checkpoints
-
-        def die_once_committed(out):
-            if (out / "checkpoints" / name / "controller.json").is_file():
-                os.kill(os.getpid(), signal.SIGKILL)
-            return finished(out)
-
-        checkpoint.finished_checkpoints = die_once_committed
-    else:
-        raise SystemExit(f"unknown kill point {point!r}")
+    checkpoint.finished_checkpoints = die_once_committed
 
 
 if __name__ == "__main__":
-    kill_at(sys.argv[1], int(sys.argv[2]))
-    sys.argv = ["vrag_rl.main", *sys.argv[3:]]
+    kill_once_committed(int(sys.argv[1]))
+    sys.argv = ["vrag_rl.main", *sys.argv[2:]]
     runpy.run_module("vrag_rl.main", run_name="__main__", alter_sys=True)  # as ``python -m`` runs it

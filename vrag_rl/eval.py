@@ -121,7 +121,7 @@ def backend_of(a, retriever, dense):
     index = ensure_index(a.corpus, a.index, a.retriever_model)
     embedder = EmbedderConfig(model_dir=a.retriever_model, device="cpu", dtype="float32")
     actor = start_retriever_actor(str(a.corpus), str(index), embedder, RetrieverConfig(num_cpus=0.25), dense=dense)
-    return RolloutPool(cfg, actor, str(a.corpus))
+    return RolloutPool(cfg, actor, str(a.corpus)).ready()
 
 
 def run(a) -> Path:

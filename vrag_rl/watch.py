@@ -31,8 +31,8 @@ from vrag_rl.data.records import load_pages, load_qa, page_label
 from vrag_rl.retrieval.corpus_index import open_retriever
 from vrag_rl.reward.actor import RewardScorer
 from vrag_rl.reward.score import RewardConfig
-from vrag_rl.rollout.agent_loop import make_groups
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import make_groups
 from vrag_rl.rollout.scoring import score_rollouts
 from vrag_rl.rollout.transcript import write_transcripts
 from vrag_rl.rollout.worker import RolloutWorker

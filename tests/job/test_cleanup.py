@@ -9,6 +9,7 @@ started. Spies record the handles the real constructors return.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,20 @@ def config(overrides: list[str]):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
-def dead(handle) -> bool:
+def dead(handle, within_s: float = 30.0) -> bool:
+    """Whether the actor is gone within ``within_s``: ``ray.kill`` returns before the actor has died."""
     import ray
     from ray.exceptions import RayActorError
 
-    try:
-        ray.get(handle.__ray_ready__.remote(), timeout=60)
-    except RayActorError:
-        return True
-    return False
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=60)
+        except RayActorError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from vrag_rl.data.records import QARecord
 from vrag_rl.job.config import RunConfig, TrainConfig
 from vrag_rl.job.lookahead import Ledger, Lookahead, read_ledger, step_tasks
 from vrag_rl.job.sampler import EpochSampler
-from vrag_rl.rollout.agent_loop import Rollout
+from vrag_rl.rollout.records import Rollout
 from vrag_rl.rollout.worker import Done, WorkersRestarted
 
 QUESTIONS = [QARecord(f"q{i}", f"question {i}", "a", [], None, "text", "", "test") for i in range(7)]

@@ -108,9 +108,10 @@ def test_the_agent_searches_and_crops_frames_as_pages(videos, tmp_path, embedder
     from vrag_rl.retrieval.index import MultiVectorIndex
     from vrag_rl.retrieval.local import LocalRetriever
     from vrag_rl.retrieval.types import IndexConfig
-    from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
+    from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
     from vrag_rl.rollout.engine import SamplingConfig
     from vrag_rl.rollout.hf_engine import HFEngine
+    from vrag_rl.rollout.records import Task
 
     corpus = tmp_path / "corpus"
     ingest([videos / "talk.mp4"], corpus, IngestConfig(video=SAMPLING), progress=False)

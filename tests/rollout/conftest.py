@@ -84,6 +84,7 @@ class SteppedEngine(ScriptedEngine):
         self.steps, self.step_s = steps, step_s
         self.clock = 0
         self.finished: list[tuple[str, int, int]] = []
+        self.aborted: list[tuple[str, int, int]] = []
         self._under_way: list[list] = []  # [steps left, key, generation, question, turn]
 
     def advance(self, new, sampling):
@@ -113,3 +114,8 @@ class SteppedEngine(ScriptedEngine):
     @property
     def running(self) -> int:
         return len(self._under_way)
+
+    def abort(self, key) -> None:
+        for item in [item for item in self._under_way if item[1] is key]:
+            self._under_way.remove(item)
+            self.aborted.append((item[3], item[4], self.clock))

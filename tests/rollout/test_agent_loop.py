@@ -9,15 +9,9 @@ from PIL import Image
 from tests.rollout.conftest import TINY_BUDGET, image_token_count
 from vrag_rl.agent.images import crop_region, page_view
 from vrag_rl.agent.prompt import ANSWER_NOW_FEEDBACK, INVALID_ACTION_FEEDBACK
-from vrag_rl.rollout.agent_loop import (
-    LOOPS,
-    NO_NEW_PAGE_FEEDBACK,
-    AgentConfig,
-    AgentLoop,
-    Task,
-    make_groups,
-)
+from vrag_rl.rollout.agent_loop import LOOPS, NO_NEW_PAGE_FEEDBACK, AgentConfig, AgentLoop
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import Task, make_groups
 
 Q1, Q2 = "Which city hosts the research centre?", "What share of the market does it hold?"
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=256)

@@ -168,6 +168,27 @@ def test_requests_joining_a_running_batch_sample_what_they_sample_in_one_batch(v
     )
 
 
+def test_an_aborted_request_leaves_the_running_batch(vllm_engine, contexts):
+    """A turn taken out of the engine (a trajectory's turn timed out) never comes back; the others finish."""
+    import ray
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=64)
+    a, b = (
+        GenerationRequest(
+            contexts[0].prompt_ids, contexts[0].images, contexts[0].pixel_values, contexts[0].image_grid_thw, seed=s
+        )
+        for s in (0, 1)
+    )
+    assert ray.get(vllm_engine.advance.remote([("a", a), ("b", b)], sampling)) == []  # both under way
+    ray.get(vllm_engine.abort.remote("a"))
+    finished, steps = [], 0
+    while not finished and steps < 200:
+        finished += ray.get(vllm_engine.advance.remote([], sampling))
+        steps += 1
+    assert [key for key, _ in finished] == ["b"]
+    assert ray.get(vllm_engine.advance.remote([], sampling)) == []  # nothing is left running
+
+
 def test_a_request_vllm_refuses_fails_alone(vllm_engine, contexts):
     """A prompt longer than the model's context in a batch: vLLM refuses it (``ValueError``), and the others of
     the batch get what they get alone."""

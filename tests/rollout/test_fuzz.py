@@ -16,8 +16,9 @@ from PIL import Image
 
 from tests.rollout.conftest import TINY_BUDGET
 from vrag_rl.agent.actions import ActionKind
-from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, StopReason, make_groups
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
 from vrag_rl.rollout.engine import Generation, RolloutEngine, SamplingConfig, max_new_tokens
+from vrag_rl.rollout.records import StopReason, make_groups
 
 NUMBERS = ["1.7e308", "-1.7e308", "1e309", "-1e309", "nan", "NaN", "inf", "-inf", "0", "-0", "-5", "12", "3.5"]
 NUMBERS += ["1e-320", "99999999999999999999", "1_000", "١٢", "0x10", "", " ", "7e", "--1", "+3", "1,5", "∞"]
@@ -129,12 +130,13 @@ def test_ten_thousand_adversarial_turns_run_without_an_exception(encoder, retrie
         outputs += engine.outputs
         rollouts += batch
     assert outputs >= 10_000
-    # Every state was reached: a crop before any image, a crop of a crop, a search after a crop, all endings.
+    # Every state was reached: a crop before any image, a crop of a crop, a search after a crop, every ending but a
+    # timeout (no turn or search here is slow: rollout/test_turns.py times them out).
     kinds = [[a.kind for a in r.actions] for r in rollouts]
     assert any(k and k[0] == ActionKind.BBOX for k in kinds)
     assert any(len(r.crops) >= 2 for r in rollouts)
     assert any(r.crops and ActionKind.SEARCH in k[k.index(ActionKind.BBOX) :] for r, k in zip(rollouts, kinds))
-    assert {r.stop_reason for r in rollouts} == set(StopReason)
+    assert {r.stop_reason for r in rollouts} == set(StopReason) - {StopReason.TIMEOUT}
 
 
 def test_megabyte_turns(encoder, retriever):

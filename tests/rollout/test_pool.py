@@ -15,8 +15,9 @@ import torch
 from tests.rollout.conftest import TINY_BUDGET, recompute_logprobs
 from vrag_rl.data.records import load_qa
 from vrag_rl.learner.payloads import iter_buckets
-from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
+from vrag_rl.rollout.agent_loop import AgentConfig
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import make_groups
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 from vrag_rl.rollout.worker import RolloutConfig, RolloutPool, RolloutWorker
 
@@ -52,7 +53,7 @@ def pool(retriever_actor, warm_policy, bundled_corpus):
         num_cpus=0.5,
         bucket_bytes=256 << 10,
     )
-    p = RolloutPool(cfg, retriever_actor, str(bundled_corpus))
+    p = RolloutPool(cfg, retriever_actor, str(bundled_corpus)).ready()
     yield p
     p.shutdown()
 

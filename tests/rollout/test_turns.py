@@ -10,8 +10,10 @@ import time
 import pytest
 
 from tests.rollout.conftest import TINY_BUDGET, SteppedEngine
-from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import StopReason, Task
+from vrag_rl.rollout.scoring import process_counts, process_rates
 from vrag_rl.rollout.turns import BatchedSearch, EngineGate
 
 Q1, Q2, Q3 = "Which city hosts the research centre?", "What share of the market does it hold?", "Who leads it?"
@@ -84,6 +86,44 @@ def test_an_engine_or_retriever_failure_ends_the_run(tiny_processor, encoder, re
     engine = SteppedEngine(tiny_processor.tokenizer, SCRIPTS, STEPS)
     with pytest.raises(ConnectionError, match="the retriever is gone"):
         loop(engine, encoder, Unreachable()).run(TASKS, GREEDY)
+
+
+def test_a_turn_that_takes_too_long_stops_its_own_trajectory_only(tiny_processor, encoder, retriever):
+    """Q2's first turn would run 500 engine steps (10 s); at a 0.5 s turn limit it is taken out of the engine and
+    Q2 stops on a timeout, while Q1 and Q3 take every turn they would have."""
+    engine = SteppedEngine(tiny_processor.tokenizer, SCRIPTS, {**STEPS, Q2: [500, 1]})
+    r1, r2, r3 = loop(engine, encoder, retriever, search_mode="text", turn_timeout_s=0.5).run(TASKS, GREEDY)
+    assert r2.stop_reason == StopReason.TIMEOUT and r2.num_turns == 0 and not r2.finished
+    assert [(q, turn) for q, turn, _ in engine.aborted] == [(Q2, 0)] and engine.running == 0
+    assert engine.clock < 100  # the run ended long before the turn would have
+    assert (r1.answer, r3.answer) == ("Lyon", "Ada") and (r1.stop_reason, r3.stop_reason) == ("answer", "answer")
+    assert process_rates([process_counts(r) for r in (r1, r2, r3)])["timeout_rate"] == 1 / 3  # train/timeout_rate
+
+
+def test_a_search_that_hangs_stops_its_own_trajectory_and_the_next_searches_go_out(tiny_processor, encoder, retriever):
+    """Q3's search (step 10, alone in its batch) never returns until the test ends; at a 0.3 s search limit Q3
+    stops on a timeout, and Q2's search (step 50, most of a second later) still goes to the retriever."""
+    release, sent = threading.Event(), []
+
+    class HangsOnGamma:
+        def search(self, queries, top_k, mode):
+            sent.append(list(queries))
+            if "gamma" in queries:
+                release.wait(timeout=60)
+            return retriever.search(queries, top_k=top_k, mode=mode)
+
+        def page_path(self, page_id):
+            return retriever.page_path(page_id)
+
+    engine = SteppedEngine(tiny_processor.tokenizer, SCRIPTS, {**STEPS, Q3: [10, 2]})
+    agent = loop(engine, encoder, HangsOnGamma(), search_mode="text", search_timeout_s=0.3)
+    try:
+        r1, r2, r3 = agent.run(TASKS, GREEDY)
+    finally:
+        release.set()
+    assert r3.stop_reason == StopReason.TIMEOUT and r3.num_turns == 1 and not r3.retrieved_pages
+    assert sent == [["alpha report"], ["gamma"], ["beta chart"]]
+    assert (r1.answer, r2.answer) == ("Lyon", "12%") and r1.retrieved_pages
 
 
 def test_batched_search_waits_for_its_window_and_sends_at_most_max_batch():

@@ -8,8 +8,9 @@ import torch
 from tests.rollout.conftest import TINY_BUDGET
 from vrag_rl.data.records import load_qa
 from vrag_rl.learner.payloads import iter_buckets
-from vrag_rl.rollout.agent_loop import AgentConfig, make_groups
+from vrag_rl.rollout.agent_loop import AgentConfig
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import make_groups
 from vrag_rl.rollout.vllm_engine import VLLMConfig, collapse_runs
 from vrag_rl.rollout.worker import RolloutConfig, RolloutWorker, WeightStream, split_by_group
 

@@ -7,7 +7,7 @@ from importlib.resources import files
 
 from vrag_rl.agent.actions import ActionKind, parse_action
 from vrag_rl.agent.trajectory import Segment, Trajectory
-from vrag_rl.rollout.agent_loop import Rollout, StopReason, Task
+from vrag_rl.rollout.records import Rollout, StopReason, Task
 from vrag_rl.serving.events import (
     Citation,
     ErrorEvent,

@@ -11,10 +11,11 @@ from PIL import Image
 from tests.rollout.conftest import TINY_BUDGET, ScriptedEngine
 from vrag_rl.data.records import load_qa
 from vrag_rl.retrieval.local import LocalRetriever
-from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Task
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
 from vrag_rl.rollout.endpoint_engine import EndpointConfig, EndpointEngine
 from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.hf_engine import HFEngine
+from vrag_rl.rollout.records import Task
 from vrag_rl.serving.events import ErrorEvent, Event, ImageSearchEvent, ResultEvent, TurnEvent
 from vrag_rl.serving.sessions import Busy, Question, SchedulerConfig, SessionScheduler
 

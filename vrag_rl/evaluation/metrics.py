@@ -15,7 +15,7 @@ from vrag_rl.reward.answer import anls, exact_match, token_f1
 from vrag_rl.reward.judge import OK, JudgeResult
 from vrag_rl.reward.ndcg import reciprocal_rank, retrieval_ndcg, retrieval_recall
 from vrag_rl.reward.score import NO_ANSWER
-from vrag_rl.rollout.agent_loop import Rollout
+from vrag_rl.rollout.records import Rollout
 from vrag_rl.rollout.scoring import process_counts
 
 RULE_METRICS = {"exact_match": exact_match, "f1": token_f1, "anls": anls}

@@ -26,8 +26,8 @@ from vrag_rl.evaluation.metrics import RANK_CUTS, Method, ranking_row, rollout_r
 from vrag_rl.flat_settings import differences
 from vrag_rl.progress import progress_bar
 from vrag_rl.reward.judge import JudgeClient, JudgeItem
-from vrag_rl.rollout.agent_loop import Task, make_groups
 from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import Task, make_groups
 from vrag_rl.rollout.worker import RolloutBackend
 
 RESULTS, SETTINGS = "results.jsonl", "settings.json"

@@ -40,14 +40,14 @@ from vrag_rl.evaluation.report import table_metrics
 from vrag_rl.job.checkpoint import check_run_directory, fingerprint, save_checkpoint
 from vrag_rl.job.config import TrainConfig
 from vrag_rl.job.guard import SkipGuard
-from vrag_rl.job.lookahead import Ledger, Lookahead
+from vrag_rl.job.lookahead import Ledger, Lookahead, sample
 from vrag_rl.job.sampler import EpochSampler
-from vrag_rl.job.step import grpo_step, objective, sample, sync_weights
+from vrag_rl.job.step import grpo_step, objective, sync_weights
 from vrag_rl.learner.trainer import Trainer
 from vrag_rl.progress import progress_bar
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.score import NO_ANSWER, RewardBreakdown
-from vrag_rl.rollout.agent_loop import make_groups
+from vrag_rl.rollout.records import make_groups
 from vrag_rl.rollout.scoring import judge_failures, rollout_metrics, score_rollouts
 from vrag_rl.rollout.worker import RolloutBackend
 
@@ -191,8 +191,9 @@ class GrpoJob:
 
         cfg, out = self.cfg, self.out
         start_dir = warm_start(cfg, self.policy_dir, self.corpus, self.train_qa, out, self.fingerprint)
-        self.trainer = TrainerGroup(cfg.trainer, start_dir, objective(cfg), cfg.run.steps)
         self.pool = RolloutPool(replace(cfg.rollout, model_dir=start_dir), self.retriever, str(self.corpus))
+        self.trainer = TrainerGroup(cfg.trainer, start_dir, objective(cfg), cfg.run.steps)  # while engines start
+        self.pool.ready()
         grpo_qa = self.train_qa[: cfg.data.max_grpo_questions]
         sampler = EpochSampler(len(grpo_qa), cfg.seed)
         step = 0

@@ -27,7 +27,8 @@ from pathlib import Path
 from vrag_rl.data.records import QARecord
 from vrag_rl.job.config import TrainConfig
 from vrag_rl.job.sampler import EpochSampler
-from vrag_rl.rollout.agent_loop import Rollout, Task, make_groups
+from vrag_rl.rollout.engine import SamplingConfig
+from vrag_rl.rollout.records import Rollout, Task, make_groups
 from vrag_rl.rollout.worker import Pending, RolloutBackend, WorkersRestarted
 
 log = logging.getLogger("vrag_rl.grpo")
@@ -47,6 +48,24 @@ class StepBatch:
 def step_tasks(step: int, questions: list[QARecord], cfg: TrainConfig) -> list[Task]:
     """The step's tasks; seeds depend on the step only, so a resumed run samples what the straight run sampled."""
     return make_groups([(r.qid, r.question) for r in questions], cfg.algo.group_size, seed=cfg.seed * 1_000_003 + step)
+
+
+def sample(
+    engines: RolloutBackend,
+    tasks: list[Task],
+    sampling: SamplingConfig,
+    resync: Callable[[], object],
+    pending: Pending | None = None,
+) -> list[Rollout]:
+    """Rollouts of ``tasks`` (already under way as ``pending``, or submitted now); when rollout workers had to be
+    restarted under the batch (they died or hung), ``resync`` streams the current weights into them and the batch
+    runs again, sampling what it would have (seeded tasks; sampled ahead: with the newest weights)."""
+    try:
+        return (pending if pending is not None else engines.submit(tasks, sampling)).result()
+    except WorkersRestarted as err:
+        log.warning("%s: streaming the current weights and sampling the batch again", err)
+        resync()
+        return engines.rollout(tasks, sampling)
 
 
 def staleness(rollout: Rollout, version: int) -> int:
@@ -88,7 +107,8 @@ class Lookahead:
                 self._submit(ahead)
         t0 = time.perf_counter()
         questions, pending = self.submitted.pop(step)
-        rollouts = self._result(step, questions, pending)
+        resync = lambda: self.resync(step - 1)  # noqa: E731
+        rollouts = sample(self.engines, step_tasks(step, questions, self.cfg), self.cfg.sampling, resync, pending)
         rollouts, dropped = self._fresh(step, questions, rollouts)
         wait_s = time.perf_counter() - t0
         ages = [staleness(r, step - 1) for r in rollouts]
@@ -99,15 +119,6 @@ class Lookahead:
             "offpolicy/dropped_groups": float(dropped),
         }
         return StepBatch(step, questions, rollouts, wait_s, metrics)
-
-    def _result(self, step: int, questions: list[QARecord], pending: Pending) -> list[Rollout]:
-        """The batch; when workers were restarted under it, they get the current weights and it runs again."""
-        try:
-            return pending.result()
-        except WorkersRestarted as err:
-            log.warning("%s: streaming the current weights and sampling the batch again", err)
-            self.resync(step - 1)
-            return self.engines.rollout(step_tasks(step, questions, self.cfg), self.cfg.sampling)
 
     def _fresh(self, step: int, questions: list[QARecord], rollouts: list[Rollout]) -> tuple[list[Rollout], int]:
         """The rollouts with every group that holds a trajectory staler than ``max_staleness`` sampled again;

@@ -7,8 +7,8 @@ weights, which the controller streams from the trainer into the engines bucket b
 step's metrics. It runs the same on Ray actors and in one process. An update with a non-finite loss or gradient
 is skipped (``actor/skipped_updates``); ``run.max_consecutive_skips`` of them in a row stop the run. Weights that
 are not finite are never streamed to the engines or saved: the step stops the run instead. Rollout workers that
-die or hang mid-batch are started again, given the current weights, and the batch is sampled again (``sample``,
-``Lookahead``): the step's result is the one it would have had (sampled ahead: with the newest weights).
+die or hang mid-batch are started again, given the current weights, and the batch is sampled again
+(``lookahead.sample``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +30,8 @@ from vrag_rl.learner.payloads import Batch, Objective
 from vrag_rl.learner.trainer import Trainer
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.score import RewardBreakdown
-from vrag_rl.rollout.agent_loop import Rollout, Task
-from vrag_rl.rollout.engine import SamplingConfig
 from vrag_rl.rollout.scoring import rollout_metrics, score_rollouts
-from vrag_rl.rollout.worker import RolloutBackend, WeightSync, WorkersRestarted
+from vrag_rl.rollout.worker import RolloutBackend, WeightSync
 
 log = logging.getLogger("vrag_rl.grpo")
 
@@ -134,16 +131,3 @@ def sync_weights(trainer: Trainer, engines: RolloutBackend, bucket_bytes: int, v
     """The trainer's current weights (``version``: the steps they have taken) into every rollout engine, one
     bucket at a time."""
     return engines.update_weights(trainer.weight_buckets(bucket_bytes), version)
-
-
-def sample(
-    engines: RolloutBackend, tasks: list[Task], sampling: SamplingConfig, resync: Callable[[], object]
-) -> list[Rollout]:
-    """Rollouts of ``tasks``; when rollout workers had to be restarted mid-batch (they died or hung), ``resync``
-    streams the current weights into them and the batch runs again, sampling what it would have (seeded tasks)."""
-    try:
-        return engines.rollout(tasks, sampling)
-    except WorkersRestarted as err:
-        log.warning("%s: streaming the current weights and sampling the batch again", err)
-        resync()
-        return engines.rollout(tasks, sampling)

@@ -5,7 +5,8 @@ loops drive them (``agent.loop``):
 
 - "trajectories" (the default): every trajectory is a coroutine that takes its next turn as soon as its own
   previous turn, search and crop are done; the engine batches the turns under way continuously and searches of
-  concurrent trajectories go to the retriever in batches (``rollout/turns.py``). A long turn holds up no one else.
+  concurrent trajectories go to the retriever in batches (``rollout/turns.py``). A long turn holds up no one else;
+  a turn or search past its time limit stops only the trajectories waiting for it (``StopReason.TIMEOUT``).
 - "turns": one engine call generates the next turn of every live trajectory, then one search batch runs; the
   next turn starts when the batch's longest turn is done. Serving batches its users' sessions this way
   (``start`` and ``step`` add trajectories between turns); it is also the parity reference of the other loop.
@@ -38,7 +39,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image
 
 from vrag_rl.agent.actions import ACTION_KINDS, Action, ActionKind, parse_action
@@ -52,23 +52,15 @@ from vrag_rl.agent.prompt import (
     build_reference_messages,
 )
 from vrag_rl.agent.trajectory import Trajectory
-from vrag_rl.choice import Choice
 from vrag_rl.retrieval.types import Hit, SearchMode
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig, generate_apart
+from vrag_rl.rollout.records import Rollout, StopReason, Task, derive_seed
 from vrag_rl.rollout.turns import BatchedSearch, EngineGate, EngineTurns, LoopTimings
 
 log = logging.getLogger(__name__)
 NO_NEW_PAGE_FEEDBACK = "The search found no page you have not seen yet. Try another query or answer."
 ANSWER_ONLY = frozenset({ActionKind.ANSWER})  # the final turn's allowed actions
 LOOPS = ("trajectories", "turns")
-
-
-class StopReason(Choice):
-    """Why a trajectory ended."""
-
-    ANSWER = "answer"  # it answered
-    TURN_LIMIT = "turn_limit"  # the final answer-only turn did not answer
-    LENGTH = "length"  # the next piece would have passed max_length
 
 
 @dataclass
@@ -83,6 +75,9 @@ class AgentConfig:
     loop: str = "trajectories"
     search_window_s: float = 0.005  # trajectories: searches arriving this close together go as one batch
     search_batch: int = 64  # trajectories: at most this many queries per batch
+    # trajectories: a turn or a search still unanswered after this stops its trajectory (StopReason.TIMEOUT)
+    turn_timeout_s: float = 600.0
+    search_timeout_s: float = 300.0
     budget: ImageBudget = field(default_factory=ImageBudget)
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
@@ -96,74 +91,8 @@ class AgentConfig:
             raise ValueError(f"agent.loop must be one of {LOOPS}, got {self.loop!r}")
         if self.search_window_s < 0 or self.search_batch < 1:
             raise ValueError("agent: search_window_s >= 0 and search_batch >= 1")
-
-
-@dataclass(frozen=True)
-class Task:
-    """One trajectory to sample: the question, its GRPO group and its place in the group."""
-
-    qid: str
-    question: str
-    group: int = 0
-    sample: int = 0
-    seed: int | None = None  # sampling seed of the trajectory; each turn derives its own from it
-    context: tuple[str, ...] | None = None  # single-turn: these pages are shown with the question, then an answer
-
-
-def make_groups(questions: list[tuple[str, str]], n: int, seed: int | None, first_group: int = 0) -> list[Task]:
-    """``n`` tasks per (qid, question), tied by a group id; seeds differ per sample and are reproducible."""
-    if n < 1:
-        raise ValueError(f"group size must be >= 1, got {n}")
-    tasks = []
-    for g, (qid, question) in enumerate(questions, start=first_group):
-        for k in range(n):
-            task_seed = None if seed is None else _derive_seed(seed, g, k)
-            tasks.append(Task(qid, question, g, k, task_seed))
-    return tasks
-
-
-def _derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-@dataclass
-class Rollout:
-    """A finished (or stopped) trajectory and what the reward and the logs need to know about it."""
-
-    task: Task
-    trajectory: Trajectory
-    texts: list[str] = field(default_factory=list)  # decoded assistant turns, in order
-    actions: list[Action] = field(default_factory=list)
-    retrieved_pages: list[str] = field(default_factory=list)  # pages searches showed the model, in order
-    crops: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (page, raw box)
-    # What searches and crops showed, in order: (turn that asked for it, page, raw crop box or None for a page).
-    views: list[tuple[int, str, tuple[int, int, int, int] | None]] = field(default_factory=list)
-    engine_errors: list[str] = field(default_factory=list)  # turns the engine failed to produce, and why
-    versions: list[int] = field(default_factory=list)  # per assistant turn: the policy version that sampled it
-    answer: str | None = None
-    num_invalid: int = 0
-    stop_reason: StopReason | None = None  # set when the trajectory ends
-
-    @property
-    def finished(self) -> bool:
-        return self.stop_reason == StopReason.ANSWER
-
-    @property
-    def num_turns(self) -> int:
-        return len(self.texts)
-
-    @property
-    def num_searches(self) -> int:
-        return sum(a.kind == ActionKind.SEARCH for a in self.actions)
-
-    def cited_pages(self) -> list[str]:
-        """The pages the answer rests on: what was looked at last before answering (the last page or crop shown);
-        a single-turn task's answer rests on every page it was given."""
-        if self.answer is None:
-            return []
-        if self.task.context is not None:
-            return list(self.retrieved_pages)
-        return [self.views[-1][1]] if self.views else []
+        if self.turn_timeout_s <= 0 or self.search_timeout_s <= 0:
+            raise ValueError("agent: turn_timeout_s and search_timeout_s must be > 0")
 
 
 @dataclass
@@ -223,7 +152,13 @@ class AgentLoop:
         timings, c = LoopTimings(), self.cfg
         turns = EngineTurns(self.engine, sampling, timings, self.gate)
         searches = BatchedSearch(
-            self.retriever, c.search_mode, self.search_depth, c.search_window_s, c.search_batch, timings
+            self.retriever,
+            c.search_mode,
+            self.search_depth,
+            c.search_window_s,
+            c.search_batch,
+            timings,
+            c.search_timeout_s,
         )
         t0 = time.perf_counter()
         try:
@@ -236,12 +171,16 @@ class AgentLoop:
     async def _trajectory(self, task: Task, turns: EngineTurns, searches: BatchedSearch) -> Rollout:
         """One trajectory from start to end: each turn as soon as its own previous turn and search are done."""
         s = self.start(task)
-        while not s.done and (request := self._request(s)) is not None:
-            self._take_turn(s, await turns.generate(request))
-            if s.query is not None:
-                self._take_hits(s, await searches.search(s.query))
-            if not s.done:
-                self._observe(s, final_next=s.rollout.num_turns == self.cfg.max_turns)
+        try:
+            while not s.done and (request := self._request(s)) is not None:
+                self._take_turn(s, await turns.generate(request, self.cfg.turn_timeout_s))
+                if s.query is not None:
+                    self._take_hits(s, await searches.search(s.query))
+                if not s.done:
+                    self._observe(s, final_next=s.rollout.num_turns == self.cfg.max_turns)
+        except TimeoutError as err:  # this trajectory ends here; the others go on
+            log.warning("%s (task %s, sample %d): the trajectory stops", err, task.qid, task.sample)
+            s.stop(StopReason.TIMEOUT)
         return s.rollout
 
     def step(self, live: list[AgentState], sampling: SamplingConfig) -> None:
@@ -306,7 +245,7 @@ class AgentLoop:
             s.stop(StopReason.LENGTH)
             return None
         turn = s.rollout.num_turns + 1
-        seed = None if s.rollout.task.seed is None else _derive_seed(s.rollout.task.seed, turn)
+        seed = None if s.rollout.task.seed is None else derive_seed(s.rollout.task.seed, turn)
         return GenerationRequest(t.input_ids, list(t.images), list(t.pixel_values), list(t.image_grid_thw), room, seed)
 
     def _take_turn(self, s: AgentState, gen: Generation) -> None:

@@ -106,6 +106,10 @@ class RolloutEngine(ABC):
         """Requests added by ``advance`` whose turn has not finished."""
         return 0
 
+    def abort(self, key: Hashable) -> None:  # noqa: B027 (engines that finish every request in advance keep this)
+        """Take the request added by ``advance`` under ``key`` out of the engine, unfinished (a turn that took too
+        long): its turn never comes back. Here: nothing runs between calls."""
+
     def close(self) -> None:  # noqa: B027 (optional: engines without resources to free keep this one)
         """Free the engine's resources."""
 

@@ -21,8 +21,9 @@ from vrag_rl.agent.actions import ACTION_KINDS, END_OF_TURN_TOKENS, ActionKind, 
 from vrag_rl.agent.chat import ChatEncoder
 from vrag_rl.retrieval.base import PageCatalog
 from vrag_rl.retrieval.types import Hit
-from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Rollout, Task
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig
+from vrag_rl.rollout.records import Rollout, Task
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from vrag_rl.data.records import QARecord
 from vrag_rl.reward.actor import Scorer
 from vrag_rl.reward.judge import OK
 from vrag_rl.reward.score import NO_ANSWER, RewardBreakdown, RewardInput
-from vrag_rl.rollout.agent_loop import Rollout
+from vrag_rl.rollout.records import Rollout, StopReason
 
 
 def reward_input(rollout: Rollout, record: QARecord) -> RewardInput:
@@ -53,15 +53,18 @@ def process_counts(rollout: Rollout) -> dict[str, int | bool]:
         "response_tokens": sum(rollout.trajectory.response_mask),
         "tokens": len(rollout.trajectory),
         "engine_errors": len(rollout.engine_errors),
+        "timed_out": rollout.stop_reason == StopReason.TIMEOUT,
     }
 
 
 def process_rates(counts: list[dict[str, int | bool]]) -> dict[str, float]:
-    """Over trajectories: the invalid-action rate (of all actions), the finish rate, and means per trajectory."""
+    """Over trajectories: the invalid-action rate (of all actions), the finish and timeout rates, and means per
+    trajectory."""
     n = max(len(counts), 1)
     rates = {
         "invalid_rate": sum(c["invalid"] for c in counts) / max(sum(c["actions"] for c in counts), 1),
         "finish_rate": sum(c["finished"] for c in counts) / n,
+        "timeout_rate": sum(c["timed_out"] for c in counts) / n,
     }
     for key in ("turns", "searches", "crops", "crops_shown", "response_tokens", "tokens", "engine_errors"):
         rates[key] = sum(c[key] for c in counts) / n

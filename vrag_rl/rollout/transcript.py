@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vrag_rl.agent.actions import ActionKind
-from vrag_rl.rollout.agent_loop import Rollout
+from vrag_rl.rollout.records import Rollout
 
 
 def transcript(rollout: Rollout, tokenizer, image_token_id: int) -> list[dict]:

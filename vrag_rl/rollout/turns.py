@@ -21,6 +21,12 @@ cached prefix from the old weights is reused (the engine resets its caches with 
 ``BatchedSearch``: a trajectory awaits its own search; queries arriving within ``window_s`` of the first waiting
 one (or ``max_batch`` of them) go to the retriever as one batch, on a worker thread, so that the retriever still
 sees batches; one batch runs at a time, and queries that arrive meanwhile go next.
+
+Timeouts are per trajectory: a turn still unfinished after ``agent.turn_timeout_s`` is taken out of the engine
+(``RolloutEngine.abort``) and a search batch unanswered after ``agent.search_timeout_s`` is left behind on its
+thread; only the trajectories waiting for them stop (``StopReason.TIMEOUT``), the others go on and the next search
+batch goes out. A turn can only time out between engine steps: an engine step that never returns is the rollout
+worker's timeout (``rollout.call_timeout_s``).
 """
 
 from __future__ import annotations
@@ -127,20 +133,34 @@ class EngineTurns:
         self._wake = asyncio.Event()
         self._driver: asyncio.Task | None = None
 
-    async def generate(self, request: GenerationRequest) -> Generation:
-        """This request's turn, once the engine finished it."""
+    async def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> Generation:
+        """This request's turn, once the engine finished it; ``TimeoutError`` after ``timeout_s``, the request
+        then taken out of the engine."""
         if self._driver is None:
             loop = asyncio.get_running_loop()
             self.gate.waker = lambda: loop.call_soon_threadsafe(self._wake.set)
             self._driver = asyncio.create_task(self._drive())
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._new.append((future, request))
         self._waiting.add(future)
         self._wake.set()
+        # A timer rather than asyncio.wait_for: the turn must reach its trajectory in the loop iteration it ends
+        # in, before the driver can hand the engine to a weight update (the turn's version is read then).
+        timer = None if timeout_s is None else loop.call_later(timeout_s, self._expire, future, timeout_s)
         try:
             return await future
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiting.discard(future)
+
+    def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
+        if future.done():
+            return
+        self._new = [(f, r) for f, r in self._new if f is not future]
+        self.engine.abort(future)  # the driver runs on this thread: it is between steps now
+        future.set_exception(TimeoutError(f"a turn took longer than {timeout_s}s"))
 
     async def _drive(self) -> None:
         while True:
@@ -185,6 +205,7 @@ class BatchedSearch:
     window_s: float = 0.005
     max_batch: int = 64
     timings: LoopTimings = field(default_factory=LoopTimings)
+    timeout_s: float | None = None  # a batch not answered by then fails its trajectories with TimeoutError
 
     def __post_init__(self) -> None:
         self._waiting: list[tuple[str, asyncio.Future]] = []
@@ -227,8 +248,10 @@ class BatchedSearch:
         t0 = time.perf_counter()
         queries = [q for q, _ in batch]
         try:
-            results = await asyncio.to_thread(self.retriever.search, queries, top_k=self.top_k, mode=self.mode)
+            results = await asyncio.wait_for(self._on_thread(queries), self.timeout_s)
         except Exception as err:  # noqa: BLE001 (the batch's trajectories fail with the retriever's error)
+            if isinstance(err, TimeoutError):
+                err = TimeoutError(f"a search took longer than {self.timeout_s}s")
             for _, future in batch:
                 if not future.done():
                     future.set_exception(err)
@@ -239,3 +262,31 @@ class BatchedSearch:
         for (_, future), hits in zip(batch, results):
             if not future.done():
                 future.set_result(hits)
+
+    def _on_thread(self, queries: list[str]) -> asyncio.Future:
+        """The retriever's answer, from a daemon thread: a search that hangs is left behind (after ``timeout_s``)
+        without holding up the next batches or the end of the run."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+
+        def settle(result, err) -> None:
+            if answer.done():  # timed out
+                return
+            if err is not None:
+                answer.set_exception(err)
+            else:
+                answer.set_result(result)
+
+        def run() -> None:
+            result, error = None, None
+            try:
+                result = self.retriever.search(queries, top_k=self.top_k, mode=self.mode)
+            except Exception as err:  # noqa: BLE001 (handed to the waiting trajectories)
+                error = err
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the run has ended (its event loop is closed)
+                pass
+
+        threading.Thread(target=run, name="search", daemon=True).start()
+        return answer

@@ -195,6 +195,12 @@ class VLLMEngine(RolloutEngine):
     def running(self) -> int:
         return len(self._running)
 
+    def abort(self, key: Hashable) -> None:
+        for request_id, (k, _) in list(self._running.items()):
+            if k == key:
+                self.llm.llm_engine.abort_request([request_id])
+                del self._running[request_id]
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         loaded = 0
 

@@ -34,9 +34,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop, Rollout, Task
+from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
 from vrag_rl.rollout.endpoint_engine import EndpointConfig
 from vrag_rl.rollout.engine import RolloutEngine, SamplingConfig
+from vrag_rl.rollout.records import Rollout, Task
 from vrag_rl.rollout.vllm_engine import VLLMConfig
 
 log = logging.getLogger(__name__)
@@ -288,10 +289,15 @@ class RolloutPool:
         self.workers = [
             remote.remote(cfg, retriever_actor=retriever_actor, corpus_dir=corpus_dir) for _ in range(cfg.num_workers)
         ]
-        # Wait for every engine: start-up errors surface here.
-        log.info("rollout workers on %s", ray.get([w.node_ip.remote() for w in self.workers]))
-        self.last_timings: list[dict[str, float]] = []
+        self._started = [w.node_ip.remote() for w in self.workers]
         self.partial = cfg.partial  # updates go into running batches at a turn boundary
+
+    def ready(self) -> RolloutPool:
+        """Wait for every engine to have started (start-up errors surface here); the engines start meanwhile."""
+        import ray
+
+        log.info("rollout workers on %s", ray.get(self._started))
+        return self
 
     def rollout(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
         return self.submit(tasks, sampling).result()
@@ -376,5 +382,4 @@ class PoolBatch:
         for chunk, rollouts in zip(self.chunks, results):
             for i, r in zip(chunk, rollouts):
                 out[i] = r
-        self.pool.last_timings = ray.get([w.timings.remote() for w in self.pool.workers[: len(self.chunks)]])
         return out

@@ -24,7 +24,7 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from vrag_rl.agent.actions import ActionKind
-from vrag_rl.rollout.agent_loop import Rollout
+from vrag_rl.rollout.records import Rollout
 
 PageSizes = dict[str, tuple[int, int, float | None]]  # page id -> raw (width, height), a video frame's time
 Box = tuple[int, int, int, int]

@@ -26,8 +26,9 @@ from statistics import fmean
 
 from PIL import Image
 
-from vrag_rl.rollout.agent_loop import AgentLoop, AgentState, Task
+from vrag_rl.rollout.agent_loop import AgentLoop, AgentState
 from vrag_rl.rollout.engine import REFUSED, SamplingConfig
+from vrag_rl.rollout.records import Task
 from vrag_rl.serving.events import ErrorEvent, Event, PageSizes, image_search_event, result_event, turn_event
 
 log = logging.getLogger(__name__)
