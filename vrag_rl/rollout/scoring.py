@@ -64,7 +64,7 @@ def process_rates(counts: list[dict[str, int | bool]]) -> dict[str, float]:
     rates = {
         "invalid_rate": sum(c["invalid"] for c in counts) / max(sum(c["actions"] for c in counts), 1),
         "finish_rate": sum(c["finished"] for c in counts) / n,
-        "timeout_rate": sum(c["timed_out"] for c in counts) / n,
+        "timeout_rate": sum(c.get("timed_out", False) for c in counts) / n,  # evaluation rows may predate it
     }
     for key in ("turns", "searches", "crops", "crops_shown", "response_tokens", "tokens", "engine_errors"):
         rates[key] = sum(c[key] for c in counts) / n
