@@ -146,18 +146,23 @@ def sampling_workers(pid: int) -> list:
     return found
 
 
-def run_killing_a_sampling_worker(args: list[str], run_dir: Path, after_rows: int) -> tuple[int, str, int | None]:
-    """The main job, with its rollout worker SIGKILLed once ``metrics.jsonl`` holds ``after_rows`` rows and the
-    worker is inside a rollout call; the job's return code and output, and the pid killed."""
-    import os
-
-    log = run_dir.parent / f"{run_dir.name}-job.log"  # a file, not a pipe nobody reads while the job runs
-    job = subprocess.Popen(
+def start_job(args: list[str], run_dir: Path, log: Path) -> subprocess.Popen:
+    """The main job in the background, its output in ``log`` (a file, not a pipe nobody reads while the job runs)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "vrag_rl.main", *args, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
+
+
+def run_killing_a_sampling_worker(args: list[str], run_dir: Path, after_rows: int) -> tuple[int, str, int | None]:
+    """The main job, with its rollout worker SIGKILLed once ``metrics.jsonl`` holds ``after_rows`` rows and the
+    worker is inside a rollout call; the job's return code and output, and the pid killed."""
+    import os
+
+    log = run_dir.parent / f"{run_dir.name}-job.log"
+    job = start_job(args, run_dir, log)
     killed, deadline, rows = None, time.monotonic() + 600, run_dir / "metrics.jsonl"
     while killed is None and job.poll() is None and time.monotonic() < deadline:
         logged = rows.is_file() and rows.read_text().count("\n") >= after_rows
@@ -199,13 +204,8 @@ def test_sampling_ahead_killed_with_batches_under_way_resumes_and_loses_no_group
 
     args = [a for a in job_args(warm_policy, tiny_dirs) if not a.startswith(("run.save_every", "run.val_every"))]
     args += ["algo.max_staleness=1", "rollout.partial=true", "run.steps=4", "run.save_every=2", "run.val_every=0"]
-    log = tmp_path.parent / f"{tmp_path.name}-killed.log"  # a file, not a pipe nobody reads while the job runs
-    job = subprocess.Popen(
-        [sys.executable, "-m", "vrag_rl.main", *args, f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    log = tmp_path.parent / f"{tmp_path.name}-killed.log"
+    job = start_job(args, tmp_path, log)
     deadline = time.monotonic() + 600
     while not ((tmp_path / "checkpoints" / "step-000002").is_dir() and sampling_workers(job.pid)):
         assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
