@@ -21,7 +21,7 @@ from vrag_rl.learner.payloads import Batch
 from vrag_rl.rollout.agent_loop import AgentLoop
 from vrag_rl.rollout.engine import Generation, RolloutEngine
 from vrag_rl.rollout.records import derive_seed
-from vrag_rl.rollout.worker import WeightSync, split_by_group
+from vrag_rl.rollout.worker import WeightSync, in_task_order, split_by_group
 
 RECORDED_MAX_TOKENS = 96  # the tiny recipe's turn limit, which the replayed turns were sampled under
 
@@ -197,16 +197,17 @@ class TimedSearch:
         return self.retriever.page_path(page_id)
 
 
+def settle(future: Future, fn) -> None:
+    """``fn()``'s result, or its exception, into ``future``."""
+    try:
+        future.set_result(fn())
+    except BaseException as err:  # noqa: BLE001 (handed to the caller)
+        future.set_exception(err)
+
+
 def on_thread(fn) -> Future:
     future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as err:  # noqa: BLE001 (handed to the caller)
-            future.set_exception(err)
-
-    threading.Thread(target=run, daemon=True).start()
+    threading.Thread(target=settle, args=(future, fn), daemon=True).start()
     return future
 
 
@@ -221,10 +222,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         while True:
             call, future = self.calls.get()
-            try:
-                future.set_result(call())
-            except BaseException as err:  # noqa: BLE001 (handed to the caller)
-                future.set_exception(err)
+            settle(future, call)
 
     def call(self, fn) -> Future:
         future: Future = Future()
@@ -236,13 +234,7 @@ class Worker(threading.Thread):
         return self.loop.run(tasks, sampling)
 
     def update(self, version: int) -> int:
-        self.loop.gate.hold(600)
-        try:
-            nbytes = self.engine.update_weights(iter(()))
-            self.loop.version = version
-        finally:
-            self.loop.gate.release()
-        return nbytes
+        return self.loop.update_weights(iter(()), version, timeout_s=600)
 
 
 @dataclass
@@ -282,11 +274,7 @@ class PoolResult:
     futures: list[Future]
 
     def result(self):
-        out = [None] * self.size
-        for chunk, future in zip(self.chunks, self.futures):
-            for i, r in zip(chunk, future.result()):
-                out[i] = r
-        return out
+        return in_task_order(self.size, self.chunks, [f.result() for f in self.futures])
 
 
 class TimedTrainer:

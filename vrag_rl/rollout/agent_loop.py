@@ -127,6 +127,17 @@ class AgentLoop:
         self.version = 0  # of the engine's weights: the number of weight updates the job streamed into it
         self.gate = EngineGate()
 
+    def update_weights(self, named_tensors, version: int, timeout_s: float) -> int:
+        """New weights into the engine (``RolloutEngine.update_weights``) at a turn boundary of any batch running on
+        another thread (``EngineGate``); the turns sampled after carry ``version``. Returns the bytes loaded."""
+        self.gate.hold(timeout_s)
+        try:
+            nbytes = self.engine.update_weights(named_tensors)
+            self.version = version
+        finally:
+            self.gate.release()
+        return nbytes
+
     def run(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
         """Every task's rollout, in task order, by the configured loop (``agent.loop``); a weight update from
         another thread goes in at a turn boundary (``turns.EngineGate``)."""

@@ -215,12 +215,8 @@ class RolloutWorker:
 
     def update_weights(self, buckets: Iterable[dict[str, torch.Tensor]], version: int) -> WeightSync:
         t0 = time.perf_counter()
-        self.loop.gate.hold(WEIGHT_TIMEOUT_S)
-        try:
-            nbytes = self.engine.update_weights(item for bucket in buckets for item in bucket.items())
-            self.loop.version = version
-        finally:
-            self.loop.gate.release()
+        items = (item for bucket in buckets for item in bucket.items())
+        nbytes = self.loop.update_weights(items, version, WEIGHT_TIMEOUT_S)
         return WeightSync(time.perf_counter() - t0, nbytes)
 
     def begin_weight_update(self) -> None:
@@ -265,6 +261,15 @@ def split_by_group(tasks: list[Task], parts: int) -> list[list[int]]:
     chunks = np.array_split(np.arange(len(groups)), min(parts, max(1, len(groups))))
     order = list(groups.values())
     return [[i for g in chunk for i in order[g]] for chunk in chunks if len(chunk)]
+
+
+def in_task_order(size: int, chunks: list[list[int]], results: list[list[Rollout]]) -> list[Rollout]:
+    """The workers' rollouts (one list per chunk of ``split_by_group``) back in the order of the tasks."""
+    out: list[Rollout | None] = [None] * size
+    for chunk, rollouts in zip(chunks, results):
+        for i, r in zip(chunk, rollouts):
+            out[i] = r
+    return out
 
 
 class WorkersRestarted(RuntimeError):
@@ -378,8 +383,4 @@ class PoolBatch:
             results = ray.get(self.refs, timeout=self.pool.cfg.call_timeout_s)
         except (RayActorError, GetTimeoutError) as err:
             self.pool._recover(self.refs, err)
-        out: list[Rollout | None] = [None] * self.size
-        for chunk, rollouts in zip(self.chunks, results):
-            for i, r in zip(chunk, rollouts):
-                out[i] = r
-        return out
+        return in_task_order(self.size, self.chunks, results)
