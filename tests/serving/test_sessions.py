@@ -1,6 +1,7 @@
 """The session scheduler in-process, on the transformers engine (one request at a time, so batching cannot move a
-result): sessions that join mid-way sample what the agent loop samples alone; capacity, time limits, cancellation
-and a dead policy endpoint end sessions with their reason, never the scheduler."""
+result) and on a scripted engine that batches continuously: sessions that join mid-way sample what the agent loop
+samples alone, a long turn holds up no other session; capacity, time limits, cancellation and a dead policy
+endpoint end sessions with their reason, never the scheduler."""
 
 import threading
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from tests.rollout.conftest import TINY_BUDGET, ScriptedEngine
+from tests.rollout.conftest import TINY_BUDGET, ScriptedEngine, SteppedEngine
 from vrag_rl.data.records import load_qa
 from vrag_rl.retrieval.local import LocalRetriever
 from vrag_rl.rollout.agent_loop import AgentConfig, AgentLoop
@@ -76,7 +77,7 @@ def test_sessions_joining_mid_way_sample_what_the_loop_samples_alone(loop, bundl
         assert [e for e in got.events[str(i)] if isinstance(e, TurnEvent)] == result.turns  # streamed, then summed up
         assert result.answer == rollout.answer
     turns = sum(len(r.turns) for r in results)
-    assert scheduler.stepped == turns and scheduler.steps < turns  # turns of several sessions shared steps
+    assert scheduler.timings.turns == turns and scheduler.timings.batched > scheduler.timings.steps  # shared steps
 
 
 def test_over_capacity_submissions_are_refused_with_a_retry_estimate(loop, bundled_corpus):
@@ -159,7 +160,7 @@ def test_a_dead_policy_endpoint_ends_the_session_with_502(loop, encoder, tiny_di
 
 
 def test_an_engine_failure_ends_its_own_session_and_no_other(encoder, bundled_corpus, bundled_index, embedder):
-    """Two sessions in one batched turn; the engine fails on one's request: it ends with an error, the other
+    """Two sessions' turns in one engine call; the engine fails on one's request: it ends with an error, the other
     gets its answer."""
     fine, failing = "Which city hosts the research centre?", "What share of the market does it hold?"
     engine = ScriptedEngine(encoder.tokenizer, {fine: ["<think>known</think><answer>Lyon</answer>"], failing: None})
@@ -168,7 +169,7 @@ def test_an_engine_failure_ends_its_own_session_and_no_other(encoder, bundled_co
     scheduler = SessionScheduler(loop, SAMPLING, SchedulerConfig())
     got = Collector()
     try:
-        with scheduler._cond:  # both wait when the scheduler next looks: they step together
+        with scheduler._lock:  # both wait when the scheduler next looks: their first turns share an engine step
             scheduler.submit(Question(fine), got.emit_for("fine"))
             scheduler.submit(Question(failing), got.emit_for("failing"))
         answered, failed = got.wait("fine"), got.wait("failing")
@@ -178,3 +179,35 @@ def test_an_engine_failure_ends_its_own_session_and_no_other(encoder, bundled_co
     assert engine.batches[0] == 2
     assert isinstance(answered, ResultEvent) and answered.answer == "Lyon"
     assert isinstance(failed, ErrorEvent) and failed.status == 500 and "the engine cannot take" not in failed.message
+
+
+def test_a_long_turn_holds_up_no_other_session_and_a_client_leaving_takes_its_turn_out(
+    encoder, bundled_corpus, bundled_index, embedder
+):
+    """Three sessions at once on an engine that batches continuously: the two short ones end while the long one's
+    first turn is still generating; its client then leaves and its turn is taken out of the engine."""
+    short, long_, other = "Which city hosts the research centre?", "What share of the market does it hold?", "Who?"
+    scripts = {
+        short: ["<search>alpha report</search>", "<bbox>[0, 0, 50, 50]</bbox>", "<answer>Lyon</answer>"],
+        long_: ["<think>a long thought</think><search>beta chart</search>", "<answer>12%</answer>"],
+        other: ["<search>gamma</search>", "<answer>Ada</answer>"],
+    }
+    engine = SteppedEngine(encoder.tokenizer, scripts, {short: [1, 1, 1], long_: [1000, 1], other: [2, 2]})
+    retriever = LocalRetriever(bundled_corpus, bundled_index, embedder)
+    agent = AgentConfig(max_turns=3, max_length=4096, budget=TINY_BUDGET, search_mode="text")
+    scheduler = SessionScheduler(AgentLoop(engine, encoder, retriever, agent), SAMPLING, SchedulerConfig())
+    got = Collector()
+    try:
+        with scheduler._lock:
+            sessions = {q: scheduler.submit(Question(q), got.emit_for(q)) for q in scripts}
+        assert got.wait(short).answer == "Lyon" and got.wait(other).answer == "Ada"
+        assert got.events[long_] == [] and engine.clock < 1000  # its first turn is still under way
+        sessions[long_].cancel()
+        deadline = time.monotonic() + 30
+        while scheduler.load != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.load == (0, 0) and [(q, turn) for q, turn, _ in engine.aborted] == [(long_, 0)]
+        assert got.events[long_] == [] and scheduler.alive
+    finally:
+        scheduler.close()
+    assert engine.clock < 1000 and not any(q == long_ for q, _, _ in engine.finished)

@@ -8,8 +8,10 @@ loops drive them (``agent.loop``):
   concurrent trajectories go to the retriever in batches (``rollout/turns.py``). A long turn holds up no one else;
   a turn or search past its time limit stops only the trajectories waiting for it (``StopReason.TIMEOUT``).
 - "turns": one engine call generates the next turn of every live trajectory, then one search batch runs; the
-  next turn starts when the batch's longest turn is done. Serving batches its users' sessions this way
-  (``start`` and ``step`` add trajectories between turns); it is also the parity reference of the other loop.
+  next turn starts when the batch's longest turn is done: the parity reference of the other loop.
+
+Serving runs its users' sessions as trajectories of the first kind on one long-lived event loop (``play`` yields
+each turn as it is taken; ``serving/sessions.py``).
 
 Both act on a finished turn the same way:
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -160,17 +163,8 @@ class AgentLoop:
         return rollouts
 
     async def _run_trajectories(self, tasks: list[Task], sampling: SamplingConfig) -> list[Rollout]:
-        timings, c = LoopTimings(), self.cfg
-        turns = EngineTurns(self.engine, sampling, timings, self.gate)
-        searches = BatchedSearch(
-            self.retriever,
-            c.search_mode,
-            self.search_depth,
-            c.search_window_s,
-            c.search_batch,
-            timings,
-            c.search_timeout_s,
-        )
+        timings = LoopTimings()
+        turns, searches = EngineTurns(self.engine, sampling, timings, self.gate), self.batched_search(timings)
         t0 = time.perf_counter()
         try:
             rollouts = await asyncio.gather(*(self._trajectory(t, turns, searches) for t in tasks))
@@ -179,9 +173,29 @@ class AgentLoop:
         self.timings = timings.as_dict(time.perf_counter() - t0)
         return list(rollouts)
 
+    def batched_search(self, timings: LoopTimings) -> BatchedSearch:
+        """The retriever behind asyncio, as ``agent`` configures it (``play``'s searches)."""
+        c = self.cfg
+        return BatchedSearch(
+            self.retriever,
+            c.search_mode,
+            self.search_depth,
+            c.search_window_s,
+            c.search_batch,
+            timings,
+            c.search_timeout_s,
+        )
+
     async def _trajectory(self, task: Task, turns: EngineTurns, searches: BatchedSearch) -> Rollout:
         """One trajectory from start to end: each turn as soon as its own previous turn and search are done."""
         s = self.start(task)
+        async for _ in self.play(s, turns, searches):
+            pass
+        return s.rollout
+
+    async def play(self, s: AgentState, turns: EngineTurns, searches: BatchedSearch) -> AsyncIterator[AgentState]:
+        """Takes the turns of ``s`` (from ``start``) to its end, yielding it after each turn and its observation
+        (serving streams them). A turn or search past its time limit stops it (``StopReason.TIMEOUT``)."""
         try:
             while not s.done and (request := self._request(s)) is not None:
                 self._take_turn(s, await turns.generate(request, self.cfg.turn_timeout_s))
@@ -189,14 +203,14 @@ class AgentLoop:
                     self._take_hits(s, await searches.search(s.query))
                 if not s.done:
                     self._observe(s, final_next=s.rollout.num_turns == self.cfg.max_turns)
+                yield s
         except TimeoutError as err:  # this trajectory ends here; the others go on
-            log.warning("%s (task %s, sample %d): the trajectory stops", err, task.qid, task.sample)
+            log.warning("%s (task %s, sample %d): the trajectory stops", err, s.rollout.task.qid, s.rollout.task.sample)
             s.stop(StopReason.TIMEOUT)
-        return s.rollout
 
     def step(self, live: list[AgentState], sampling: SamplingConfig) -> None:
         """One turn of every state in ``live`` (none done): one batched generate, one batched search, then each
-        state's observation. States may start at different times (serving adds them between steps)."""
+        state's observation (the "turns" loop)."""
         asking = [(s, request) for s in live if (request := self._request(s)) is not None]
         t0 = time.perf_counter()
         generations = generate_apart(self.engine, [r for _, r in asking], sampling)  # a refusal fails alone

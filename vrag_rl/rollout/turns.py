@@ -20,12 +20,14 @@ cached prefix from the old weights is reused (the engine resets its caches with 
 
 ``BatchedSearch``: a trajectory awaits its own search; queries arriving within ``window_s`` of the first waiting
 one (or ``max_batch`` of them) go to the retriever as one batch, on a worker thread, so that the retriever still
-sees batches; one batch runs at a time, and queries that arrive meanwhile go next.
+sees batches; one batch runs at a time, and queries that arrive meanwhile go next. Another use of the retriever
+(serving's search by image, ``alone``) takes its turn between batches.
 
 Timeouts are per trajectory: a turn still unfinished after ``agent.turn_timeout_s`` is taken out of the engine
 (``RolloutEngine.abort``) and a search batch unanswered after ``agent.search_timeout_s`` is left behind on its
 thread; only the trajectories waiting for them stop (``StopReason.TIMEOUT``), the others go on and the next search
-batch goes out. A turn can only time out between engine steps: an engine step that never returns is the rollout
+batch goes out. A trajectory cancelled while it waits (a served session whose client left) takes its turn out of
+the engine the same way. A turn can only time out between engine steps: an engine step that never returns is the rollout
 worker's timeout (``rollout.call_timeout_s``).
 """
 
@@ -36,9 +38,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vrag_rl.retrieval.types import Hit
 from vrag_rl.rollout.engine import Generation, GenerationRequest, RolloutEngine, SamplingConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,6 +55,8 @@ class LoopTimings:
     searches: int = 0  # search batches sent
     queries: int = 0  # queries in them
     steps: int = 0  # engine steps
+    batched: int = 0  # requests in them, summed: over ``steps``, the engine's mean batch
+    turns: int = 0  # turns the engine finished
 
     def as_dict(self, total_s: float) -> dict[str, float]:
         """The run's timings as ``AgentLoop.timings`` reports them."""
@@ -60,6 +67,7 @@ class LoopTimings:
             "total_s": total_s,
             "engine_busy": busy,
             "search_batch": self.queries / max(self.searches, 1),
+            "engine_batch": self.batched / max(self.steps, 1),
         }
 
 
@@ -136,11 +144,10 @@ class EngineTurns:
     async def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> Generation:
         """This request's turn, once the engine finished it; ``TimeoutError`` after ``timeout_s``, the request
         then taken out of the engine."""
-        if self._driver is None:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._driver is None or self._driver.done():  # the first turn, or the first since an engine failure
             self.gate.waker = lambda: loop.call_soon_threadsafe(self._wake.set)
             self._driver = asyncio.create_task(self._drive())
-        loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._new.append((future, request))
         self._waiting.add(future)
@@ -150,17 +157,24 @@ class EngineTurns:
         timer = None if timeout_s is None else loop.call_later(timeout_s, self._expire, future, timeout_s)
         try:
             return await future
+        except asyncio.CancelledError:  # the trajectory was cancelled (a client that left): its turn goes too
+            self._drop(future)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
             self._waiting.discard(future)
 
     def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
-        if future.done():
-            return
+        if not future.done():
+            self._drop(future)
+            future.set_exception(TimeoutError(f"a turn took longer than {timeout_s}s"))
+
+    def _drop(self, future: asyncio.Future) -> None:
+        """Take an unfinished turn out: not yet added, or out of the engine (the driver runs on this thread, so it
+        is between steps now)."""
         self._new = [(f, r) for f, r in self._new if f is not future]
-        self.engine.abort(future)  # the driver runs on this thread: it is between steps now
-        future.set_exception(TimeoutError(f"a turn took longer than {timeout_s}s"))
+        self.engine.abort(future)
 
     async def _drive(self) -> None:
         while True:
@@ -172,6 +186,7 @@ class EngineTurns:
                 await self._wake.wait()
                 continue
             new, self._new = (self._new, []) if admit else ([], self._new)
+            self.timings.batched += self.engine.running + len(new)
             t0 = time.perf_counter()
             try:
                 done = self.engine.advance(new, self.sampling)
@@ -182,6 +197,7 @@ class EngineTurns:
                 return
             self.timings.engine_s += time.perf_counter() - t0
             self.timings.steps += 1
+            self.timings.turns += len(done)
             for future, generation in done:
                 if not future.done():  # a trajectory that gave up (cancelled) no longer waits
                     future.set_result(generation)
@@ -210,7 +226,8 @@ class BatchedSearch:
     def __post_init__(self) -> None:
         self._waiting: list[tuple[str, asyncio.Future]] = []
         self._window: asyncio.Task | None = None
-        self._busy = False  # one batch at a time: a retriever need not take concurrent calls
+        self._busy = False  # a batch is out: queries arriving meanwhile go in the next one
+        self._one = asyncio.Lock()  # one retriever call at a time: a retriever need not take concurrent calls
 
     async def search(self, query: str) -> list[Hit]:
         """The ``top_k`` best hits of ``query``."""
@@ -244,14 +261,19 @@ class BatchedSearch:
             if self._waiting:  # they arrived during this search and have waited long enough
                 self._send()
 
+    async def alone(self, call: Callable[[], T]) -> T:
+        """``call()``, another use of the retriever (a search by image), on a thread between batches: the retriever
+        takes one call at a time. ``TimeoutError`` after ``timeout_s``."""
+        async with self._one:
+            return await self._call(call)
+
     async def _search(self, batch: list[tuple[str, asyncio.Future]]) -> None:
-        t0 = time.perf_counter()
         queries = [q for q, _ in batch]
         try:
-            results = await asyncio.wait_for(self._on_thread(queries), self.timeout_s)
+            async with self._one:
+                t0 = time.perf_counter()
+                results = await self._call(lambda: self.retriever.search(queries, top_k=self.top_k, mode=self.mode))
         except Exception as err:  # noqa: BLE001 (the batch's trajectories fail with the retriever's error)
-            if isinstance(err, TimeoutError):
-                err = TimeoutError(f"a search took longer than {self.timeout_s}s")
             for _, future in batch:
                 if not future.done():
                     future.set_exception(err)
@@ -263,8 +285,14 @@ class BatchedSearch:
             if not future.done():
                 future.set_result(hits)
 
-    def _on_thread(self, queries: list[str]) -> asyncio.Future:
-        """The retriever's answer, from a daemon thread: a search that hangs is left behind (after ``timeout_s``)
+    async def _call(self, call: Callable[[], T]) -> T:
+        try:
+            return await asyncio.wait_for(self._on_thread(call), self.timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"a search took longer than {self.timeout_s}s") from None
+
+    def _on_thread(self, call: Callable[[], T]) -> asyncio.Future:
+        """``call()``'s answer, from a daemon thread: a search that hangs is left behind (after ``timeout_s``)
         without holding up the next batches or the end of the run."""
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
@@ -280,7 +308,7 @@ class BatchedSearch:
         def run() -> None:
             result, error = None, None
             try:
-                result = self.retriever.search(queries, top_k=self.top_k, mode=self.mode)
+                result = call()
             except Exception as err:  # noqa: BLE001 (handed to the waiting trajectories)
                 error = err
             try:

@@ -227,8 +227,10 @@ def create_app(
             "pages": len(catalog.page_ids),
             "live": live,
             "waiting": waiting,
-            "steps": scheduler.steps,  # batched engine turns taken, and the session turns in them
-            "session_turns": scheduler.stepped,
+            # engine steps, the session turns under way in them (summed: over steps, the mean batch) and turns taken
+            "engine_steps": scheduler.timings.steps,
+            "engine_batched": scheduler.timings.batched,
+            "session_turns": scheduler.timings.turns,
             "max_image_bytes": limits.max_image_bytes,
             "max_body_bytes": limits.max_body_bytes,
         }

@@ -1,19 +1,23 @@
-"""Many users' agent sessions on one engine, batched turn by turn as a rollout batch is.
+"""Many users' agent sessions on one engine, each a trajectory of the per-trajectory agent loop.
 
-One scheduler thread owns the agent loop (engine, encoder and retriever are not re-entrant). Between turns it
-admits waiting sessions, up to ``max_live``, then takes one ``AgentLoop.step`` over every live session: their
-turns go to the engine in one generate call and their searches to the retriever in one batch. After the step each
-session gets its new turn as an event (``serving.events``), and a finished one its result. A session that joins
-while others are mid-way starts at the next turn boundary: throughput grows with the number of users.
+One scheduler thread runs an event loop that owns the agent loop (engine, encoder and retriever are not
+re-entrant). Each live session is a coroutine on it (``AgentLoop.play``): its next turn joins the engine's running
+batch as soon as its own previous turn and search are done, and the searches of concurrent sessions go to the
+retriever in batches (``rollout/turns.py``), as a training batch's trajectories do. Each turn reaches the session's
+client as an event (``serving.events``) as soon as it is taken, and a finished session gets its result. A session
+that arrives while others are mid-way starts at once when a place is free: throughput grows with the number of
+users.
 
-Admission is bounded: ``max_live`` sessions step together and ``max_waiting`` more wait; ``submit`` refuses
-beyond that with ``Busy`` (and a retry estimate from recent sessions). A session past its time limit, cancelled by
-its client or whose engine turn failed (an endpoint that is down, a request the engine refused) leaves at the next
-turn boundary with an error; the sessions stepped with it get their turns.
+Admission is bounded: ``max_live`` sessions run together and ``max_waiting`` more wait; ``submit`` refuses beyond
+that with ``Busy`` (and a retry estimate from recent sessions). A session past its time limit (504), cancelled by
+its client, or whose engine turn failed (an endpoint that is down: 502; a request the engine refused: 500) ends
+alone, its turn under way taken out of the engine; the others go on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -29,6 +33,7 @@ from PIL import Image
 from vrag_rl.rollout.agent_loop import AgentLoop, AgentState
 from vrag_rl.rollout.engine import REFUSED, SamplingConfig
 from vrag_rl.rollout.records import Task
+from vrag_rl.rollout.turns import BatchedSearch, EngineTurns, LoopTimings
 from vrag_rl.serving.events import ErrorEvent, Event, PageSizes, image_search_event, result_event, turn_event
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SchedulerConfig:
-    max_live: int = 16  # sessions stepped together: the engine's batch
+    max_live: int = 16  # sessions under way together: the most turns the engine batches
     max_waiting: int = 32  # sessions queued beyond those; more are refused (HTTP 503)
     time_limit_s: float = 120.0  # per session, from its arrival
     image_top_k: int = 3  # search by image: the pages shown with the question
@@ -66,7 +71,7 @@ class Question:
 Emit = Callable[[Event], None]  # called on the scheduler thread: must not block
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     id: str
     question: Question
@@ -76,10 +81,13 @@ class Session:
     state: AgentState | None = None
     turns_sent: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_cancel: Callable[[], object] | None = None  # set once the session runs: cancels its coroutine
 
     def cancel(self) -> None:
-        """The client went away: the session leaves at the next turn boundary."""
+        """The client went away: the session ends where it is, its turn under way taken out of the engine."""
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 class SessionScheduler:
@@ -94,25 +102,29 @@ class SessionScheduler:
         self.sizes = sizes or {}
         self._waiting: deque[Session] = deque()
         self._live: list[Session] = []
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()  # re-entrant: a caller may hold it to submit several sessions at once
         self._ids = itertools.count(1)
         self._recent: deque[float] = deque(maxlen=32)  # seconds of recently finished sessions
         self._closed = False
-        self.steps = 0  # batched turns taken, and the sessions in them: their ratio is the mean batch
-        self.stepped = 0
+        self._ending: ErrorEvent | None = None  # what the sessions still under way are told when the loop stops
+        self.timings = LoopTimings()  # engine steps, the requests in them and the turns they finished
         self.last_error: str | None = None  # the last engine failure, for readiness
-        self._thread = threading.Thread(target=self._run, name="agent-sessions", daemon=True)
+        self._events: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="agent-sessions", daemon=True)
         self._thread.start()
+        started.wait()
 
     def submit(self, question: Question, emit: Emit) -> Session:
-        with self._cond:
+        with self._lock:
             if self._closed or not self._thread.is_alive():
                 raise RuntimeError("the session scheduler has stopped")
             if len(self._live) + len(self._waiting) >= self.cfg.max_live + self.cfg.max_waiting:
                 raise Busy(self.retry_after_s())
             session = Session(f"s{next(self._ids)}", question, emit, time.monotonic() + self.cfg.time_limit_s)
             self._waiting.append(session)
-            self._cond.notify()
+        self._poke()
         return session
 
     def retry_after_s(self) -> int:
@@ -123,7 +135,7 @@ class SessionScheduler:
     @property
     def load(self) -> tuple[int, int]:
         """(live, waiting) sessions."""
-        with self._cond:
+        with self._lock:
             return len(self._live), len(self._waiting)
 
     @property
@@ -131,47 +143,98 @@ class SessionScheduler:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify()
+            self._ending = self._ending or ErrorEvent(503, "the server is shutting down")
+        self._poke()
         self._thread.join(timeout=60)
 
-    def _run(self) -> None:
+    def _poke(self) -> None:
+        """Wake the admitting coroutine, from any thread."""
+        self._soon(self._wake.set)
+
+    def _soon(self, call: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop has stopped
+            self._events.call_soon_threadsafe(call)
+
+    def _run(self, started: threading.Event) -> None:
         try:
-            while self._admit():
-                self._leave_expired()
-                if self._live:
-                    self._step()
-        except Exception as err:  # a defect: every session is told, and readiness reports it
+            asyncio.run(self._serve(started))
+        except Exception as err:  # a defect: readiness reports it (the sessions were told in _serve)
             log.exception("the session scheduler stopped")
             self.last_error = f"the session scheduler stopped: {type(err).__name__}: {err}"
-            with self._cond:
-                self._closed, sessions = True, self._live + list(self._waiting)
-            for s in sessions:
-                self._emit(s, ErrorEvent(500, self.last_error))
+        finally:
+            started.set()
 
-    def _admit(self) -> bool:
-        """Waits while there is nothing to do; moves waiting sessions in. False once closed."""
-        with self._cond:
-            while not self._closed and not self._waiting and not self._live:
-                self.loop.forget()  # idle: no page needs to stay decoded
-                self._cond.wait()
-            if self._closed:
-                for s in self._live + list(self._waiting):
-                    self._emit(s, ErrorEvent(503, "the server is shutting down"))
-                return False
-            new = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.cfg.max_live - len(self._live)))]
-        for s in new:
-            if self._start(s):
-                with self._cond:
-                    self._live.append(s)
-        return True
+    async def _serve(self, started: threading.Event) -> None:
+        """Admits waiting sessions while places are free, until closed; each session runs as a task of its own."""
+        self._events, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        started.set()
+        turns = EngineTurns(self.loop.engine, self.sampling, self.timings)
+        searches = self.loop.batched_search(self.timings)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not self._closed:
+                for s in self._admit():
+                    task = asyncio.create_task(self._session(s, turns, searches))
+                    s.on_cancel = lambda task=task: self._soon(task.cancel)
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if not tasks:
+                    self.loop.forget()  # idle: no page needs to stay decoded
+                await self._wake.wait()
+                self._wake.clear()
+        except Exception as err:
+            with self._lock:
+                self._closed = True
+                self._ending = ErrorEvent(500, f"the session scheduler stopped: {type(err).__name__}: {err}")
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in self._waiting:
+                self._emit(s, self._ending)
+            await turns.close()
 
-    def _start(self, s: Session) -> bool:
+    def _admit(self) -> list[Session]:
+        """Waiting sessions moved in while places are free (those whose client left meanwhile dropped)."""
+        with self._lock:
+            free = self.cfg.max_live - len(self._live)
+            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            new = [s for s in new if not s.cancelled.is_set()]
+            self._live += new
+        return new
+
+    async def _session(self, s: Session, turns: EngineTurns, searches: BatchedSearch) -> None:
+        try:
+            async with asyncio.timeout_at(s.deadline):  # the event loop's clock is time.monotonic
+                if await self._start(s, searches):
+                    await self._converse(s, turns, searches)
+        except TimeoutError:
+            taken = s.state.rollout.num_turns if s.state is not None else 0
+            self._emit(s, ErrorEvent(504, f"the time limit of {self.cfg.time_limit_s:g} s passed after {taken} turns"))
+        except asyncio.CancelledError:  # the client left (told nothing more) or the scheduler stops
+            if self._ending is not None:
+                self._emit(s, self._ending)
+        except Exception as err:  # the engine or the retriever failed: this session ends, the server goes on
+            log.exception("session %s: a turn failed", s.id)
+            self.last_error = f"{type(err).__name__}: {err}"
+            self._emit(s, ErrorEvent(500, f"the agent's turn failed: {self.last_error}"))
+        finally:
+            with self._lock:
+                self._live.remove(s)
+            if self.loop.pages_kept > self.cfg.keep_pages:
+                self.loop.forget()
+            self._wake.set()
+
+    async def _start(self, s: Session, searches: BatchedSearch) -> bool:
+        """The session's first state (its question's image searched first); False if it ended already."""
         try:
             task = Task(s.id, s.question.text)
             if s.question.image is not None:
-                hits = self.loop.retriever.search_by_image([s.question.image], self.cfg.image_top_k)[0]
+                by_image = self.loop.retriever.search_by_image
+                hits = (await searches.alone(lambda: by_image([s.question.image], self.cfg.image_top_k)))[0]
                 pages = tuple(h.page_id for h in hits)
                 self._emit(s, image_search_event(list(pages), self.sizes))
                 task = Task(s.id, s.question.text, context=pages)
@@ -185,42 +248,21 @@ class SessionScheduler:
             return False
         return True
 
-    def _leave_expired(self) -> None:
-        now = time.monotonic()
-        for s in list(self._live):
-            if s.cancelled.is_set():
-                self._remove(s)
-            elif now > s.deadline:
-                why = f"the time limit of {self.cfg.time_limit_s:g} s passed after {s.state.rollout.num_turns} turns"
-                self._emit(s, ErrorEvent(504, why))
-                self._remove(s)
-
-    def _step(self) -> None:
-        live = list(self._live)
-        try:
-            self.loop.step([s.state for s in live], self.sampling)
-        except Exception as err:  # the engine or the retriever failed: the batch's sessions end, the server goes on
-            log.exception("a batched turn of %d sessions failed", len(live))
-            self.last_error = f"{type(err).__name__}: {err}"
-            for s in live:
-                self._emit(s, ErrorEvent(500, f"the agent's turn failed: {self.last_error}"))
-                self._remove(s)
-            return
-        self.steps += 1
-        self.stepped += len(live)
-        for s in live:
-            rollout = s.state.rollout
-            for i in range(s.turns_sent, rollout.num_turns):
-                self._emit(s, turn_event(rollout, i, self.sizes))
-            s.turns_sent = rollout.num_turns
-            if rollout.engine_errors:
-                self._engine_error(s, rollout.engine_errors[-1])
-            elif s.state.done:
-                self.last_error = None
-                self._finish(s)
-                self._remove(s)
-        if self.loop.pages_kept > self.cfg.keep_pages:
-            self.loop.forget()
+    async def _converse(self, s: Session, turns: EngineTurns, searches: BatchedSearch) -> None:
+        """The session's turns, each sent as it is taken, then its result."""
+        async with contextlib.aclosing(self.loop.play(s.state, turns, searches)) as taken:
+            async for state in taken:
+                rollout = state.rollout
+                for i in range(s.turns_sent, rollout.num_turns):
+                    self._emit(s, turn_event(rollout, i, self.sizes))
+                s.turns_sent = rollout.num_turns
+                if rollout.engine_errors:
+                    self._engine_error(s, rollout.engine_errors[-1])
+                    return
+                if s.cancelled.is_set():
+                    return
+        self.last_error = None
+        self._finish(s)
 
     def _engine_error(self, s: Session, error: str) -> None:
         if error.startswith(REFUSED):  # this session's request, not the engine: its detail stays in the log
@@ -229,16 +271,11 @@ class SessionScheduler:
         else:
             self.last_error = error
             self._emit(s, ErrorEvent(502, f"the policy endpoint failed: {error}"))
-        self._remove(s)
 
     def _finish(self, s: Session) -> None:
         seconds = time.monotonic() - s.arrived
         self._recent.append(seconds)
         self._emit(s, result_event(s.state.rollout, seconds, self.sizes))
-
-    def _remove(self, s: Session) -> None:
-        with self._cond:
-            self._live.remove(s)
 
     def _emit(self, s: Session, event: Event) -> None:
         try:
