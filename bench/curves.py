@@ -1,17 +1,19 @@
-"""Learning curves, synchronous against one step ahead: the learning test's setting (``tests/test_learning.py``) under
-its two seeds, each step's training NDCG and reward on one plot.
+"""Learning curves, synchronous against one step ahead: the learning test (``tests/test_learning.py``) run as it is,
+its four runs (two seeds, each synchronous and one step ahead) kept, their training NDCG and reward on one plot.
 
     python bench/curves.py                  # 4 runs of 6 steps, about 10 minutes on 2 cores
 
-Each run is the real main job from the cached warm start: 2 training questions x 16 samples, 6 GRPO steps, once
-synchronous and once with ``algo.max_staleness=1`` and partial rollouts (token importance weights). The plot goes to
-``--plot`` (the README's tiny-recipe section shows it), the per-step values to ``--out``.
+The runs are the real main job from the cached warm start: 2 training questions x 16 samples, 6 GRPO steps, once
+synchronous and once with ``algo.max_staleness=1`` and partial rollouts (token importance weights); the test's
+verdicts are printed with the curves. The plot goes to ``--plot`` (the README's tiny-recipe section shows it), the
+per-step values to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,26 +21,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ahead import warm_policy  # noqa: E402
 from bench.machine import machine  # noqa: E402
-from tests.test_learning import AHEAD, SMALL  # noqa: E402  (the setting the test checks)
-from tests.test_main import metrics, run_main  # noqa: E402
-from vrag_rl.data.paths import cache_dir  # noqa: E402
 
-MODES = {"synchronous": [], "one step ahead": AHEAD}
-SEEDS = (0, 1)
 KEYS = ("train/ndcg", "train/reward")
 
 
-def run(mode: str, seed: int, policy: Path, tiny_dir: Path, out: Path) -> dict[str, list[float]]:
-    proc = run_main(
-        *SMALL, *MODES[mode], f"seed={seed}", f"models.policy={policy}", f"models.tiny_dir={tiny_dir}",
-        f"hydra.run.dir={out}", "tracking.wandb=disabled",
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode}, seed {seed} failed:\n{proc.stderr[-3000:]}")
-    rows = metrics(out)
-    return {key: [r[key] for r in rows] for key in KEYS}
+def runs(base: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """{mode: {seed: {metric: per-step values}}} of the runs the test left under ``base``."""
+    from omegaconf import OmegaConf
+
+    found: dict[str, dict[str, dict[str, list[float]]]] = {"synchronous": {}, "one step ahead": {}}
+    for metrics in sorted(base.glob("*/metrics.jsonl")):
+        cfg = OmegaConf.load(metrics.parent / ".hydra" / "config.yaml")
+        mode = "one step ahead" if cfg.algo.max_staleness else "synchronous"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        found[mode][str(cfg.seed)] = {key: [r[key] for r in rows] for key in KEYS}
+    return found
 
 
 def plot(results: dict[str, dict[str, dict[str, list[float]]]], out_png: Path) -> None:
@@ -66,18 +64,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("curves-results.json"))
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "tiny-curves.png")
     args = p.parse_args()
-    policy, tiny_dir = warm_policy().resolve(), (cache_dir() / "tiny").resolve()  # the kit warm_policy built
-    results: dict[str, dict[str, dict[str, list[float]]]] = {mode: {} for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in SEEDS:
-            for mode in MODES:
-                out = Path(tmp) / f"{mode.replace(' ', '-')}-{seed}"
-                results[mode][str(seed)] = curves = run(mode, seed, policy, tiny_dir, out)
-                ndcg = curves["train/ndcg"]
-                first, last = sum(ndcg[:2]) / 2, sum(ndcg[-2:]) / 2
-                print(f"{mode:15} seed {seed}: NDCG {' '.join(f'{v:.2f}' for v in ndcg)} ({first:.2f} -> {last:.2f})")
+        test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp}"]
+        verdict = subprocess.run([*test, "tests/test_learning.py"], cwd=ROOT, capture_output=True, text=True)
+        results = runs(Path(tmp))
+    print(verdict.stdout.strip().splitlines()[-1])
+    for mode, by_seed in results.items():
+        for seed, curves in by_seed.items():
+            ndcg = curves["train/ndcg"]
+            first, last = sum(ndcg[:2]) / 2, sum(ndcg[-2:]) / 2
+            print(f"{mode:15} seed {seed}: NDCG {' '.join(f'{v:.2f}' for v in ndcg)} ({first:.2f} -> {last:.2f})")
     plot(results, args.plot)
-    args.out.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    args.out.write_text(json.dumps({"machine": machine(), "test": verdict.returncode, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ build it). Checks:
   finds the same token neighbours as on the CPU, and approximate search returns the same top 10 (reported absent
   without faiss or its GPU build).
 - ``flash_attention``: with flash-attn installed, its log-probs against SDPA's (otherwise reported as absent).
+- ``offpolicy_step``: a GRPO step trained one version stale, as sampling ahead trains (``algo.max_staleness=1``):
+  behaviour log-probs from the sharded bf16 trainer before an update, the step's own (proximal) pass after it,
+  truncated token importance weights between them (``algo.is_level=token``); the off-policy metrics the job logs,
+  finite, and the step's seconds.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ PAGES = ROOT / "data" / "synthetic-small" / "pages"
 ANSWERS = ["Muxford", "40", "Rosur Noril", "9"]
 
 
-def trajectories(policy: Path) -> list[Trajectory]:
-    """One page shown with a question, then an answer turn: four of them, with images (as training sees them)."""
+def trajectories(policy: Path, logprobs: list[torch.Tensor] | None = None) -> list[Trajectory]:
+    """One page shown with a question, then an answer turn: four of them, with images (as training sees them);
+    ``logprobs``: the answer turns' sampled log-probs."""
     from transformers import AutoProcessor
 
     encoder = ChatEncoder(AutoProcessor.from_pretrained(policy))
@@ -66,7 +71,7 @@ def trajectories(policy: Path) -> list[Trajectory]:
         t = Trajectory()
         t.add_prompt(ids, enc.images, enc.pixel_values, enc.grids)
         reply = encoder.tokenizer(f"<think>It is on the page.</think>\n<answer>{answer}</answer>")["input_ids"]
-        t.add_model_turn(reply + [encoder.eos_token_id])
+        t.add_model_turn(reply + [encoder.eos_token_id], None if logprobs is None else logprobs[k].tolist())
         out.append(t)
     return out
 
@@ -79,15 +84,18 @@ def start_group(device: str) -> None:
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def sharded_trainer(device: str, attn: str = "sdpa") -> PolicyTrainer:
-    cfg = TrainerConfig(
+def sharded_config(device: str, attn: str = "sdpa") -> TrainerConfig:
+    return TrainerConfig(
         num_gpus=1 if device == "cuda" else 0,
         param_dtype="bfloat16",
         gradient_checkpointing=True,
         attn_implementation=attn,
         optim=OptimConfig(lr=1e-3, warmup_steps=0),
     )
-    return PolicyTrainer.for_model(str(POLICY), cfg, Objective(), total_steps=10)
+
+
+def sharded_trainer(device: str, attn: str = "sdpa") -> PolicyTrainer:
+    return PolicyTrainer.for_model(str(POLICY), sharded_config(device, attn), Objective(), total_steps=10)
 
 
 def whole(batch: list[Trajectory]) -> RankShare:
@@ -120,6 +128,35 @@ def check_logprobs_vs_fp32(device: str, batch: list[Trajectory]) -> dict:
     diffs = torch.cat([(a - b).abs() for a, b in zip(bf16, fp32)])
     assert diffs.mean() < 0.05 and diffs.max() < 0.5, (float(diffs.mean()), float(diffs.max()))
     return {"mean_abs_diff": float(diffs.mean()), "max_abs_diff": float(diffs.max()), "tokens": int(diffs.numel())}
+
+
+def check_offpolicy_step(device: str, batch: list[Trajectory]) -> dict:
+    from vrag_rl.algo.config import AlgoConfig
+    from vrag_rl.job.step import add_logprobs
+    from vrag_rl.learner.trainer import LocalTrainer
+
+    algo = AlgoConfig(kl_coef=0.0, is_level="token")
+    trainer = LocalTrainer(sharded_config(device), str(POLICY), Objective(algo), total_steps=10)
+    stale = trajectories(POLICY, trainer.logprobs(batch))  # sampled by version 0
+    trainer.sft_update(batch)
+    trainer.end_step()  # the trainer at version 1
+    sync()
+    t0 = time.perf_counter()
+    inputs = Batch(stale, [1.0, -1.0, 1.0, -1.0])
+    offpolicy = add_logprobs(inputs, trainer, algo)
+    update = trainer.grpo_update(inputs)
+    trainer.end_step()
+    sync()
+    seconds = time.perf_counter() - t0
+    assert all(np.isfinite(v) for v in (*offpolicy.values(), *update.values())), (offpolicy, update)
+    assert offpolicy["mismatch_token_abs_mean"] > 0 and 0 < offpolicy["is_ess"] <= 1, offpolicy  # a real gap
+    assert trainer.weights_finite()
+    return {"step_s": round(seconds, 3), "pg_loss": update["pg_loss"], **{k: round(v, 4) for k, v in offpolicy.items()}}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def random_pages(seed: int) -> tuple[np.ndarray, torch.Tensor, list[torch.Tensor]]:
@@ -212,6 +249,7 @@ def main() -> int:
         "maxsim": lambda: check_maxsim(device),
         "faiss_gpu": lambda: check_faiss_gpu(device),
         "flash_attention": lambda: check_flash_attention(device, batch),
+        "offpolicy_step": lambda: check_offpolicy_step(device, batch),
     }
     failed = 0
     for name, check in checks.items():

@@ -23,7 +23,8 @@ def run_checks(*args: str) -> list[dict]:
 
 def test_the_checks_run_on_the_cpu(warm_policy):
     results = {r["check"]: r for r in run_checks("--device", "cpu") if "check" in r}
-    assert set(results) == {"fsdp2_bf16", "logprobs_vs_fp32", "maxsim", "faiss_gpu", "flash_attention"}
+    checks = {"fsdp2_bf16", "logprobs_vs_fp32", "maxsim", "faiss_gpu", "flash_attention", "offpolicy_step"}
+    assert set(results) == checks
     assert all(r["ok"] is True for name, r in results.items() if name != "flash_attention")
 
 
