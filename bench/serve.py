@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,12 +43,16 @@ LEVELS = (1, 4, 16)
 
 
 def start(policy: Path, retriever: Path, max_live: int, log: Path, tree: Path = ROOT) -> ServerProcess:
-    """The server of the source tree ``tree`` (``python -m`` imports the package from its working directory)."""
+    """The server of the source tree ``tree``: first on PYTHONPATH, since the environment's startup hook imports the
+    package before the working directory is searched."""
     port = free_port("127.0.0.1")
     cmd = [sys.executable, "-m", "vrag_rl.serve", "--port", str(port), "--policy", str(policy)]
     cmd += ["--retriever-model", str(retriever), "--max-live", str(max_live), "--max-waiting", "64"]
     url = f"http://127.0.0.1:{port}"
-    return ServerProcess(cmd, url, log, cwd=tree, ready_path="/ready", start_timeout_s=600, name="vrag_rl.serve")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    return ServerProcess(
+        cmd, url, log, env=env, cwd=tree, ready_path="/ready", start_timeout_s=600, name="vrag_rl.serve"
+    )
 
 
 def mean_batch(before: dict, after: dict) -> float:
