@@ -151,9 +151,11 @@ class SessionScheduler:
 
     def _poke(self) -> None:
         """Wake the admitting coroutine, from any thread."""
-        self._soon(self._wake.set)
+        self._soon(lambda: self._wake.set())
 
     def _soon(self, call: Callable[[], object]) -> None:
+        if self._events is None:  # the scheduler thread failed before its event loop ran
+            return
         with contextlib.suppress(RuntimeError):  # the event loop has stopped
             self._events.call_soon_threadsafe(call)
 
