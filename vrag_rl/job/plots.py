@@ -92,13 +92,16 @@ def _save(fig, out_png: Path) -> Path:
     return out_png
 
 
-def _figure(panels: int, ncols: int, width: float, height: float):
+def _figure(panels: int, ncols: int, width: float, height: float, constrained: bool = True):
     # The Agg canvas directly, not pyplot: no global figure state or GUI backend inside a training process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     nrows = math.ceil(panels / ncols)
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained" if constrained else None)
+    if not constrained:  # fixed margins in inches: the constrained layout draws a grid of dozens of panels twice
+        w, h = width * ncols, height * nrows
+        fig.subplots_adjust(left=0.8 / w, right=1 - 0.2 / w, bottom=0.5 / h, top=1 - 0.35 / h, wspace=0.3, hspace=0.5)
     FigureCanvasAgg(fig)
     return fig, nrows
 
@@ -147,7 +150,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: Path, keys: list[str] | No
     if missing:
         raise ValueError(f"no numeric values for {missing}")
     ncols = min(3, len(keys))
-    fig, nrows = _figure(len(keys), ncols, 4.5, 3.0)
+    fig, nrows = _figure(len(keys), ncols, 4.5, 3.0, constrained=False)
     for i, key in enumerate(keys):
         ax = _axes(fig, nrows, ncols, i, key)
         xs, ys = (np.asarray(v, dtype=float) for v in series[key])
