@@ -27,8 +27,8 @@ Timeouts are per trajectory: a turn still unfinished after ``agent.turn_timeout_
 (``RolloutEngine.abort``) and a search batch unanswered after ``agent.search_timeout_s`` is left behind on its
 thread; only the trajectories waiting for them stop (``StopReason.TIMEOUT``), the others go on and the next search
 batch goes out. A trajectory cancelled while it waits (a served session whose client left) takes its turn out of
-the engine the same way. A turn can only time out between engine steps: an engine step that never returns is the rollout
-worker's timeout (``rollout.call_timeout_s``).
+the engine the same way. A turn can only time out between engine steps: an engine step that never returns is the
+rollout worker's timeout (``rollout.call_timeout_s``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ class LoopTimings:
             "total_s": total_s,
             "engine_busy": busy,
             "search_batch": self.queries / max(self.searches, 1),
-            "engine_batch": self.batched / max(self.steps, 1),
         }
 
 
