@@ -211,3 +211,33 @@ def test_a_long_turn_holds_up_no_other_session_and_a_client_leaving_takes_its_tu
     finally:
         scheduler.close()
     assert engine.clock < 1000 and not any(q == long_ for q, _, _ in engine.finished)
+
+
+def test_after_an_engine_failure_the_next_session_is_served(encoder, bundled_corpus, bundled_index, embedder):
+    """The engine raises on one session's turn (a failure of the engine, not a refusal): that session ends with 500
+    and the scheduler's next session gets its answer (the engine's driver starts again)."""
+    question = "Which city hosts the research centre?"
+
+    class FailsOnce(SteppedEngine):
+        failed = False
+
+        def advance(self, new, sampling):
+            if new and not self.failed:
+                self.failed = True
+                raise RuntimeError("the engine died")
+            return super().advance(new, sampling)
+
+    engine = FailsOnce(encoder.tokenizer, {question: ["<answer>Lyon</answer>"]}, {question: [1]})
+    retriever = LocalRetriever(bundled_corpus, bundled_index, embedder)
+    agent = AgentConfig(max_turns=2, max_length=2048, budget=TINY_BUDGET, search_mode="text")
+    scheduler = SessionScheduler(AgentLoop(engine, encoder, retriever, agent), SAMPLING, SchedulerConfig())
+    got = Collector()
+    try:
+        scheduler.submit(Question(question), got.emit_for("first"))
+        failed = got.wait("first")
+        scheduler.submit(Question(question), got.emit_for("second"))
+        answered = got.wait("second", timeout=30)
+    finally:
+        scheduler.close()
+    assert isinstance(failed, ErrorEvent) and failed.status == 500 and "the engine died" in failed.message
+    assert isinstance(answered, ResultEvent) and answered.answer == "Lyon"
